@@ -1,0 +1,43 @@
+# The two commands: `make demo` runs the pipeline on the embedded local stack; `make test` runs the tests.
+# Both create .venv and install the pinned dependencies first when needed.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint stack-up stack-down stack-status bench-features features clean-stack
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip==24.3.1"
+	$(PY) -m pip install --quiet -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) 01_feast_features.py
+
+features: $(STAMP)
+	$(PY) 01_feast_features.py
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+stack-up: $(STAMP)
+	$(PY) -m sales_forecast.stack up
+
+stack-down: $(STAMP)
+	$(PY) -m sales_forecast.stack down
+
+stack-status: $(STAMP)
+	$(PY) -m sales_forecast.stack status
+
+bench-features: $(STAMP)
+	$(PY) 01_feast_features.py
+
+clean-stack: stack-down
+	rm -rf .stack

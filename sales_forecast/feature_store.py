@@ -1,0 +1,122 @@
+"""Feast operations on the project's feature repo: open, apply, materialize, verify the online store."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import psycopg
+
+from sales_forecast.config import FEAST_PROJECT, FEATURE_SERVICE, FEATURE_VIEW, Settings, export_feast_env
+from sales_forecast.errors import PipelineError
+
+
+def open_store(settings: Settings):
+    from feast import FeatureStore
+
+    export_feast_env(settings)
+    return FeatureStore(repo_path=str(settings.feast_repo_path))
+
+
+def repo_objects(repo_path: Path) -> list:
+    """The Feast objects defined in the repo's Python files (``feast apply`` reads them the same way,
+    but only from the current directory)."""
+    from feast import Entity, FeatureService, FeatureView
+    from feast.data_source import DataSource
+
+    kinds = (Entity, DataSource, FeatureView, FeatureService)
+    found: dict[tuple[str, str], object] = {}
+    for path in sorted(repo_path.glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"feature_repo_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for value in vars(module).values():
+            if isinstance(value, kinds):
+                found[(type(value).__name__, value.name)] = value
+    return list(found.values())
+
+
+def apply_definitions(store, repo_path: Path) -> list[str]:
+    """Apply every Feast object defined in the feature repo (``feast apply`` without deletes)."""
+    objects = repo_objects(repo_path)
+    store.apply(objects)
+    return sorted(f"{type(obj).__name__}:{obj.name}" for obj in objects)
+
+
+def feature_ttl(store) -> dt.timedelta:
+    return store.get_feature_view(FEATURE_VIEW).ttl
+
+
+def materialize_latest(store, data_end: dt.datetime) -> None:
+    """Materialize the latest row of every series into the online store.
+
+    Feast's Ray engine keeps only rows newer than (now - ttl), whatever the window, so the data must end
+    within ttl of now; ``check_materializable`` says so before any work starts.
+    """
+    now = dt.datetime.now(dt.UTC)
+    start = data_end - feature_ttl(store)
+    store.materialize(start_date=start, end_date=max(now, data_end + dt.timedelta(seconds=1)),
+                      feature_views=[FEATURE_VIEW])
+
+
+def check_materializable(data_end: dt.datetime, ttl: dt.timedelta) -> None:
+    now = dt.datetime.now(dt.UTC)
+    if data_end < now - ttl:
+        raise PipelineError(
+            f"the data ends {data_end:%Y-%m-%d}, more than the feature ttl ({ttl.days} days) before now; "
+            "Feast's Ray engine would materialize nothing. End the data on a recent week (the default).")
+
+
+def online_table() -> str:
+    return f"{FEAST_PROJECT}_{FEATURE_VIEW}"
+
+
+@dataclass(frozen=True)
+class OnlineStats:
+    entities: int
+    rows: int
+    oldest: dt.datetime | None
+    newest: dt.datetime | None
+
+
+def online_stats(settings: Settings) -> OnlineStats:
+    query = (f'SELECT count(DISTINCT entity_key), count(*), min(event_ts), max(event_ts) '
+             f'FROM "{online_table()}"')
+    with psycopg.connect(settings.postgres.libpq_url()) as conn:
+        entities, rows, oldest, newest = conn.execute(query).fetchone()
+    return OnlineStats(entities, rows, oldest, newest)
+
+
+def online_features(store, store_dept: list[int]) -> pd.DataFrame:
+    service = store.get_feature_service(FEATURE_SERVICE)
+    rows = [{"store_dept": int(key)} for key in store_dept]
+    return store.get_online_features(features=service, entity_rows=rows).to_df()
+
+
+def verify_online(settings: Settings, store, latest: pd.DataFrame, sample: int = 200) -> OnlineStats:
+    """Fail unless the online store holds exactly one current row per series, with the expected values.
+
+    The Ray engine drops old rows and swallows write errors while reporting success, so this is the check
+    that materialization really happened.
+    """
+    stats = online_stats(settings)
+    expected_entities = latest["store_dept"].nunique()
+    data_end = latest["event_timestamp"].max().to_pydatetime()
+    if stats.entities != expected_entities:
+        raise PipelineError(f"online store holds {stats.entities} series, expected {expected_entities}: "
+                            "materialization lost rows (Ray engine ttl filter or a swallowed write error)")
+    if stats.oldest != data_end or stats.newest != data_end:
+        raise PipelineError(f"online rows are stamped {stats.oldest} to {stats.newest}, expected {data_end}")
+    picked = latest.sample(n=min(sample, len(latest)), random_state=0)
+    online = online_features(store, picked["store_dept"].tolist())
+    columns = [c for c in picked.columns if c not in ("store_dept", "event_timestamp")]
+    got = online[columns].reset_index(drop=True).astype("float64")
+    want = picked[columns].reset_index(drop=True).astype("float64")
+    mismatched = ~(((got - want).abs() <= 1e-9 * want.abs().clip(lower=1.0)) | (got.isna() & want.isna()))
+    if mismatched.to_numpy().any():
+        bad = picked["store_dept"].reset_index(drop=True)[mismatched.any(axis=1)].tolist()[:5]
+        raise PipelineError(f"online values differ from the latest feature rows for store_dept {bad}")
+    return stats

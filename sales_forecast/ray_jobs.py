@@ -1,0 +1,53 @@
+"""Run a command as a Ray job on a Ray cluster, through the job-submission API (dashboard port 8265).
+
+Feast's Ray materialization crashes through Ray Client (ray://, Ray 2.58), so on Kubernetes the step runs
+with its driver on the cluster: Ray sets RAY_ADDRESS for the job and Feast connects to the cluster from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from sales_forecast.errors import PipelineError
+from sales_forecast.timing import console
+
+FORWARDED_ENV = ("POSTGRES_HOST", "POSTGRES_PORT", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB",
+                 "FEAST_REPO_PATH", "MLFLOW_TRACKING_URI", "MODEL_DIR", "SALES_STACK_DIR")
+
+
+def forwarded_env() -> dict[str, str]:
+    return {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # the client raises ConnectionError, RuntimeError or ValueError by case
+        raise PipelineError(f"Ray job-submission API at {address} is unreachable: {exc}") from exc
+
+
+def run_ray_job(address: str, entrypoint: str, env: dict[str, str], timeout_s: float = 1800) -> None:
+    """Submit ``entrypoint``, stream its logs, and raise PipelineError unless it succeeds."""
+    from ray.job_submission import JobStatus
+
+    client = _client(address)
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env})
+    console.print(f"submitted Ray job {job_id} to {address}")
+
+    async def stream() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(stream())
+    deadline = time.monotonic() + timeout_s
+    status = client.get_job_status(job_id)
+    while not status.is_terminal() and time.monotonic() < deadline:
+        time.sleep(1)
+        status = client.get_job_status(job_id)
+    if status != JobStatus.SUCCEEDED:
+        info = client.get_job_info(job_id)
+        raise PipelineError(f"Ray job {job_id} ended {status}: {info.message or 'see its logs above'}")

@@ -1,0 +1,1 @@
+"""The embedded local stack: PostgreSQL, MLflow server and model server on loopback."""

@@ -1,0 +1,37 @@
+"""A local MLflow tracking server on loopback: SQLite backend store and served artifacts in the stack folder."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from sales_forecast.errors import PipelineError
+from sales_forecast.stack import processes
+
+
+def _paths(stack_dir: Path) -> tuple[Path, Path, Path]:
+    root = stack_dir / "mlflow"
+    return root, root / "server.log", root / "server.pid"
+
+
+def start(stack_dir: Path, port: int) -> str:
+    """Start (or reuse) the server; returns its tracking URI."""
+    uri = f"http://127.0.0.1:{port}"
+    if processes.http_ok(f"{uri}/health"):
+        return uri
+    root, log, pid_file = _paths(stack_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+               "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")]
+    pid = processes.start_background(command, log, pid_file)
+    alive = lambda: processes.pid_of(pid_file) == pid  # noqa: E731
+    if not processes.wait_until(lambda: processes.http_ok(f"{uri}/health"), 120, alive):
+        tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+        processes.stop(pid_file)
+        raise PipelineError(f"the local MLflow server did not start on port {port}; log tail:\n{tail}")
+    return uri
+
+
+def stop(stack_dir: Path) -> bool:
+    return processes.stop(_paths(stack_dir)[2])

@@ -1,0 +1,66 @@
+"""Background server processes of the local stack, tracked by pid files in the stack folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+
+def pid_of(pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return None
+
+
+def start_background(command: list[str], log_file: Path, pid_file: Path, env: dict[str, str] | None = None) -> int:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env={**os.environ, **(env or {})}, start_new_session=True)
+    pid_file.write_text(str(process.pid))
+    return process.pid
+
+
+def stop(pid_file: Path, timeout: float = 10.0) -> bool:
+    """Stop the process group of the recorded pid; True when something was running."""
+    pid = pid_of(pid_file)
+    pid_file.unlink(missing_ok=True)
+    if pid is None:
+        return False
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    os.killpg(pid, signal.SIGKILL)
+    return True
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        return httpx.get(url, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_until(check: Callable[[], bool], seconds: float, alive: Callable[[], bool] = lambda: True) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        if not alive():
+            return False
+        time.sleep(0.25)
+    return False
