@@ -54,7 +54,8 @@ def _nth_weekday(year: int, month: int, weekday: int, n: int) -> dt.date:
 
 def holidays(year: int) -> dict[str, dt.date]:
     return {
-        "super_bowl": _nth_weekday(year, 2, 6, 2),  # second Sunday of February
+        # The first Sunday of February until the NFL's 17-game seasons (2022), the second since.
+        "super_bowl": _nth_weekday(year, 2, 6, 2 if year >= 2022 else 1),
         "labor_day": _nth_weekday(year, 9, 0, 1),  # first Monday of September
         "thanksgiving": _nth_weekday(year, 11, 3, 4),  # fourth Thursday of November
         "christmas": dt.date(year, 12, 25),

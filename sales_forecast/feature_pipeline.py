@@ -33,7 +33,8 @@ def ensure_postgres(settings: Settings) -> None:
         with psycopg.connect(settings.postgres.libpq_url(), connect_timeout=10):
             pass
     except psycopg.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line.rsplit(": ", 1)[-1]  # e.g. "Connection refused", without libpq's preamble
         raise PipelineError(f"PostgreSQL at {settings.postgres.host}:{settings.postgres.port} "
                             f"is unreachable: {reason}") from exc
 
@@ -49,6 +50,7 @@ def run_feature_pipeline(shape: Shape, settings: Settings) -> FeatureRunResult:
         features = build_features(raw)
     latest = features[features["event_timestamp"] == features["event_timestamp"].max()]
     data_end = latest["event_timestamp"].max().to_pydatetime()
+    fs_ops.check_materializable(data_end, fs_ops.repo_feature_ttl(settings.feast_repo_path))
     with timer.phase("bulk load (ADBC)"):
         load_table(settings.postgres, RAW_TABLE, raw, ["store", "dept", "date"])
         count = load_table(settings.postgres, FEATURE_TABLE, features, ["store_dept", "event_timestamp"])
@@ -57,7 +59,6 @@ def run_feature_pipeline(shape: Shape, settings: Settings) -> FeatureRunResult:
         store = fs_ops.open_store(settings)
         applied = fs_ops.apply_definitions(store, settings.feast_repo_path)
         timer.note("feast apply", f"{len(applied)} objects")
-    fs_ops.check_materializable(data_end, fs_ops.feature_ttl(store))
     with timer.phase("materialize (Ray engine)"):
         fs_ops.materialize_latest(store, data_end)
     with timer.phase("verify online store"):

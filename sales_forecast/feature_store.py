@@ -50,6 +50,16 @@ def feature_ttl(store) -> dt.timedelta:
     return store.get_feature_view(FEATURE_VIEW).ttl
 
 
+def repo_feature_ttl(repo_path: Path) -> dt.timedelta:
+    """The ttl the feature repo defines, read before anything is applied."""
+    from feast import FeatureView
+
+    views = [obj for obj in repo_objects(repo_path) if isinstance(obj, FeatureView) and obj.name == FEATURE_VIEW]
+    if not views:
+        raise PipelineError(f"feature view {FEATURE_VIEW!r} is not defined in {repo_path}")
+    return views[0].ttl
+
+
 def materialize_latest(store, data_end: dt.datetime) -> None:
     """Materialize the latest row of every series into the online store.
 
