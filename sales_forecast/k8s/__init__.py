@@ -1,0 +1,1 @@
+"""Kubernetes helpers: offline validation of the manifests and of generated objects."""
