@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from sales_forecast.cli import run_cli
-from sales_forecast.config import EMBEDDED_MLFLOW_PORT, load_settings
-from sales_forecast.stack import mlflow_server, postgres, processes
+from sales_forecast.config import EMBEDDED_MLFLOW_PORT, EMBEDDED_MODEL_SERVER_PORT, load_settings
+from sales_forecast.stack import mlflow_server, model_server, postgres, processes
 
 
 def main() -> None:
@@ -27,6 +27,8 @@ def main() -> None:
         print(f"postgres  {'up' if postgres.is_ready(settings.postgres) else 'down'}  {settings.postgres.libpq_url()}")
         mlflow_up = processes.http_ok(f"{settings.embedded_mlflow_uri}/health")
         print(f"mlflow    {'up' if mlflow_up else 'down'}  {settings.embedded_mlflow_uri}")
+        server = model_server.url_of(EMBEDDED_MODEL_SERVER_PORT)
+        print(f"model     {'up' if model_server.is_ready(server) else 'down'}  {server}")
 
 
 if __name__ == "__main__":

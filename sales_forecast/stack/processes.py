@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -36,16 +37,31 @@ def stop(pid_file: Path, timeout: float = 10.0) -> bool:
     pid_file.unlink(missing_ok=True)
     if pid is None:
         return False
-    os.killpg(pid, signal.SIGTERM)
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if exited(pid):
             return True
         time.sleep(0.1)
-    os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
     return True
+
+
+def exited(pid: int) -> bool:
+    try:  # reap it if it is our child: an exited, unreaped child still answers kill(pid, 0)
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return True
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 def http_ok(url: str, timeout: float = 1.0) -> bool:

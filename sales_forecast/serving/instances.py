@@ -1,0 +1,115 @@
+"""Request validation: v1 and v2 bodies -> the (store, dept) instances to predict, or a 400/413 naming the field.
+
+v1: ``{"instances": [{"store": 1, "dept": 3}, ...]}``. v2: two inputs named ``store`` and ``dept`` with integer
+datatypes and one value per instance. Ids are JSON integers (``true`` and ``3.0`` are not), at least 0, and the
+dept at most MAX_DEPT: the Feast key store * 1000 + dept would silently alias another series otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import orjson
+
+from sales_forecast.data import MAX_DEPT
+from sales_forecast.features import store_dept_key
+from sales_forecast.serving.errors import BadRequest, TooManyInstances
+
+MAX_INSTANCES_ENV = "SERVING_MAX_INSTANCES"
+DEFAULT_MAX_INSTANCES = 1000
+MAX_STORE = (2**63 - 1) // 1000 - 1  # keeps the int64 key from overflowing
+V2_INTEGER_TYPES = frozenset({"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"})
+
+
+class Instance(NamedTuple):
+    store: int
+    dept: int
+
+    @property
+    def key(self) -> int:
+        return store_dept_key(self.store, self.dept)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"store": self.store, "dept": self.dept}
+
+
+def max_instances_from_env() -> int:
+    text = os.environ.get(MAX_INSTANCES_ENV, "")
+    if not text:
+        return DEFAULT_MAX_INSTANCES
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{MAX_INSTANCES_ENV} must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def parse_v1(payload: Any, max_instances: int) -> list[Instance]:
+    """The instances of a v1 body (kserve hands over a dict, or raw bytes for a non-JSON content type)."""
+    body = _json(payload)
+    if not isinstance(body, Mapping) or not isinstance(body.get("instances"), list):
+        raise BadRequest('the body must be a JSON object with an "instances" list, '
+                         'e.g. {"instances": [{"store": 1, "dept": 3}]}')
+    items = body["instances"]
+    _check_count(len(items), max_instances)
+    return [_instance(item, index) for index, item in enumerate(items)]
+
+
+def parse_v2(columns: Mapping[str, tuple[str, Sequence[Any]]], max_instances: int) -> list[Instance]:
+    """The instances of a v2 request, given its inputs as {name: (datatype, flat data)}."""
+    for name in ("store", "dept"):
+        if name not in columns:
+            raise BadRequest(f'the request needs an input named "{name}" (got {sorted(columns)})')
+        datatype = columns[name][0]
+        if datatype not in V2_INTEGER_TYPES:
+            raise BadRequest(f'input "{name}" must have an integer datatype such as INT64, got {datatype}')
+    stores, depts = columns["store"][1], columns["dept"][1]
+    if len(stores) != len(depts):
+        raise BadRequest(f'inputs "store" and "dept" differ in length ({len(stores)} and {len(depts)})')
+    _check_count(len(stores), max_instances)
+    return [Instance(_id(store, f'input "store" data[{i}]', "store"), _id(dept, f'input "dept" data[{i}]', "dept"))
+            for i, (store, dept) in enumerate(zip(stores, depts, strict=True))]
+
+
+def _json(payload: Any) -> Any:
+    if isinstance(payload, bytes | bytearray | memoryview | str):
+        try:
+            return orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"the body is not JSON: {exc}") from None
+    return payload
+
+
+def _check_count(count: int, max_instances: int) -> None:
+    if count == 0:
+        raise BadRequest('"instances" is empty: send at least one {"store": ..., "dept": ...}')
+    if count > max_instances:
+        raise TooManyInstances(f"{count} instances in one request; the maximum is {max_instances} "
+                               f"(set {MAX_INSTANCES_ENV} to change it)", max_instances=max_instances)
+
+
+def _instance(item: Any, index: int) -> Instance:
+    where = f"instances[{index}]"
+    if not isinstance(item, Mapping):
+        raise BadRequest(f'{where} must be an object like {{"store": 1, "dept": 3}}, got {_describe(item)}')
+    for field in ("store", "dept"):
+        if field not in item:
+            raise BadRequest(f"{where}.{field} is missing")
+    return Instance(_id(item["store"], f"{where}.store", "store"), _id(item["dept"], f"{where}.dept", "dept"))
+
+
+def _id(value: Any, where: str, field: str) -> int:
+    # bool is a subclass of int; a JSON true is not an id.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{where} must be an integer, got {_describe(value)}")
+    if value < 0:
+        raise BadRequest(f"{where} must not be negative, got {value}")
+    limit = MAX_DEPT if field == "dept" else MAX_STORE
+    if value > limit:
+        raise BadRequest(f"{where} must be at most {limit}, got {value}")
+    return value
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"

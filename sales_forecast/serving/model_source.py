@@ -1,0 +1,95 @@
+"""Where the served Forecaster comes from: the MLflow registry alias (default) or a bundle folder.
+
+The training run logs the bundle written by ``Forecaster.save`` as run artifacts under ``forecaster`` and gives
+the registered model's winning version the alias ``champion``; training also saves the same bundle to the
+shared volume (``MODEL_DIR``), which ``--model-dir`` serves without MLflow.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sales_forecast.config import REGISTERED_MODEL
+from sales_forecast.errors import PipelineError
+from sales_forecast.model import META_FILE, Forecaster
+from sales_forecast.serving.errors import first_line
+
+CHAMPION_ALIAS = "champion"
+CHAMPION_URI = f"models:/{REGISTERED_MODEL}@{CHAMPION_ALIAS}"
+BUNDLE_ARTIFACT_PATH = "forecaster"
+_ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    model_dir: Path | None = None
+    model_uri: str = CHAMPION_URI
+    tracking_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    forecaster: Forecaster
+    origin: str  # what was loaded, for logs and the CLI
+
+
+def load_forecaster(source: ModelSource) -> LoadedModel:
+    if source.model_dir is not None:
+        return LoadedModel(load_bundle(source.model_dir), str(source.model_dir))
+    return load_registered(source.model_uri, source.tracking_uri)
+
+
+def load_bundle(directory: Path) -> Forecaster:
+    if not (directory / META_FILE).is_file():
+        raise PipelineError(f"{directory} holds no model bundle ({META_FILE} is missing); "
+                            "run 02_training.py or pass the folder Forecaster.save wrote")
+    return Forecaster.load(directory)
+
+
+def parse_alias_uri(model_uri: str) -> tuple[str, str]:
+    match = _ALIAS_URI.match(model_uri)
+    if not match:
+        raise PipelineError(f"model URI {model_uri!r} is not of the form models:/<name>@<alias>")
+    return match["name"], match["alias"]
+
+
+def load_registered(model_uri: str, tracking_uri: str | None) -> LoadedModel:
+    """Resolve models:/<name>@<alias> to its run and load the bundle that run logged."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name, alias = parse_alias_uri(model_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        raise PipelineError(f"no model {model_uri} in the MLflow registry at {tracking_uri or 'the default URI'} "
+                            f"({first_line(exc)}); run 02_training.py first or pass --model-dir") from exc
+    with tempfile.TemporaryDirectory(prefix="sales-model-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=BUNDLE_ARTIFACT_PATH,
+                                                        dst_path=tmp, tracking_uri=tracking_uri)
+        except MlflowException as exc:
+            raise PipelineError(f"run {version.run_id} of {model_uri} (version {version.version}) has no "
+                                f"'{BUNDLE_ARTIFACT_PATH}' artifacts: {first_line(exc)}") from exc
+        forecaster = load_bundle(Path(local))
+    return LoadedModel(forecaster, f"{model_uri} = version {version.version} (run {version.run_id})")
+
+
+def champion_version(tracking_uri: str | None, model_uri: str = CHAMPION_URI) -> str:
+    """The registry version the alias points at now (an InferenceService annotation, so a new champion rolls
+    the predictor pods)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name, alias = parse_alias_uri(model_uri)
+    try:
+        return str(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+                   .get_model_version_by_alias(name, alias).version)
+    except MlflowException as exc:
+        raise PipelineError(f"no model {model_uri} in the MLflow registry at {tracking_uri}: "
+                            f"{first_line(exc)}; run 02_training.py first") from exc

@@ -1,0 +1,131 @@
+"""The model server: ``python -m sales_forecast.serving.server [--host H] [--http_port P] [--model-dir DIR]``.
+
+Serves ``SalesModel`` with kserve's REST server (v1, v2, health and Prometheus ``/metrics`` routes), REST only.
+It listens on 127.0.0.1 unless ``--host`` says otherwise (the InferenceService passes 0.0.0.0). kserve's own
+flags (``--http_port``, ``--model_name``, ``--workers``...) are accepted too; kserve parses them when imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import warnings
+from http import HTTPStatus
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import FastAPIDeprecationWarning, RequestValidationError
+from fastapi.responses import JSONResponse
+from kserve import Model, ModelServer, model_server
+from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
+from kserve.protocol.rest.server import RESTServer
+
+from sales_forecast.cli import positive_int, run_cli
+from sales_forecast.config import MODEL_NAME, load_settings
+from sales_forecast.serving.errors import ServingError
+from sales_forecast.serving.instances import max_instances_from_env
+from sales_forecast.serving.metrics import ERROR_RESPONSES
+from sales_forecast.serving.model import SalesModel
+from sales_forecast.serving.model_source import CHAMPION_URI, ModelSource
+
+DEFAULT_HOST = "127.0.0.1"
+# libpq waits forever for an unreachable host; a bounded connect turns an outage into a prompt 503.
+POSTGRES_CONNECT_TIMEOUT_SECONDS = "3"
+
+
+class HostModelServer(ModelServer):
+    """kserve's ModelServer with the REST listener on a chosen host (kserve 0.21 hard-codes 0.0.0.0).
+
+    One uvicorn worker and no gRPC: ``start`` is kserve's single-process path with the host set before the
+    listener binds.
+    """
+
+    def __init__(self, host: str, http_port: int, **kwargs):
+        super().__init__(http_port=http_port, workers=1, enable_grpc=False, **kwargs)
+        self.host = host
+
+    def start(self, models: list[Model]) -> None:
+        self._register_and_check_atleast_one_model_is_ready(models)
+        self._rest_server = RESTServer(
+            FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension, self.http_port,
+            access_log_format=self.access_log_format, workers=1, grace_period=self.grace_period,
+            event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive)
+        self._rest_server.config.host = self.host
+        self.servers.append(self._rest_server.start())
+        self.setup_event_loop()
+        self.register_signal_handler()
+        asyncio.run(self._serve())
+
+
+async def serving_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServingError)
+    ERROR_RESPONSES.labels(status=str(int(exc.status))).inc()
+    return JSONResponse(status_code=exc.status, content=exc.body())
+
+
+async def invalid_request_handler(_: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's schema check of v2 bodies answers 422 with its own shape; answer like every other bad input."""
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
+    where = ".".join(str(part) for part in first.get("loc", ())[1:]) or "body"
+    message = f"invalid request: {where}: {first['msg']}"
+    ERROR_RESPONSES.labels(status=str(int(HTTPStatus.BAD_REQUEST))).inc()
+    return JSONResponse(status_code=HTTPStatus.BAD_REQUEST, content={"error": message})
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServingError, serving_error_handler)
+    app.add_exception_handler(RequestValidationError, invalid_request_handler)
+
+
+def quiet_request_logs() -> None:
+    """Silence the per-request lines of uvicorn's access log and kserve's timing middleware."""
+    for name in ("uvicorn.access", "kserve.trace"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m sales_forecast.serving.server", description=__doc__,
+                                     parents=[model_server.parser],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0 in a pod)")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="serve the Forecaster bundle in this folder instead of the MLflow registry's")
+    parser.add_argument("--model-uri", default=CHAMPION_URI, help="registry alias to serve (models:/name@alias)")
+    parser.add_argument("--max-instances", type=positive_int, default=max_instances_from_env(),
+                        help="larger requests get 413 (default: $SERVING_MAX_INSTANCES or 1000)")
+    parser.add_argument("--request-logs", action="store_true",
+                        help="log every request (access log, kserve timings); off by default: it costs about a "
+                             "millisecond per request, and /metrics has the same latencies as histograms")
+    parser.set_defaults(model_name=MODEL_NAME)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("PGCONNECT_TIMEOUT", POSTGRES_CONNECT_TIMEOUT_SECONDS)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a progress bar in a server log
+    # kserve's routes use ORJSONResponse, which FastAPI deprecates once per route at start-up: noise, not news.
+    warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated", category=FastAPIDeprecationWarning)
+    # Requests are a few rows each: one intra-op thread avoids pool hand-offs and leaves a core to the loop.
+    torch.set_num_threads(1)
+    # kserve configures logging when the server object is made: make it first, so loading is logged.
+    server = HostModelServer(args.host, args.http_port, event_loop=args.event_loop,
+                             timeout_keep_alive=args.timeout_keep_alive, access_log_format=args.access_log_format,
+                             enable_latency_logging=args.request_logs and args.enable_latency_logging)
+    if not args.request_logs:
+        quiet_request_logs()
+    settings = load_settings()
+    source = ModelSource(model_dir=args.model_dir, model_uri=args.model_uri,
+                         tracking_uri=settings.mlflow_tracking_uri or settings.embedded_mlflow_uri)
+    model = SalesModel(args.model_name, settings, source, max_instances=args.max_instances)
+    model.load()
+    install_error_handlers(model_server.app)
+    server.start([model])
+
+
+if __name__ == "__main__":
+    run_cli(main)
