@@ -30,12 +30,24 @@ def _client(address: str):
         raise PipelineError(f"Ray job-submission API at {address} is unreachable: {exc}") from exc
 
 
+def _submit(client, entrypoint: str, env: dict[str, str], agent_wait_s: float = 90) -> str:
+    """Submit, waiting for the head's job agent: it starts after the dashboard answers."""
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env})
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise PipelineError(f"Ray job submission failed: {exc}") from exc
+            time.sleep(1)
+
+
 def run_ray_job(address: str, entrypoint: str, env: dict[str, str], timeout_s: float = 1800) -> None:
     """Submit ``entrypoint``, stream its logs, and raise PipelineError unless it succeeds."""
     from ray.job_submission import JobStatus
 
     client = _client(address)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env})
+    job_id = _submit(client, entrypoint, env)
     console.print(f"submitted Ray job {job_id} to {address}")
 
     async def stream() -> None:
