@@ -1,0 +1,160 @@
+"""The Ray offline store's pieces without PostgreSQL or Ray: the as-of kernel against a brute-force loop,
+key encoding, key-range partitioning, the pushed-down SQL, Ray connection choice and partition counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from sales_forecast.ray_offline_store.asof import NO_MATCH, NULL_TIME, asof_match, key_codes
+from sales_forecast.ray_offline_store.columns import POSITION
+from sales_forecast.ray_offline_store.execution import Parallelism, in_entity_order
+from sales_forecast.ray_offline_store.partitioning import KeyRange, partition_by_key
+from sales_forecast.ray_offline_store.plan import ViewPlan
+from sales_forecast.ray_offline_store.runtime import RayConnectionError, ray_target
+from sales_forecast.ray_offline_store.sql import TimeWindow, feature_query
+
+SECOND = 1_000_000_000
+
+
+def brute_force(e_code, e_ts, f_code, f_ts, f_created, ttl_ns) -> np.ndarray:
+    """Feast's rule row by row: among rows with the same key, ts <= entity ts (and >= entity ts - ttl),
+    the greatest (ts, created)."""
+    out = np.full(len(e_code), NO_MATCH)
+    for i in range(len(e_code)):
+        best = None
+        for j in range(len(f_code)):
+            if e_code[i] < 0 or f_code[j] != e_code[i] or e_ts[i] == NULL_TIME or f_ts[j] == NULL_TIME:
+                continue
+            if f_ts[j] > e_ts[i] or (ttl_ns and f_ts[j] < e_ts[i] - ttl_ns):
+                continue
+            rank = (f_ts[j], f_created[j] if f_created is not None else 0)
+            if best is None or rank >= best[0]:
+                best = (rank, j)
+        if best is not None:
+            out[i] = best[1]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_asof_match_equals_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_features, n_entities = int(rng.integers(0, 60)), int(rng.integers(0, 60))
+    f_code = rng.integers(-1, 5, n_features)  # -1: a NULL key
+    f_ts = rng.integers(0, 20, n_features) * SECOND
+    f_ts[rng.random(n_features) < 0.05] = NULL_TIME
+    f_created = rng.permutation(n_features).astype(np.int64) * SECOND  # distinct: ties have one winner
+    e_code = rng.integers(-1, 6, n_entities)
+    e_ts = rng.integers(0, 25, n_entities) * SECOND
+    e_ts[rng.random(n_entities) < 0.05] = NULL_TIME
+    for created in (f_created, None):
+        if created is None:  # without created timestamps, keep (key, ts) unique so the winner is defined
+            _, first = np.unique(np.stack([f_code, f_ts]), axis=1, return_index=True)
+            keep = np.sort(first)
+            f_code, f_ts = f_code[keep], f_ts[keep]
+        for ttl in (None, 3 * SECOND, 0):
+            got = asof_match(e_code, e_ts, f_code, f_ts, created, ttl)
+            assert got.tolist() == brute_force(e_code, e_ts, f_code, f_ts, created, ttl).tolist()
+
+
+def test_key_codes_keep_pairs_apart_and_nulls_unmatched() -> None:
+    stores = pa.chunked_array([pa.array([1, 11, 1, None], pa.int32())])  # entity side: another int type
+    depts = pa.chunked_array([pa.array([12, 2, 12, 2])])
+    e_codes, f_codes = key_codes([stores, depts], [pa.chunked_array([pa.array([11, 1])]),
+                                                   pa.chunked_array([pa.array([2, 12])])])
+    assert e_codes[0] == e_codes[2] != e_codes[1]
+    assert e_codes[3] == -1
+    assert f_codes.tolist() == [e_codes[1], e_codes[0]]
+    no_keys = key_codes([], [])
+    assert no_keys[0].size == 0 and no_keys[1].size == 0
+
+
+def test_key_codes_on_text() -> None:
+    e_codes, f_codes = key_codes([pa.chunked_array([pa.array(["a", "b", None])])],
+                                 [pa.chunked_array([pa.array(["b", "c"])])])
+    assert e_codes[1] == f_codes[0] and e_codes[2] == -1 and len({*e_codes[:2], f_codes[1]}) == 3
+
+
+def test_partitions_are_balanced_disjoint_key_ranges() -> None:
+    rng = np.random.default_rng(0)
+    keys = pa.table({"store": rng.integers(1, 40, 10_000), "dept": rng.integers(1, 30, 10_000)})
+    usable = rng.random(10_000) > 0.1
+    parts = partition_by_key(keys, usable, 4)
+    assert parts.count == 4
+    assert (parts.assignment[~usable] == -1).all() and (parts.assignment[usable] >= 0).all()
+    sizes = np.bincount(parts.assignment[usable])
+    assert sizes.max() < 1.2 * sizes.min()
+    pairs = list(zip(keys["store"].to_pylist(), keys["dept"].to_pylist(), strict=True))
+    for index, key_range in enumerate(parts.ranges):
+        inside = {pair for pair, part in zip(pairs, parts.assignment, strict=True) if part == index}
+        assert min(inside) == key_range.low and max(inside) == key_range.high
+    assert all(a.high < b.low for a, b in zip(parts.ranges, parts.ranges[1:], strict=False))
+
+
+def test_partitioning_falls_back_to_one_unbounded_partition() -> None:
+    keys = pa.table({"store": pa.array([1, None, 3])})
+    single = partition_by_key(keys, np.array([True, True, True]), 1)
+    assert single.ranges == [None] and single.assignment.tolist() == [0, -1, 0]
+    timestamps = pa.table({"when": pa.array([1, 2], pa.timestamp("us"))})  # no known PostgreSQL order
+    assert partition_by_key(timestamps, np.array([True, True]), 4).ranges == [None]
+    huge_key = pa.table({"store": [1] * 90 + [2] * 10})
+    assert partition_by_key(huge_key, np.ones(100, bool), 4).count == 2  # never an empty partition
+
+
+def _plan(keys: tuple[str, ...]) -> ViewPlan:
+    return ViewPlan(name="v", source_sql="(SELECT * FROM t)", join_keys=keys, source_keys=keys,
+                    timestamp_field="ts", created_timestamp_column="created", features=("x", "ts"),
+                    output_names=("x", "ts"), ttl_seconds=60)
+
+
+def test_feature_query_pushes_down_columns_time_and_key_range() -> None:
+    window = TimeWindow(low_ns=1_500, high_ns=2 * SECOND + 999)
+    query = feature_query(_plan(("store", "dept")), window, KeyRange((1, 12), (11, 2)), (False, False))
+    assert query.startswith('SELECT "store" AS "__k0", "dept" AS "__k1", "ts" AS "__ts", "created" AS "__created", '
+                            '"x" AS "__f0", "ts" AS "__f1" FROM (SELECT * FROM t) AS source WHERE ')
+    assert "\"ts\" <= '1970-01-01 00:00:02+00:00'::timestamptz" in query  # rounded down to microseconds
+    assert "\"ts\" >= '1970-01-01 00:00:00.000002+00:00'::timestamptz" in query  # rounded up
+    assert 'ROW("store", "dept") >= ROW(1, 12) AND ROW("store", "dept") <= ROW(11, 2)' in query
+
+    text = feature_query(_plan(("region",)), TimeWindow(None, 0), KeyRange(("B",), ("it's",)), (True,))
+    assert '("region" COLLATE "C") >= \'B\' AND ("region" COLLATE "C") <= \'it\'\'s\'' in text
+    assert '"ts" >=' not in text
+    assert feature_query(_plan(("region",)), None, None, (True,)).endswith("WHERE FALSE")
+
+
+def test_ray_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FEAST_RAY_EXECUTION_MODE", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_target(None) == "local"
+    assert ray_target("10.0.0.1:6379") == "10.0.0.1:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "feast-ray-head:6379")  # what a Ray job's driver sees
+    assert ray_target(None) == "feast-ray-head:6379"
+    monkeypatch.setenv("FEAST_RAY_EXECUTION_MODE", "local")
+    assert ray_target(None) == "local"
+    monkeypatch.setenv("FEAST_RAY_EXECUTION_MODE", "remote")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://feast-ray-head:10001")
+    with pytest.raises(RayConnectionError, match="Ray Client"):
+        ray_target(None)
+    monkeypatch.setenv("FEAST_RAY_EXECUTION_MODE", "kuberay")
+    with pytest.raises(RayConnectionError, match="kuberay"):
+        ray_target(None)
+
+
+def test_partition_counts() -> None:
+    auto = Parallelism(partitions=None, rows_per_partition=1_000_000, min_rows_per_partition=50_000)
+    assert auto.partitions_for(10_000, cpus=2) == 1  # too small to be worth splitting
+    assert auto.partitions_for(602_316, cpus=2) == 2
+    assert auto.partitions_for(602_316, cpus=8) == 8
+    assert auto.partitions_for(6_023_160, cpus=2) == 7  # bounded task memory
+    assert Parallelism(3, 500_000, 50_000).partitions_for(10, cpus=2) == 3
+
+
+def test_in_entity_order() -> None:
+    def part(positions: list[int]) -> pa.Table:
+        return pa.table({"x": [float(p) for p in positions], POSITION: pa.array(positions, pa.int64())})
+
+    in_place = in_entity_order([part([0, 1]), part([2, 3])], 4)  # partitions already in entity order
+    assert in_place.column_names == ["x"] and in_place["x"].to_pylist() == [0.0, 1.0, 2.0, 3.0]
+    scattered = in_entity_order([part([3, 0]), part([4, 1])], 5)  # row 2 is in no partition (a NULL key)
+    assert scattered["x"].to_pylist() == [0.0, 1.0, None, 3.0, 4.0]
