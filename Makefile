@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint stack-up stack-down stack-status bench-features features clean-stack
+.PHONY: demo test lint stack-up stack-down stack-status bench-features bench-serving bench-pit-join bench-training train features clean-stack
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) 01_feast_features.py
+	$(PY) -m sales_forecast.demo
 
 features: $(STAMP)
 	$(PY) 01_feast_features.py
@@ -38,6 +38,18 @@ stack-status: $(STAMP)
 
 bench-features: $(STAMP)
 	$(PY) 01_feast_features.py
+
+train: $(STAMP)
+	$(PY) 02_training.py
+
+bench-training: $(STAMP)
+	$(PY) benchmarks/bench_training.py
+
+bench-serving: $(STAMP)
+	$(PY) benchmarks/bench_serving.py
+
+bench-pit-join: $(STAMP)
+	$(PY) benchmarks/bench_pit_join.py
 
 clean-stack: stack-down
 	rm -rf .stack

@@ -1,0 +1,164 @@
+"""Step 2 from end to end, the same on every backend: check MLflow, retrieve, split, fit, evaluate, log, register,
+promote. Faults (MLflow unreachable, an empty training set, a diverging loss) stop it before anything is logged
+or registered.
+
+Under torchrun with WORLD_SIZE > 1 rank 0 retrieves the data and shares it, every rank trains its shard with
+DDP, and only rank 0 evaluates, logs and registers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sales_forecast import feature_store as fs_ops
+from sales_forecast.config import FEATURE_SERVICE, Settings, load_settings
+from sales_forecast.feature_pipeline import ensure_postgres
+from sales_forecast.timing import PhaseTimer
+from sales_forecast.training import registry, tracking
+from sales_forecast.training.dataset import TIMESTAMP, Split, chronological_split, fetch_training_frame, week_range
+from sales_forecast.training.distributed import Distributed, distributed_context
+from sales_forecast.training.fit import FitResult, cpu_threads, fit_forecaster
+from sales_forecast.training.metrics import Evaluation, baseline_forecasts, evaluate
+from sales_forecast.training.params import TrainingParams
+from sales_forecast.training.plots import forecast_figure
+from sales_forecast.training.publish import publish_bundle
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    run: tracking.LoggedRun
+    evaluation: Evaluation
+    champion: registry.Champion
+    decision: registry.Decision
+    fit: FitResult
+    rows: dict[str, int]
+    ranges: dict[str, str]
+    published: list[Path]
+    timer: PhaseTimer
+    tracking_uri: str
+    registered_model: str
+
+
+class _Silent:
+    """The phase timer of ranks other than 0: same interface, no output."""
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        yield
+
+    def note(self, name: str, text: str) -> None:
+        pass
+
+
+def _retrieve(settings: Settings, uri: str, timer) -> tuple[pd.DataFrame, int]:
+    with timer.phase("check MLflow"):
+        tracking.check_reachable(uri)
+    with timer.phase("connect PostgreSQL"):
+        ensure_postgres(settings)
+    with timer.phase("open the Feast feature store"):
+        store = fs_ops.open_store(settings)
+    with timer.phase("retrieve training set (Feast point-in-time join)"):
+        frame, returned = fetch_training_frame(store, settings.postgres)
+        timer.note("retrieve training set (Feast point-in-time join)",
+                   f"{returned:,} entity rows, {len(frame):,} with complete features")
+    return frame, returned
+
+
+@dataclass(frozen=True)
+class _Holdout:
+    predictions: np.ndarray
+    evaluation: Evaluation
+    champion: registry.Champion
+    decision: registry.Decision
+
+
+def _evaluate(fit: FitResult, split: Split, uri: str, params: TrainingParams) -> _Holdout:
+    predictions = fit.forecaster.predict(split.test)
+    evaluation = evaluate(split.test, predictions)
+    champion = registry.current_champion(uri, params.registered_model, split.test)
+    return _Holdout(predictions, evaluation, champion, registry.decide(evaluation, champion))
+
+
+def _run_content(params: TrainingParams, frame: pd.DataFrame, split: Split, returned: int, fit: FitResult,
+                 holdout: _Holdout, dist: Distributed) -> tracking.RunContent:
+    evaluation, champion, decision = holdout.evaluation, holdout.champion, holdout.decision
+    metrics = {**evaluation.metrics(), "best_epoch": float(fit.best_epoch), "epochs_run": float(fit.epochs_run)}
+    if champion.holdout_wmae is not None:
+        metrics["champion_wmae"] = champion.holdout_wmae
+    run_params = {**params.loggable(), "world_size": str(dist.world_size), "entity_rows": str(returned),
+                  "train_rows": str(len(split.train)), "validation_rows": str(len(split.validation)),
+                  "test_rows": str(len(split.test)), "feature_service": FEATURE_SERVICE}
+    tags = {"feature_service": FEATURE_SERVICE, "data_range": week_range(frame),
+            "data_start": f"{frame[TIMESTAMP].min():%Y-%m-%d}", "data_end": f"{frame[TIMESTAMP].max():%Y-%m-%d}",
+            "world_size": str(dist.world_size), "champion_comparison": champion.note, "promotion": decision.reason,
+            **split.describe(), **params.tags}
+    if params.trainjob:
+        tags["trainjob"] = params.trainjob
+    baseline = evaluation.best_baseline[0]
+    figure = forecast_figure(frame, split.test, holdout.predictions, baseline,
+                             baseline_forecasts(split.test)[baseline], params.plot_series)
+    return tracking.RunContent(
+        params=run_params, metrics=metrics, tags=tags, fit=fit, example=tracking.example_rows(split.test),
+        figure=figure, evaluation={"metrics": metrics, "decision": decision.reason, "champion": champion.note})
+
+
+def _promote(fit: FitResult, run: tracking.LoggedRun, holdout: _Holdout, uri: str, params: TrainingParams,
+             settings: Settings) -> list[Path]:
+    """Point ``champion`` at the new version and put its bundle in the shared model directory."""
+    registry.promote(uri, params.registered_model, run.model_version)
+    return publish_bundle(fit.forecaster, settings.model_dir, {
+        "registered_model": params.registered_model, "version": run.model_version, "run_id": run.run_id,
+        "tracking_uri": uri, "test_wmae": f"{holdout.evaluation.model.wmae:.4f}"})
+
+
+def run_training(params: TrainingParams, settings: Settings, dist: Distributed) -> TrainingResult | None:
+    """The whole step; returns the result on rank 0 and None on the other ranks."""
+    timer = PhaseTimer("step 2: training") if dist.is_main else _Silent()
+    uri = tracking.tracking_uri(settings)
+    frame, returned = dist.share(lambda: _retrieve(settings, uri, timer))
+    split = chronological_split(frame, params.test_weeks, params.validation_weeks)
+    with timer.phase("train"):
+        fit = fit_forecaster(split, params, dist)
+        timer.note("train", f"{fit.epochs_run} epochs, best {fit.best_epoch}, {len(split.train):,} rows, "
+                            f"{dist.world_size} process(es)")
+    if not dist.is_main:
+        return None
+    with timer.phase("evaluate on the holdout"):
+        holdout = _evaluate(fit, split, uri, params)
+    content = _run_content(params, frame, split, returned, fit, holdout, dist)
+    with timer.phase("log to MLflow + register"):
+        run = tracking.log_training_run(uri, params.experiment or settings.mlflow_experiment, params.run_name,
+                                        params.registered_model, content)
+        registry.tag_version(uri, params.registered_model, run.model_version, {
+            "test_wmae": f"{holdout.evaluation.model.wmae:.4f}", "skill": f"{holdout.evaluation.skill:.4f}",
+            "test_range": week_range(split.test)})
+    published: list[Path] = []
+    if holdout.decision.promote:
+        with timer.phase("promote to champion"):
+            published = _promote(fit, run, holdout, uri, params, settings)
+    return TrainingResult(
+        run=run, evaluation=holdout.evaluation, champion=holdout.champion, decision=holdout.decision, fit=fit,
+        rows={"entity": returned, "train": len(split.train), "validation": len(split.validation),
+              "test": len(split.test)},
+        ranges=split.describe(), published=published, timer=timer, tracking_uri=uri,
+        registered_model=params.registered_model)
+
+
+def run_training_job(values: dict | None) -> TrainingResult | None:
+    """What ``train_sales_model`` runs in every process: settings from the environment, DDP when distributed,
+    and the report printed by rank 0 (it lands in the TrainJob's logs)."""
+    from sales_forecast.training.report import print_report
+
+    params = TrainingParams.from_dict(values)
+    settings = load_settings()
+    with distributed_context() as dist, cpu_threads(params.threads):
+        result = run_training(params, settings, dist)
+    if result is not None:
+        print_report(result)
+    return result
+
