@@ -21,6 +21,7 @@ from sales_forecast.training.dataset import (
     SEASONAL_NAIVE,
     TIMESTAMP,
     complete_rows,
+    entity_sql,
     fetch_training_frame,
     historical_features,
 )
@@ -159,3 +160,17 @@ def test_complete_rows_drops_incomplete_features() -> None:
     frame["store_dept"], frame[TIMESTAMP], frame[LABEL] = [1, 1, 1], pd.date_range("2026-01-02", periods=3,
                                                                                    freq="7D", tz="UTC"), 5.0
     assert complete_rows(frame)[TIMESTAMP].tolist() == [frame[TIMESTAMP][0], frame[TIMESTAMP][2]]
+
+
+def test_training_retrieval_runs_the_ray_join_by_default(small_features) -> None:
+    """feature_repo selects the Ray offline store, so get_historical_features is the Ray point-in-time join."""
+    from sales_forecast.config import FEATURE_SERVICE
+    from sales_forecast.ray_offline_store.job import RayPostgreSQLRetrievalJob
+    from sales_forecast.ray_offline_store.store import STORE_TYPE
+
+    settings, _ = small_features
+    store = fs_ops.open_store(settings)
+    assert store.config.offline_store.type == STORE_TYPE
+    job = store.get_historical_features(entity_df=entity_sql(), features=store.get_feature_service(FEATURE_SERVICE))
+    assert isinstance(job, RayPostgreSQLRetrievalJob)
+    assert len(job.to_df()) > 0

@@ -8,10 +8,7 @@ no feature can hold week t+1 or later.
 
 from __future__ import annotations
 
-import os
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,42 +21,30 @@ from sales_forecast.features import MODEL_FEATURES
 
 LABEL, LABEL_IS_HOLIDAY, SEASONAL_NAIVE = "label", "label_is_holiday", "seasonal_naive"
 TIMESTAMP = "event_timestamp"
-# A session setting for the point-in-time join's sorts: 19 s -> 10 s at 590K rows, and small enough for a
-# PostgreSQL pod with 1 GiB.
-RETRIEVAL_PGOPTIONS = "-c work_mem=64MB"
 
 
 def entity_sql(raw_table: str = RAW_TABLE) -> str:
     """Every (series, week t) whose next week exists, with week t+1's sales and holiday flag as the label, and the
-    sales of week t+1 one year earlier (364 days; NULL without that history) for the seasonal-naive baseline."""
+    sales of week t+1 one year earlier (364 days; NULL without that history) for the seasonal-naive baseline.
+
+    Exact-date window frames (RANGE ... '7 days' FOLLOWING) read the table once, in index order: 0.7 s against
+    1.4 s for the equivalent three-way self-join at 602K rows, with the same rows.
+    """
     return f"""
-SELECT (cur.store * 1000 + cur.dept) AS store_dept,
-       (cur.date AT TIME ZONE 'UTC') AS {TIMESTAMP},
-       nxt.weekly_sales AS {LABEL},
-       nxt.is_holiday AS {LABEL_IS_HOLIDAY},
-       last_year.weekly_sales AS {SEASONAL_NAIVE}
-FROM "{raw_table}" AS cur
-JOIN "{raw_table}" AS nxt
-  ON nxt.store = cur.store AND nxt.dept = cur.dept AND nxt.date = cur.date + INTERVAL '7 days'
-LEFT JOIN "{raw_table}" AS last_year
-  ON last_year.store = cur.store AND last_year.dept = cur.dept
- AND last_year.date = cur.date + INTERVAL '7 days' - INTERVAL '364 days'
-WHERE nxt.weekly_sales IS NOT NULL
+SELECT store_dept, {TIMESTAMP}, {LABEL}, {LABEL_IS_HOLIDAY}, {SEASONAL_NAIVE}
+FROM (
+  SELECT (store * 1000 + dept) AS store_dept,
+         (date AT TIME ZONE 'UTC') AS {TIMESTAMP},
+         first_value(weekly_sales) OVER next_week AS {LABEL},
+         first_value(is_holiday) OVER next_week AS {LABEL_IS_HOLIDAY},
+         first_value(weekly_sales) OVER next_week_last_year AS {SEASONAL_NAIVE}
+  FROM "{raw_table}"
+  WINDOW series AS (PARTITION BY store, dept ORDER BY date),
+         next_week AS (series RANGE BETWEEN '7 days' FOLLOWING AND '7 days' FOLLOWING),
+         next_week_last_year AS (series RANGE BETWEEN '357 days' PRECEDING AND '357 days' PRECEDING)
+) AS weeks
+WHERE {LABEL} IS NOT NULL
 """.strip()
-
-
-@contextmanager
-def _session_options(options: str) -> Iterator[None]:
-    """libpq reads PGOPTIONS when Feast opens its connections; restored afterwards."""
-    saved = os.environ.get("PGOPTIONS")
-    os.environ["PGOPTIONS"] = f"{saved} {options}" if saved else options
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("PGOPTIONS", None)
-        else:
-            os.environ["PGOPTIONS"] = saved
 
 
 def historical_features(store, entities: str) -> pd.DataFrame:
@@ -71,7 +56,7 @@ def historical_features(store, entities: str) -> pd.DataFrame:
     except FeastObjectNotFoundException as exc:
         raise PipelineError(f"feature service {FEATURE_SERVICE!r} is not registered: run step 1 "
                             "(01_feast_features.py) against this database first") from exc
-    with _session_options(RETRIEVAL_PGOPTIONS), warnings.catch_warnings():
+    with warnings.catch_warnings():
         # Feast reads the entity query's schema with pandas over a raw DBAPI connection; pandas warns each time.
         warnings.filterwarnings("ignore", message="pandas only supports SQLAlchemy", category=UserWarning)
         frame = store.get_historical_features(entity_df=entities, features=service).to_df()
