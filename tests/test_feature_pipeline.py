@@ -159,9 +159,12 @@ def test_step1_as_a_ray_job_on_a_ray_cluster(stack_settings) -> None:
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     env = {**os.environ, "RAY_TMPDIR": temp_dir}
     env.pop("FEAST_RAY_EXECUTION_MODE", None)  # the job must use the cluster (RAY_ADDRESS), not a local Ray
+    # Every port free, not Ray's defaults: a second Ray on the machine must not take this head's job agent.
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={gcs}",
                              f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
-                             "--include-dashboard=true", f"--temp-dir={temp_dir}"],
+                             "--include-dashboard=true", f"--temp-dir={temp_dir}", *agent_ports],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     jobs_api = f"http://127.0.0.1:{dashboard}"
     try:
