@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from sales_forecast.cli import positive_int, run_cli
-from sales_forecast.data import MAX_DEPT, Shape, latest_friday
+from sales_forecast.data import Shape, latest_friday
 
 
 def week_end_date(text: str) -> dt.date:
@@ -40,8 +40,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ray-jobs-address", default=os.environ.get("RAY_JOBS_ADDRESS"),
                         help="Ray dashboard URL (http://host:8265): run this step as a Ray job there")
     args = parser.parse_args(argv)
-    if args.depts > MAX_DEPT:
-        parser.error(f"--depts must be at most {MAX_DEPT} (the entity key is store * 1000 + dept)")
     if args.weeks < 6:
         parser.error("--weeks must be at least 6")
     return args

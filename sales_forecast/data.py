@@ -20,8 +20,6 @@ import pandas as pd
 RAW_COLUMNS = ["store", "dept", "date", "weekly_sales", "is_holiday",
                "temperature", "fuel_price", "cpi", "unemployment"]
 
-MAX_DEPT = 999  # the combined entity key is store * 1000 + dept
-
 
 @dataclass(frozen=True)
 class Shape:

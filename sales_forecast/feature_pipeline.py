@@ -53,7 +53,7 @@ def run_feature_pipeline(shape: Shape, settings: Settings) -> FeatureRunResult:
     fs_ops.check_materializable(data_end, fs_ops.repo_feature_ttl(settings.feast_repo_path))
     with timer.phase("bulk load (ADBC)"):
         load_table(settings.postgres, RAW_TABLE, raw, ["store", "dept", "date"])
-        count = load_table(settings.postgres, FEATURE_TABLE, features, ["store_dept", "event_timestamp"])
+        count = load_table(settings.postgres, FEATURE_TABLE, features, ["store", "dept", "event_timestamp"])
         timer.note("bulk load (ADBC)", f"{RAW_TABLE} + {FEATURE_TABLE}, {count:,} rows each")
     with timer.phase("feast apply"):
         store = fs_ops.open_store(settings)

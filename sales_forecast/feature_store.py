@@ -100,9 +100,10 @@ def online_stats(settings: Settings) -> OnlineStats:
     return OnlineStats(entities, rows, oldest, newest)
 
 
-def online_features(store, store_dept: list[int]) -> pd.DataFrame:
+def online_features(store, series: list[tuple[int, int]]) -> pd.DataFrame:
+    """The feature service's online values of each (store, dept), in order, with store and dept columns."""
     service = store.get_feature_service(FEATURE_SERVICE)
-    rows = [{"store_dept": int(key)} for key in store_dept]
+    rows = [{"store": int(s), "dept": int(d)} for s, d in series]
     return store.get_online_features(features=service, entity_rows=rows).to_df()
 
 
@@ -113,7 +114,7 @@ def verify_online(settings: Settings, store, latest: pd.DataFrame, sample: int =
     that materialization really happened.
     """
     stats = online_stats(settings)
-    expected_entities = latest["store_dept"].nunique()
+    expected_entities = len(latest[["store", "dept"]].drop_duplicates())
     data_end = latest["event_timestamp"].max().to_pydatetime()
     if stats.entities != expected_entities:
         raise PipelineError(f"online store holds {stats.entities} series, expected {expected_entities}: "
@@ -121,12 +122,13 @@ def verify_online(settings: Settings, store, latest: pd.DataFrame, sample: int =
     if stats.oldest != data_end or stats.newest != data_end:
         raise PipelineError(f"online rows are stamped {stats.oldest} to {stats.newest}, expected {data_end}")
     picked = latest.sample(n=min(sample, len(latest)), random_state=0)
-    online = online_features(store, picked["store_dept"].tolist())
-    columns = [c for c in picked.columns if c not in ("store_dept", "event_timestamp")]
+    online = online_features(store, list(zip(picked["store"], picked["dept"], strict=True)))
+    columns = [c for c in picked.columns if c != "event_timestamp"]
     got = online[columns].reset_index(drop=True).astype("float64")
     want = picked[columns].reset_index(drop=True).astype("float64")
     mismatched = ~(((got - want).abs() <= 1e-9 * want.abs().clip(lower=1.0)) | (got.isna() & want.isna()))
     if mismatched.to_numpy().any():
-        bad = picked["store_dept"].reset_index(drop=True)[mismatched.any(axis=1)].tolist()[:5]
-        raise PipelineError(f"online values differ from the latest feature rows for store_dept {bad}")
+        keys = picked[["store", "dept"]].reset_index(drop=True)[mismatched.any(axis=1)].head(5)
+        bad = ", ".join(f"store {s} dept {d}" for s, d in keys.itertuples(index=False))
+        raise PipelineError(f"online values differ from the latest feature rows for {bad}")
     return stats

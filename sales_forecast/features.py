@@ -35,12 +35,7 @@ MODEL_FEATURES: list[str] = [
     "cpi",
     "unemployment",
 ]
-FEATURE_COLUMNS = ["store_dept", "store", "dept", "event_timestamp", *MODEL_FEATURES]
-
-
-def store_dept_key(store: pd.Series | np.ndarray | int, dept: pd.Series | np.ndarray | int):
-    """The single Feast join key: Feast entities have one join key, and its PostgreSQL join mixes up two."""
-    return store * 1000 + dept
+FEATURE_COLUMNS = ["store", "dept", "event_timestamp", *MODEL_FEATURES]  # (store, dept) are the Feast entities
 
 
 def build_features(raw: pd.DataFrame) -> pd.DataFrame:
@@ -53,7 +48,6 @@ def build_features(raw: pd.DataFrame) -> pd.DataFrame:
     week_angle = 2 * np.pi * target_week.dt.isocalendar().week.astype(float) / 52.18
 
     features = pd.DataFrame({
-        "store_dept": store_dept_key(raw["store"], raw["dept"]).astype("int64"),
         "store": raw["store"].astype("int64"),
         "dept": raw["dept"].astype("int64"),
         "event_timestamp": pd.to_datetime(raw["date"]).dt.tz_localize("UTC"),

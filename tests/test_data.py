@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from sales_forecast.data import RAW_COLUMNS, Shape, generate, holiday_of_week, latest_friday
-from sales_forecast.features import FEATURE_COLUMNS, MODEL_FEATURES, build_features, store_dept_key
+from sales_forecast.features import FEATURE_COLUMNS, MODEL_FEATURES, build_features
 
 SHAPE = Shape(stores=6, depts=9, weeks=70, seed=3, end_date=dt.date(2026, 11, 27))
 
@@ -111,7 +111,10 @@ def test_target_calendar_is_the_next_week(raw: pd.DataFrame) -> None:
     assert features["target_is_holiday"].sum() > 0
 
 
-def test_store_dept_key_has_no_collisions() -> None:
-    assert store_dept_key(1, 12) != store_dept_key(11, 2)
-    stores, depts = np.meshgrid(np.arange(1, 144), np.arange(1, 82))
-    assert len(np.unique(store_dept_key(stores, depts))) == 143 * 81
+def test_feature_rows_are_keyed_by_store_dept_and_time(raw: pd.DataFrame) -> None:
+    """The Feast entities are store and dept (two join keys); no combined key column is left."""
+    features = build_features(raw)
+    assert "store_dept" not in features.columns
+    assert features[["store", "dept"]].dtypes.eq("int64").all()
+    assert not features.duplicated(["store", "dept", "event_timestamp"]).any()
+    assert len(features[["store", "dept"]].drop_duplicates()) == SHAPE.stores * SHAPE.depts

@@ -22,7 +22,7 @@ from sales_forecast.config import FEATURE_SERVICE, FEATURE_TABLE, RAW_TABLE
 from sales_forecast.data import Shape, generate
 from sales_forecast.errors import PipelineError
 from sales_forecast.feature_pipeline import run_feature_pipeline
-from sales_forecast.features import MODEL_FEATURES, store_dept_key
+from sales_forecast.features import MODEL_FEATURES
 from sales_forecast.stack.processes import http_ok, wait_until
 
 STEP1 = str(REPO_ROOT / "01_feast_features.py")
@@ -39,7 +39,7 @@ def _expected_latest(raw: pd.DataFrame) -> pd.DataFrame:
     for (store, dept), series in raw.sort_values("date").groupby(["store", "dept"]):
         last4 = series["weekly_sales"].to_numpy()[-4:]
         last = series.iloc[-1]
-        rows.append({"store_dept": store * 1000 + dept, "store": store, "dept": dept,
+        rows.append({"store": store, "dept": dept,
                      "sales_lag_1": last4[-1], "sales_lag_2": last4[-2], "sales_lag_3": last4[-3],
                      "sales_lag_4": last4[-4], "sales_mean_4": last4.mean(), "sales_std_4": last4.std(ddof=1),
                      "lag_1_is_holiday": float(last["is_holiday"]), "temperature": last["temperature"],
@@ -65,12 +65,16 @@ def test_load_round_trip(small_features) -> None:
 def test_apply_creates_registry_objects(small_features) -> None:
     settings, _ = small_features
     store = fs_ops.open_store(settings)  # a fresh store reads the SQL registry back
-    assert [e.name for e in store.list_entities()] == ["store_dept"]
+    assert sorted(e.name for e in store.list_entities()) == ["dept", "store"]
+    assert {e.name: e.join_key for e in store.list_entities()} == {"store": "store", "dept": "dept"}
     view = store.get_feature_view("sales_features")
     assert view.ttl == dt.timedelta(days=7)
-    assert [f.name for f in view.features] == ["store", "dept", *MODEL_FEATURES]
+    assert sorted(view.entities) == ["dept", "store"]
+    assert [c.name for c in view.entity_columns] == ["store", "dept"]
+    assert [f.name for f in view.features] == MODEL_FEATURES
     service = store.get_feature_service(FEATURE_SERVICE)
     assert [p.name for p in service.feature_view_projections] == ["sales_features"]
+    assert [f.name for p in service.feature_view_projections for f in p.features] == MODEL_FEATURES
 
 
 def test_materialized_online_values_equal_last_week(small_features) -> None:
@@ -79,10 +83,12 @@ def test_materialized_online_values_equal_last_week(small_features) -> None:
     assert result.series == result.online_entities == n_series
     stats = fs_ops.online_stats(settings)
     assert stats.entities == n_series
-    assert stats.rows == n_series * (len(MODEL_FEATURES) + 2)
-    expected = _expected_latest(generate(SMALL_SHAPE)).set_index("store_dept")
-    keys = [store_dept_key(1, 12), store_dept_key(11, 2), store_dept_key(1, 1), store_dept_key(12, 13)]
-    online = fs_ops.online_features(fs_ops.open_store(settings), keys).set_index("store_dept")
+    assert stats.rows == n_series * len(MODEL_FEATURES)  # one row per series and feature
+    expected = _expected_latest(generate(SMALL_SHAPE)).set_index(["store", "dept"], drop=False)
+    keys = [(1, 12), (11, 2), (1, 1), (12, 13)]  # (1, 12) / (11, 2) would collide under a glued key
+    online = fs_ops.online_features(fs_ops.open_store(settings), keys).set_index(["store", "dept"], drop=False)
+    assert online.index.tolist() == keys
+    assert online.loc[(1, 12), "sales_lag_1"] != online.loc[(11, 2), "sales_lag_1"]
     for key in keys:
         for column in expected.columns:
             assert online.loc[key, column] == pytest.approx(expected.loc[key, column]), (key, column)
@@ -104,7 +110,7 @@ def _snapshot(settings) -> dict:
     return {
         "counts": (_query(settings, f"SELECT count(*) FROM {RAW_TABLE}")[0][0],
                    _query(settings, f"SELECT count(*) FROM {FEATURE_TABLE}")[0][0]),
-        "features": _query(settings, f"SELECT md5(string_agg(t::text, ',' ORDER BY store_dept, event_timestamp)) "
+        "features": _query(settings, f"SELECT md5(string_agg(t::text, ',' ORDER BY store, dept, event_timestamp)) "
                                      f"FROM {FEATURE_TABLE} t"),
         "online": dataclasses.astuple(fs_ops.online_stats(settings))[:2],
         "registry": sorted(v.name for v in store.list_feature_views())
@@ -128,7 +134,6 @@ def _run_step1(*args: str, env: dict[str, str] | None = None, timeout: float = 1
 @pytest.mark.parametrize("args, message", [
     (["--stores", "0"], "must be at least 1"),
     (["--weeks", "3"], "--weeks must be at least 6"),
-    (["--depts", "1000"], "--depts must be at most 999"),
     (["--seed", "x"], "invalid int value"),
     (["--end-date", "2026-13-01"], "not a date"),
     (["--end-date", "2999-01-01"], "is in the future"),

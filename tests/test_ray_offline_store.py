@@ -367,3 +367,22 @@ def test_yaml_selects_the_store_and_the_rest_is_postgres(hand_db: Settings) -> N
     filtered = store.get_historical_features(entity_df=entities, features=["store_stats:temperature"],
                                              filter_by_created_timestamp=True)
     assert isinstance(filtered, PostgreSQLRetrievalJob) and filtered.to_df()["temperature"].tolist() == [2.0]
+
+
+def test_multi_key_view_never_falls_back_to_feast_postgres(hand_db: Settings) -> None:
+    """The two fallbacks to Feast's PostgreSQL join (date range; created-timestamp filtering on a view with a
+    created column) are refused for a view with two join keys: that join glues (1, 12) and (11, 2) together.
+    The same requests on a one-key view still fall back (see above), and the Ray join serves the two-key view."""
+    from sales_forecast.ray_offline_store.store import MultipleJoinKeysFallbackError
+
+    store = ray_store(hand_db)
+    t0 = BASE.to_pydatetime()
+    with pytest.raises(MultipleJoinKeysFallbackError, match="store_dept_stats"):
+        store.get_historical_features(features=["store_dept_stats:sales"], start_date=t0,
+                                      end_date=t0 + pd.Timedelta(days=8))
+    entities = pd.DataFrame({"store": [1, 11], "dept": [12, 2], "event_timestamp": [BASE, BASE]})
+    with pytest.raises(MultipleJoinKeysFallbackError, match="filter_by_created_timestamp"):
+        store.get_historical_features(entity_df=entities, features=["store_dept_stats:sales", "store_stats:visitors"],
+                                      filter_by_created_timestamp=True)
+    job = store.get_historical_features(entity_df=entities, features=["store_dept_stats:sales"])
+    assert isinstance(job, RayPostgreSQLRetrievalJob)

@@ -40,8 +40,7 @@ def bundle(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="module")
 def all_series(settings: Settings) -> pd.DataFrame:
     """Every series with the timestamp of its latest week, in a shuffled order (the request order)."""
-    query = f'SELECT store, dept, store_dept, max(event_timestamp) AS event_timestamp FROM "{FEATURE_TABLE}" ' \
-            "GROUP BY store, dept, store_dept"
+    query = f'SELECT store, dept, max(event_timestamp) AS event_timestamp FROM "{FEATURE_TABLE}" GROUP BY store, dept'
     with psycopg.connect(settings.postgres.libpq_url()) as conn, conn.cursor() as cur:
         cur.execute(query)
         series = pd.DataFrame(cur.fetchall(), columns=[c.name for c in cur.description])
@@ -52,11 +51,12 @@ def all_series(settings: Settings) -> pd.DataFrame:
 def training_rows(settings: Settings, all_series: pd.DataFrame) -> pd.DataFrame:
     """The training path: get_historical_features through the feature service, as of each series' latest week."""
     store = open_store(settings)
-    entity_df = all_series[["store_dept", "event_timestamp"]].copy()
+    entity_df = all_series[["store", "dept", "event_timestamp"]].copy()
     entity_df["event_timestamp"] = pd.to_datetime(entity_df["event_timestamp"], utc=True)
     joined = store.get_historical_features(entity_df=entity_df,
                                            features=store.get_feature_service(FEATURE_SERVICE)).to_df()
-    joined = joined.set_index("store_dept").loc[all_series["store_dept"]].reset_index()
+    joined = joined.set_index(["store", "dept"]).loc[pd.MultiIndex.from_frame(all_series[["store", "dept"]])]
+    joined = joined.reset_index()
     assert joined[MODEL_FEATURES].notna().all().all()
     return joined
 

@@ -18,7 +18,16 @@ from sales_forecast.serving.instances import (
 def test_v1_instances_keep_the_request_order() -> None:
     body = {"instances": [{"store": 5, "dept": 12}, {"store": 1, "dept": 3}, {"store": 5, "dept": 12}]}
     assert parse_v1(body, 10) == [Instance(5, 12), Instance(1, 3), Instance(5, 12)]
-    assert [i.key for i in parse_v1(body, 10)] == [5012, 1003, 5012]
+    assert [i.as_dict() for i in parse_v1(body, 10)][:2] == [{"store": 5, "dept": 12}, {"store": 1, "dept": 3}]
+
+
+def test_ids_are_int64_with_no_dept_cap() -> None:
+    """store and dept are separate INT64 join keys: no combined key, so no dept cap (1003 was refused before)."""
+    big = 2**63 - 1
+    body = {"instances": [{"store": 1, "dept": 1003}, {"store": big, "dept": big}]}
+    assert parse_v1(body, 10) == [Instance(1, 1003), Instance(big, big)]
+    assert parse_v1({"instances": [{"store": 1, "dept": 12}, {"store": 11, "dept": 2}]}, 10) == [
+        Instance(1, 12), Instance(11, 2)]
 
 
 def test_v1_accepts_raw_json_bytes() -> None:
@@ -42,8 +51,8 @@ def test_v1_accepts_raw_json_bytes() -> None:
     ({"instances": [{"store": 1, "dept": 2.5}]}, "instances[0].dept must be an integer"),
     ({"instances": [{"store": 1, "dept": None}]}, "instances[0].dept must be an integer, got NoneType"),
     ({"instances": [{"store": 1, "dept": 3}, {"store": -2, "dept": 3}]}, "instances[1].store must not be negative"),
-    ({"instances": [{"store": 1, "dept": 1003}]}, "instances[0].dept must be at most 999"),
-    ({"instances": [{"store": 10**17, "dept": 1}]}, "instances[0].store must be at most"),
+    ({"instances": [{"store": 1, "dept": 2**63}]}, "instances[0].dept must be at most 9223372036854775807"),
+    ({"instances": [{"store": 2**63, "dept": 1}]}, "instances[0].store must be at most"),
 ])
 def test_v1_rejects_bad_input_naming_field_and_index(body, message: str) -> None:
     with pytest.raises(BadRequest) as raised:

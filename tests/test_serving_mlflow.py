@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 
 from sales_forecast.config import FEATURE_TABLE, Settings
 from sales_forecast.errors import PipelineError
-from sales_forecast.features import MODEL_FEATURES, store_dept_key
+from sales_forecast.features import MODEL_FEATURES
 from sales_forecast.model import Forecaster
 from sales_forecast.serving.benchmark import free_port
 from sales_forecast.serving.latency import SAMPLE_REQUEST
@@ -76,7 +76,7 @@ def latest_rows(settings: Settings) -> pd.DataFrame:
         cur.execute(query)
         rows = pd.DataFrame(cur.fetchall(), columns=[c.name for c in cur.description])
     rows[MODEL_FEATURES] = rows[MODEL_FEATURES].astype("float64")
-    return rows.set_index("store_dept")
+    return rows.set_index(["store", "dept"], drop=False)
 
 
 def test_champion_alias_loads_the_logged_bundle(mlflow_uri: str, champion: str, bundle: Path,
@@ -112,7 +112,7 @@ def test_03_inference_local_serves_the_champion(settings: Settings, mlflow_uri: 
                             timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     answer = json.loads(next(line for line in result.stdout.splitlines() if line.startswith('{"predictions"')))
-    keys = [store_dept_key(i["store"], i["dept"]) for i in SAMPLE_REQUEST["instances"]]
+    keys = [(i["store"], i["dept"]) for i in SAMPLE_REQUEST["instances"]]
     np.testing.assert_allclose(answer["predictions"], Forecaster.load(bundle).predict(latest_rows.loc[keys]),
                                rtol=1e-6)
     assert "latency (2 instances, client side): p50" in result.stdout

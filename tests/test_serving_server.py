@@ -24,7 +24,7 @@ from feast.infra.utils.postgres.postgres_config import ConnectionType
 
 from sales_forecast.config import FEATURE_TABLE, MODEL_NAME, Settings
 from sales_forecast.feature_store import online_table, open_store
-from sales_forecast.features import MODEL_FEATURES, store_dept_key
+from sales_forecast.features import MODEL_FEATURES
 from sales_forecast.model import Forecaster
 from sales_forecast.serving.benchmark import free_port, report, server_cpu_seconds
 from sales_forecast.serving.latency import SAMPLE_REQUEST, measure_throughput, time_requests
@@ -64,18 +64,18 @@ def http(server: str) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="module")
 def latest_rows(settings: Settings) -> pd.DataFrame:
-    """The offline feature table's rows of the last week, indexed by store_dept."""
+    """The offline feature table's rows of the last week, indexed by (store, dept)."""
     query = (f'SELECT * FROM "{FEATURE_TABLE}" WHERE event_timestamp = '
              f'(SELECT max(event_timestamp) FROM "{FEATURE_TABLE}")')
     with psycopg.connect(settings.postgres.libpq_url()) as conn, conn.cursor() as cur:
         cur.execute(query)
         rows = pd.DataFrame(cur.fetchall(), columns=[c.name for c in cur.description])
     rows[MODEL_FEATURES] = rows[MODEL_FEATURES].astype("float64")
-    return rows.set_index("store_dept")
+    return rows.set_index(["store", "dept"], drop=False)
 
 
 def expected(bundle: Path, latest_rows: pd.DataFrame, instances: list[dict]) -> np.ndarray:
-    keys = [store_dept_key(i["store"], i["dept"]) for i in instances]
+    keys = [(i["store"], i["dept"]) for i in instances]
     return Forecaster.load(bundle).predict(latest_rows.loc[keys])
 
 
@@ -142,7 +142,8 @@ def test_v2_infer_returns_an_infer_response(http: httpx.Client, bundle: Path, la
     (b'{"instances": [{"store": 1, "dept": 3.5}]}', {}, "instances[0].dept must be an integer, got float"),
     (b'{"instances": [{"store": 1, "dept": 3}, {"store": 1, "dept": -3}]}', {}, "instances[1].dept must not be "
                                                                                 "negative"),
-    (b'{"instances": [{"store": 1, "dept": 1003}]}', {}, "instances[0].dept must be at most 999"),
+    (b'{"instances": [{"store": 1, "dept": 9223372036854775808}]}', {}, "instances[0].dept must be at most "
+                                                                        "9223372036854775807"),
 ], ids=["not-json", "not-json-text", "list-body", "no-instances", "empty", "missing-dept", "missing-store",
         "string-id", "bool-id", "float-id", "negative-id", "dept-too-big"])
 def test_bad_input_is_400_naming_the_problem(http: httpx.Client, content: bytes, headers: dict, message: str) -> None:
@@ -165,17 +166,16 @@ def test_unknown_series_is_404_listing_them(http: httpx.Client) -> None:
 def test_features_older_than_the_ttl_are_404(http: httpx.Client, settings: Settings,
                                              latest_rows: pd.DataFrame) -> None:
     """A series whose online row is older than the feature view's ttl gets no prediction."""
-    stale = latest_rows.loc[[store_dept_key(1, 3)]].reset_index()
-    stale["store_dept"], stale["store"], stale["dept"] = store_dept_key(12, 999), 12, 999
+    stale = latest_rows.loc[[(1, 3)]].reset_index(drop=True)
+    stale["store"], stale["dept"] = 12, 1003  # a dept above 999: no cap now that the keys are separate
     stale["event_timestamp"] = pd.Timestamp.now(tz="UTC").floor("D") - pd.Timedelta(days=21)
     store = open_store(settings)
-    store.write_to_online_store("sales_features", stale[["store_dept", "event_timestamp", "store", "dept",
-                                                         *MODEL_FEATURES]])
+    store.write_to_online_store("sales_features", stale[["store", "dept", "event_timestamp", *MODEL_FEATURES]])
     try:
-        response = http.post(PREDICT, json={"instances": [{"store": 12, "dept": 999}, {"store": 1, "dept": 3}]})
+        response = http.post(PREDICT, json={"instances": [{"store": 12, "dept": 1003}, {"store": 1, "dept": 3}]})
         assert response.status_code == 404, response.text
-        assert "store 12 dept 999" in error_of(response) and "ttl" in error_of(response)
-        assert response.json()["missing"] == [{"store": 12, "dept": 999, "index": 0, "reason": "older than the ttl"}]
+        assert "store 12 dept 1003" in error_of(response) and "ttl" in error_of(response)
+        assert response.json()["missing"] == [{"store": 12, "dept": 1003, "index": 0, "reason": "older than the ttl"}]
     finally:
         with psycopg.connect(settings.postgres.libpq_url(), autocommit=True) as conn:
             conn.execute(f'DELETE FROM "{online_table()}" WHERE event_ts < %s',

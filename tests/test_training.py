@@ -43,7 +43,7 @@ def fixed_data(stack_settings):
     settings = database_settings(stack_settings, "training_fixed")
     raw = generate(FIXED_SHAPE)
     load_table(settings.postgres, RAW_TABLE, raw, ["store", "dept", "date"])
-    load_table(settings.postgres, FEATURE_TABLE, build_features(raw), ["store_dept", "event_timestamp"])
+    load_table(settings.postgres, FEATURE_TABLE, build_features(raw), ["store", "dept", "event_timestamp"])
     fs_ops.apply_definitions(fs_ops.open_store(settings), settings.feast_repo_path)
     return settings
 

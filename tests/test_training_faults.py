@@ -30,7 +30,7 @@ def empty_tables(stack_settings):
     settings = database_settings(stack_settings, "training_empty")
     raw = generate(Shape(stores=1, depts=1, weeks=6, seed=1)).iloc[0:0]
     load_table(settings.postgres, RAW_TABLE, raw, ["store", "dept", "date"])
-    load_table(settings.postgres, FEATURE_TABLE, build_features(raw), ["store_dept", "event_timestamp"])
+    load_table(settings.postgres, FEATURE_TABLE, build_features(raw), ["store", "dept", "event_timestamp"])
     fs_ops.apply_definitions(fs_ops.open_store(settings), settings.feast_repo_path)
     return settings
 

@@ -36,7 +36,7 @@ def frame_of(weeks: int = 20, series: int = 3, seed: int = 0) -> pd.DataFrame:
         sales = level * np.exp(np.cumsum(rng.normal(0, 0.05, weeks + 5)))
         for week in range(weeks):
             lags = sales[week:week + 4][::-1]
-            rows.append({"store_dept": 1000 + key, TIMESTAMP: pd.Timestamp("2026-01-02", tz="UTC") + pd.Timedelta(
+            rows.append({"store": 1, "dept": key + 1, TIMESTAMP: pd.Timestamp("2026-01-02", tz="UTC") + pd.Timedelta(
                 days=7 * week), **{f"sales_lag_{k}": lags[k - 1] for k in range(1, 5)},
                 "sales_mean_4": lags.mean(), "sales_std_4": lags.std(ddof=1), "lag_1_is_holiday": 0.0,
                 "target_is_holiday": float(week % 10 == 9), "target_week_sin": 0.0, "target_week_cos": 1.0,

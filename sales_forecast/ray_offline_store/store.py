@@ -7,6 +7,10 @@ and the store class by dropping it from the config's class name in the config's 
 Everything but the entity-based point-in-time join is inherited from PostgreSQLOfflineStore: materialization
 reads, pull_latest/pull_all, monitoring, and the cases this join does not cover (no entity set, i.e. a
 start/end date range; filter_by_created_timestamp on a view with a created timestamp column).
+
+Those fallbacks are refused for a view with several join keys (MultipleJoinKeysFallbackError): Feast's PostgreSQL
+join builds its row id by concatenating the join keys without a separator, so (store 1, dept 12) and (store 11,
+dept 2) would share feature rows. The Ray join encodes the keys column by column and has no such problem.
 """
 
 from __future__ import annotations
@@ -30,6 +34,17 @@ from sales_forecast.ray_offline_store.job import RayPostgreSQLRetrievalJob
 from sales_forecast.ray_offline_store.plan import plan_views
 
 STORE_TYPE = "sales_forecast.ray_offline_store.RayPostgreSQLOfflineStore"
+
+
+class MultipleJoinKeysFallbackError(ValueError):
+    """A request the Ray join does not cover, on a view with several join keys: Feast's PostgreSQL join would
+    mix up their key pairs, so it is refused rather than silently delegated."""
+
+
+def multi_key_views(feature_views: list[FeatureView]) -> list[str]:
+    """Names of the views keyed by more than one join key."""
+    return [view.name for view in feature_views
+            if len([c.name for c in view.entity_columns] or view.entities) > 1]
 
 
 class RayPostgreSQLOfflineStoreConfig(PostgreSQLOfflineStoreConfig):
@@ -71,6 +86,14 @@ class RayPostgreSQLOfflineStore(PostgreSQLOfflineStore):
             assert isinstance(view.batch_source, PostgreSQLSource)
         if entity_df is None or (filter_by_created_timestamp and any(
                 view.batch_source.created_timestamp_column for view in feature_views)):
+            if multi := multi_key_views(feature_views):
+                case = ("a start/end date range (no entity set)" if entity_df is None
+                        else "filter_by_created_timestamp on a view with a created timestamp column")
+                raise MultipleJoinKeysFallbackError(
+                    f"{case} is not covered by the Ray point-in-time join, and Feast's PostgreSQL join that would "
+                    f"serve it glues several join keys together (store 1/dept 12 == store 11/dept 2); refused for "
+                    f"feature views with several join keys: {', '.join(multi)}. Pass an entity set (DataFrame or "
+                    "SQL) without filter_by_created_timestamp.")
             return PostgreSQLOfflineStore.get_historical_features(
                 config, feature_views, feature_refs, entity_df, registry, project, full_feature_names,
                 filter_by_created_timestamp, **kwargs)

@@ -1,8 +1,8 @@
 """Request validation: v1 and v2 bodies -> the (store, dept) instances to predict, or a 400/413 naming the field.
 
 v1: ``{"instances": [{"store": 1, "dept": 3}, ...]}``. v2: two inputs named ``store`` and ``dept`` with integer
-datatypes and one value per instance. Ids are JSON integers (``true`` and ``3.0`` are not), at least 0, and the
-dept at most MAX_DEPT: the Feast key store * 1000 + dept would silently alias another series otherwise.
+datatypes and one value per instance. Ids are JSON integers (``true`` and ``3.0`` are not), from 0 to MAX_ID: the
+Feast entities store and dept are two INT64 join keys, looked up as they are (no combined key that could alias).
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from sales_forecast.data import MAX_DEPT
-from sales_forecast.features import store_dept_key
 from sales_forecast.serving.errors import BadRequest, TooManyInstances
 
 MAX_INSTANCES_ENV = "SERVING_MAX_INSTANCES"
 DEFAULT_MAX_INSTANCES = 1000
-MAX_STORE = (2**63 - 1) // 1000 - 1  # keeps the int64 key from overflowing
+MAX_ID = 2**63 - 1  # the Feast entities' value type is INT64
 V2_INTEGER_TYPES = frozenset({"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"})
 
 
@@ -27,11 +25,8 @@ class Instance(NamedTuple):
     store: int
     dept: int
 
-    @property
-    def key(self) -> int:
-        return store_dept_key(self.store, self.dept)
-
     def as_dict(self) -> dict[str, int]:
+        """The instance as named ids; also its Feast entity row (join keys store and dept)."""
         return {"store": self.store, "dept": self.dept}
 
 
@@ -67,7 +62,7 @@ def parse_v2(columns: Mapping[str, tuple[str, Sequence[Any]]], max_instances: in
     if len(stores) != len(depts):
         raise BadRequest(f'inputs "store" and "dept" differ in length ({len(stores)} and {len(depts)})')
     _check_count(len(stores), max_instances)
-    return [Instance(_id(store, f'input "store" data[{i}]', "store"), _id(dept, f'input "dept" data[{i}]', "dept"))
+    return [Instance(_id(store, f'input "store" data[{i}]'), _id(dept, f'input "dept" data[{i}]'))
             for i, (store, dept) in enumerate(zip(stores, depts, strict=True))]
 
 
@@ -95,18 +90,17 @@ def _instance(item: Any, index: int) -> Instance:
     for field in ("store", "dept"):
         if field not in item:
             raise BadRequest(f"{where}.{field} is missing")
-    return Instance(_id(item["store"], f"{where}.store", "store"), _id(item["dept"], f"{where}.dept", "dept"))
+    return Instance(_id(item["store"], f"{where}.store"), _id(item["dept"], f"{where}.dept"))
 
 
-def _id(value: Any, where: str, field: str) -> int:
+def _id(value: Any, where: str) -> int:
     # bool is a subclass of int; a JSON true is not an id.
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(f"{where} must be an integer, got {_describe(value)}")
     if value < 0:
         raise BadRequest(f"{where} must not be negative, got {value}")
-    limit = MAX_DEPT if field == "dept" else MAX_STORE
-    if value > limit:
-        raise BadRequest(f"{where} must be at most {limit}, got {value}")
+    if value > MAX_ID:
+        raise BadRequest(f"{where} must be at most {MAX_ID} (INT64), got {value}")
     return value
 
 

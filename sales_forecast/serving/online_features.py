@@ -76,7 +76,7 @@ class OnlineFeatureLookup:
     def rows(self, instances: Sequence[Instance]) -> pd.DataFrame:
         """The model's features (columns) of each instance (rows, in order); UnknownEntities unless all are
         complete and fresher than the ttl."""
-        values = self._read([{"store_dept": instance.key} for instance in instances])
+        values = self._read([instance.as_dict() for instance in instances])  # entity rows {"store", "dept"}
         columns = {name: np.asarray([np.nan if v is None else v for v in values[name]], dtype="float64")
                    for name in self.features}
         frame = pd.DataFrame(columns)

@@ -20,10 +20,10 @@ from sales_forecast.model import Forecaster, SalesForecastModel, design_matrix, 
 def labelled_rows(settings: Settings) -> pd.DataFrame:
     """The offline feature rows with their label (the next week's sales) and complete lags."""
     with psycopg.connect(settings.postgres.libpq_url()) as conn, conn.cursor() as cur:
-        cur.execute(f'SELECT * FROM "{FEATURE_TABLE}" ORDER BY store_dept, event_timestamp')
+        cur.execute(f'SELECT * FROM "{FEATURE_TABLE}" ORDER BY store, dept, event_timestamp')
         rows = pd.DataFrame(cur.fetchall(), columns=[c.name for c in cur.description])
     rows[MODEL_FEATURES] = rows[MODEL_FEATURES].astype("float64")
-    rows["label"] = rows.groupby("store_dept")["sales_lag_1"].shift(-1)
+    rows["label"] = rows.groupby(["store", "dept"])["sales_lag_1"].shift(-1)
     return rows.dropna(subset=[*MODEL_FEATURES, "label"]).reset_index(drop=True)
 
 
