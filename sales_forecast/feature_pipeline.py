@@ -61,6 +61,8 @@ def run_feature_pipeline(shape: Shape, settings: Settings) -> FeatureRunResult:
         timer.note("feast apply", f"{len(applied)} objects")
     with timer.phase("materialize (Ray engine)"):
         fs_ops.materialize_latest(store, data_end)
+    with timer.phase("prune stale series"):
+        timer.note("prune stale series", f"{fs_ops.prune_online(settings, latest):,} online rows deleted")
     with timer.phase("verify online store"):
         stats = fs_ops.verify_online(settings, store, latest)
         timer.note("verify online store", f"{stats.entities:,} series stamped {data_end:%Y-%m-%d}")

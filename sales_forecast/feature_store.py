@@ -107,6 +107,29 @@ def online_features(store, series: list[tuple[int, int]]) -> pd.DataFrame:
     return store.get_online_features(features=service, entity_rows=rows).to_df()
 
 
+def series_key(store: int, dept: int) -> bytes:
+    """A series' key as Feast's PostgreSQL online store writes it (entity_key_serialization_version 3)."""
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    values = [Value(int64_val=int(store)), Value(int64_val=int(dept))]
+    key = EntityKey(join_keys=["store", "dept"], entity_values=values)
+    return serialize_entity_key(key, entity_key_serialization_version=3)
+
+
+def prune_online(settings: Settings, latest: pd.DataFrame) -> int:
+    """Delete online rows of series the data no longer has (a smaller shape, an older key layout).
+
+    Materialization only upserts, so without this a re-run with fewer series would keep serving the others.
+    Returns the number of rows deleted.
+    """
+    keys = [series_key(s, d) for s, d in latest[["store", "dept"]].drop_duplicates().itertuples(index=False)]
+    with psycopg.connect(settings.postgres.libpq_url()) as conn:
+        deleted = conn.execute(f'DELETE FROM "{online_table()}" WHERE NOT (entity_key = ANY(%s))', [keys]).rowcount
+    return deleted
+
+
 def verify_online(settings: Settings, store, latest: pd.DataFrame, sample: int = 200) -> OnlineStats:
     """Fail unless the online store holds exactly one current row per series, with the expected values.
 

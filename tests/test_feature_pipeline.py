@@ -105,6 +105,15 @@ def test_rerun_leaves_the_same_state(stack_settings) -> None:
     assert first["online"][0] == 12
 
 
+def test_rerun_with_fewer_series_serves_only_those(stack_settings) -> None:
+    settings = database_settings(stack_settings, "shrink")
+    run_feature_pipeline(Shape(stores=3, depts=4, weeks=8, seed=5), settings)
+    result = run_feature_pipeline(Shape(stores=2, depts=3, weeks=8, seed=5), settings)
+    assert result.online_entities == fs_ops.online_stats(settings).entities == 6
+    gone = fs_ops.online_features(fs_ops.open_store(settings), [(3, 4)])
+    assert gone[MODEL_FEATURES].isna().all(axis=None)
+
+
 def _snapshot(settings) -> dict:
     store = fs_ops.open_store(settings)
     return {
