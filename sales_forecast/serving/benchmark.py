@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import os
 import socket
 from pathlib import Path
@@ -50,28 +49,11 @@ def bench_settings(settings: Settings) -> Settings:
     return dataclasses.replace(settings, postgres=dataclasses.replace(settings.postgres, database=BENCH_DATABASE))
 
 
-def has_current_features(settings: Settings) -> bool:
-    from feast import FeatureView
-
-    from sales_forecast.config import FEATURE_VIEW
-    from sales_forecast.feature_store import online_stats, repo_objects
-
-    try:
-        stats = online_stats(settings)
-    except psycopg.Error:
-        return False
-    objects = repo_objects(settings.feast_repo_path)
-    (view,) = [o for o in objects if isinstance(o, FeatureView) and o.name == FEATURE_VIEW]
-    return stats.newest is not None and stats.newest >= dt.datetime.now(dt.UTC) - view.ttl
-
-
 def prepare_features(settings: Settings) -> None:
-    """Step 1 on BENCH_SHAPE into a fresh benchmark database, unless it already holds current features."""
+    """Step 1 on BENCH_SHAPE into a fresh benchmark database (a few seconds; never stale or of an older layout)."""
     from sales_forecast.feature_pipeline import ensure_postgres, run_feature_pipeline
 
     ensure_postgres(settings)
-    if has_current_features(settings):
-        return
     with psycopg.connect(settings.postgres.libpq_url("postgres"), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{settings.postgres.database}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{settings.postgres.database}"')
