@@ -27,11 +27,10 @@ from typing import Any
 import pandas as pd
 import psutil
 import psycopg
-import yaml
 
 from sales_forecast.config import FEATURE_SERVICE, FEATURE_TABLE, RAW_TABLE, REPO_ROOT, Settings, load_settings
 from sales_forecast.data import Shape, generate
-from sales_forecast.feature_store import repo_objects
+from sales_forecast.feature_store import repo_objects, repo_yaml
 from sales_forecast.features import build_features
 from sales_forecast.loading import load_table
 from sales_forecast.stack import postgres
@@ -124,13 +123,7 @@ def feature_store(settings: Settings, offline: dict[str, Any]):
     """The project's feature_store.yaml for the bench database, with the given offline store keys."""
     from feast import FeatureStore, RepoConfig
 
-    saved = dict(os.environ)
-    os.environ.update(settings.postgres.feast_env())
-    try:
-        raw = yaml.safe_load(os.path.expandvars((REPO_ROOT / "feature_repo" / "feature_store.yaml").read_text()))
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    raw = repo_yaml(settings)
     raw["offline_store"].update(offline)
     raw["batch_engine"] = {"type": "local"}  # apply must not start Feast's Ray engine: Ray start-up is timed below
     return FeatureStore(config=RepoConfig(repo_path=REPO_ROOT / "feature_repo", **raw))

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.util
+import os
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import psycopg
+import yaml
 
 from sales_forecast.config import FEAST_PROJECT, FEATURE_SERVICE, FEATURE_VIEW, Settings, export_feast_env
 from sales_forecast.errors import PipelineError
@@ -19,6 +22,12 @@ def open_store(settings: Settings):
 
     export_feast_env(settings)
     return FeatureStore(repo_path=str(settings.feast_repo_path))
+
+
+def repo_yaml(settings: Settings) -> dict:
+    """feature_store.yaml as a dict, its ${VAR}s expanded for ``settings`` (os.environ is left alone)."""
+    text = (settings.feast_repo_path / "feature_store.yaml").read_text()
+    return yaml.safe_load(string.Template(text).safe_substitute({**os.environ, **settings.postgres.feast_env()}))
 
 
 def repo_objects(repo_path: Path) -> list:

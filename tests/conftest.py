@@ -13,6 +13,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import psycopg
 import pytest
 
@@ -73,6 +74,42 @@ def small_features(stack_settings: Settings):
     settings = database_settings(stack_settings, "small_features")
     result = run_feature_pipeline(SMALL_SHAPE, settings)
     return settings, result
+
+
+@pytest.fixture(scope="session")
+def quick_bundle(small_features, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small fitted Forecaster bundle on the small features, for the serving tests."""
+    from sales_forecast.serving.quick_model import fit_quick_forecaster, labelled_rows
+
+    directory = tmp_path_factory.mktemp("bundle")
+    fit_quick_forecaster(labelled_rows(small_features[0])).save(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def latest_rows(small_features):
+    """The offline feature table's rows of the last week, indexed by (store, dept)."""
+    from sales_forecast.config import FEATURE_TABLE
+    from sales_forecast.features import MODEL_FEATURES
+
+    query = (f'SELECT * FROM "{FEATURE_TABLE}" WHERE event_timestamp = '
+             f'(SELECT max(event_timestamp) FROM "{FEATURE_TABLE}")')
+    with psycopg.connect(small_features[0].postgres.libpq_url()) as conn, conn.cursor() as cur:
+        cur.execute(query)
+        rows = pd.DataFrame(cur.fetchall(), columns=[c.name for c in cur.description])
+    rows[MODEL_FEATURES] = rows[MODEL_FEATURES].astype("float64")
+    return rows.set_index(["store", "dept"], drop=False)
+
+
+@pytest.fixture(scope="module")
+def own_ray() -> Iterator[None]:
+    """Stop the local Ray a module's tests start, so it does not idle beside later tests in the session."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    yield
+    if started_here and ray.is_initialized():
+        ray.shutdown()
 
 
 def shape_end(shape: Shape) -> dt.datetime:

@@ -36,6 +36,8 @@ WEEKS = 30
 STORES, DEPTS = 12, 13  # both (1, 12) and (11, 2) exist
 REGIONS = ["alpha", "B", "North", "north", "south", "Zeta", "éclair", "z"]  # C order differs from a locale's
 
+pytestmark = pytest.mark.usefixtures("own_ray")
+
 
 # --- data -------------------------------------------------------------------------------------------------------
 
@@ -181,17 +183,6 @@ def load_tables(settings: Settings, tables: dict[str, pd.DataFrame]) -> None:
     for name, frame in tables.items():
         keys = [c for c in ("store", "dept", "region") if c in frame.columns]
         load_table(settings.postgres, name, frame, [*keys, "event_timestamp"])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def own_ray() -> Iterator[None]:
-    """Stop the local Ray these tests start, so it does not idle beside later tests in the session."""
-    import ray
-
-    started_here = not ray.is_initialized()
-    yield
-    if started_here and ray.is_initialized():
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import os
-from collections.abc import Iterator
 from datetime import timedelta
 
 import numpy as np
 import pandas as pd
 import psycopg
 import pytest
-import yaml
 from conftest import REPO_ROOT, database_settings
 
 from sales_forecast import feature_store as fs_ops
 from sales_forecast.config import FEATURE_SERVICE, FEATURE_TABLE, FEATURE_VIEW, MODEL_NAME, RAW_TABLE, Settings
 from sales_forecast.data import Shape, generate
-from sales_forecast.feature_store import repo_objects
+from sales_forecast.feature_store import repo_objects, repo_yaml
 from sales_forecast.features import MODEL_FEATURES, build_features
 from sales_forecast.loading import load_table
 from sales_forecast.model import Forecaster
@@ -44,18 +41,14 @@ KEY = ["store", "dept"]
 COLLIDING = [(1, 12), (11, 2)]  # "112" both, once Feast's PostgreSQL join concatenates the keys
 WEEK = pd.Timedelta(days=7)
 
+pytestmark = pytest.mark.usefixtures("own_ray")
+
 
 def project_config(settings: Settings, offline_type: str):
     """feature_repo/feature_store.yaml for this database, with the given offline store and a local engine."""
     from feast import RepoConfig
 
-    saved = dict(os.environ)
-    os.environ.update(settings.postgres.feast_env())
-    try:
-        raw = yaml.safe_load(os.path.expandvars((REPO_ROOT / "feature_repo" / "feature_store.yaml").read_text()))
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    raw = repo_yaml(settings)
     raw["offline_store"]["type"] = offline_type
     if offline_type == RAY_TYPE:
         raw["offline_store"]["partitions"] = 3
@@ -67,17 +60,6 @@ def feature_store(settings: Settings, offline_type: str = RAY_TYPE):
     from feast import FeatureStore
 
     return FeatureStore(config=project_config(settings, offline_type))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def own_ray() -> Iterator[None]:
-    """Stop the local Ray these tests start, so it does not idle beside later tests in the session."""
-    import ray
-
-    started_here = not ray.is_initialized()
-    yield
-    if started_here and ray.is_initialized():
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from sales_forecast.features import MODEL_FEATURES
 from sales_forecast.model import Forecaster, design_matrix
 from sales_forecast.serving.kserve_import import hidden_argv
 from sales_forecast.serving.model_source import ModelSource
-from sales_forecast.serving.quick_model import fit_quick_forecaster, labelled_rows
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +30,8 @@ def settings(small_features) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def bundle(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("bundle")
-    fit_quick_forecaster(labelled_rows(settings)).save(directory)
-    return directory
+def bundle(quick_bundle: Path) -> Path:
+    return quick_bundle
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,11 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-import psycopg
 import pytest
 from mlflow import MlflowClient
 
-from sales_forecast.config import FEATURE_TABLE, Settings
+from sales_forecast.config import Settings
 from sales_forecast.errors import PipelineError
-from sales_forecast.features import MODEL_FEATURES
 from sales_forecast.model import Forecaster
 from sales_forecast.serving.benchmark import free_port
 from sales_forecast.serving.latency import SAMPLE_REQUEST
@@ -66,17 +64,6 @@ def champion(mlflow_uri: str, bundle: Path) -> str:
     version = str(info.registered_model_version)
     MlflowClient(mlflow_uri).set_registered_model_alias(TEST_MODEL, "champion", version)
     return version
-
-
-@pytest.fixture(scope="module")
-def latest_rows(settings: Settings) -> pd.DataFrame:
-    query = (f'SELECT * FROM "{FEATURE_TABLE}" WHERE event_timestamp = '
-             f'(SELECT max(event_timestamp) FROM "{FEATURE_TABLE}")')
-    with psycopg.connect(settings.postgres.libpq_url()) as conn, conn.cursor() as cur:
-        cur.execute(query)
-        rows = pd.DataFrame(cur.fetchall(), columns=[c.name for c in cur.description])
-    rows[MODEL_FEATURES] = rows[MODEL_FEATURES].astype("float64")
-    return rows.set_index(["store", "dept"], drop=False)
 
 
 def test_champion_alias_loads_the_logged_bundle(mlflow_uri: str, champion: str, bundle: Path,

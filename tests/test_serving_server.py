@@ -22,14 +22,13 @@ import pytest
 import yaml
 from feast.infra.utils.postgres.postgres_config import ConnectionType
 
-from sales_forecast.config import FEATURE_TABLE, MODEL_NAME, Settings
+from sales_forecast.config import MODEL_NAME, Settings
 from sales_forecast.feature_store import online_table, open_store
 from sales_forecast.features import MODEL_FEATURES
 from sales_forecast.model import Forecaster
 from sales_forecast.serving.benchmark import free_port, report, server_cpu_seconds
 from sales_forecast.serving.latency import SAMPLE_REQUEST, measure_throughput, time_requests
 from sales_forecast.serving.online_features import OnlineFeatureLookup
-from sales_forecast.serving.quick_model import fit_quick_forecaster, labelled_rows
 from sales_forecast.stack import model_server, postgres
 
 SERVER = "test-serving"
@@ -43,10 +42,8 @@ def settings(small_features) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def bundle(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("bundle")
-    fit_quick_forecaster(labelled_rows(settings)).save(directory)
-    return directory
+def bundle(quick_bundle: Path) -> Path:
+    return quick_bundle
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +57,6 @@ def server(settings: Settings, bundle: Path) -> Iterator[str]:
 def http(server: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server, timeout=60.0) as client:
         yield client
-
-
-@pytest.fixture(scope="module")
-def latest_rows(settings: Settings) -> pd.DataFrame:
-    """The offline feature table's rows of the last week, indexed by (store, dept)."""
-    query = (f'SELECT * FROM "{FEATURE_TABLE}" WHERE event_timestamp = '
-             f'(SELECT max(event_timestamp) FROM "{FEATURE_TABLE}")')
-    with psycopg.connect(settings.postgres.libpq_url()) as conn, conn.cursor() as cur:
-        cur.execute(query)
-        rows = pd.DataFrame(cur.fetchall(), columns=[c.name for c in cur.description])
-    rows[MODEL_FEATURES] = rows[MODEL_FEATURES].astype("float64")
-    return rows.set_index(["store", "dept"], drop=False)
 
 
 def expected(bundle: Path, latest_rows: pd.DataFrame, instances: list[dict]) -> np.ndarray:
