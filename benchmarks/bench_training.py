@@ -52,6 +52,8 @@ def main() -> None:
     os.environ["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri or mlflow_server.start(
         settings.stack_dir, EMBEDDED_MLFLOW_PORT)
     os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "sales-forecast-bench")
+    # Its own model directory too: the demo's holds the demo's champion, which 03 --model-dir serves.
+    os.environ["MODEL_DIR"] = str(settings.model_dir.parent / "models-bench")
 
     step_start = time.perf_counter()  # the step includes importing torch, Feast and MLflow
     from sales_forecast.training.train import train_sales_model
