@@ -62,10 +62,12 @@ def test_patch_mounts_the_pvc_and_wires_config_secret_and_label(body) -> None:
     template = node_patch(body)
     assert template["metadata"]["labels"] == {"sales-forecast/postgres-client": "true"}
     pod = template["spec"]
-    assert pod["volumes"] == [{"name": "shared", "persistentVolumeClaim": {"claimName": "mlops-shared"}}]
+    assert pod["volumes"] == [{"name": "shared", "persistentVolumeClaim": {"claimName": "mlops-shared"}},
+                              {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}]
     (container,) = pod["containers"]
     assert container["name"] == "node"
-    assert container["volumeMounts"] == [{"name": "shared", "mountPath": "/mnt/shared"}]
+    assert container["volumeMounts"] == [{"name": "shared", "mountPath": "/mnt/shared"},
+                                         {"name": "dshm", "mountPath": "/dev/shm"}]
     refs = {env["name"]: env["valueFrom"] for env in container["env"]}
     for key in ("POSTGRES_HOST", "POSTGRES_PORT", "POSTGRES_DB", "MLFLOW_TRACKING_URI", "MODEL_DIR"):
         assert refs[key] == {"configMapKeyRef": {"name": "pipeline-config", "key": key}}

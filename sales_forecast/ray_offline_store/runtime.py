@@ -48,9 +48,7 @@ def ensure_ray(ray_address: str | None, ray_conf: dict[str, Any] | None) -> None
     target = ray_target(ray_address)
     options: dict[str, Any] = {"address": target, "include_dashboard": False, "logging_level": logging.WARNING,
                                "ignore_reinit_error": True}
-    if target == "local":
-        options["num_cpus"] = os.cpu_count() or 1
-    else:
+    if target != "local":  # a local Ray counts the CPUs itself, within a container's CPU quota
         options.pop("include_dashboard")
     options.update(ray_conf or {})
     ray.init(**options)

@@ -73,8 +73,11 @@ def runtime_patch():
         TrainingRuntimeSpecPatch,
     )
 
+    # The training set's point-in-time join runs on a Ray inside this pod: its object store lives in /dev/shm,
+    # which a container gets only 64Mi of by default.
     container = ContainerPatch(
-        name=NODE, env=_pod_env(), volume_mounts=[{"name": SHARED_VOLUME, "mountPath": SHARED_MOUNT}],
+        name=NODE, env=_pod_env(),
+        volume_mounts=[{"name": SHARED_VOLUME, "mountPath": SHARED_MOUNT}, {"name": "dshm", "mountPath": "/dev/shm"}],
         security_context={"runAsNonRoot": True, "allowPrivilegeEscalation": False,
                           "capabilities": {"drop": ["ALL"]}})
     pod = PodTemplatePatch(
@@ -82,7 +85,8 @@ def runtime_patch():
         spec=PodSpecPatch(
             security_context={"runAsNonRoot": True, "runAsUser": IMAGE_UID, "fsGroup": IMAGE_GID,
                               "seccompProfile": {"type": "RuntimeDefault"}},
-            volumes=[{"name": SHARED_VOLUME, "persistentVolumeClaim": {"claimName": SHARED_PVC}}],
+            volumes=[{"name": SHARED_VOLUME, "persistentVolumeClaim": {"claimName": SHARED_PVC}},
+                     {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}],
             containers=[container]))
     job = ReplicatedJobPatch(name=NODE, template=JobTemplatePatch(spec=JobSpecPatch(template=pod)))
     return RuntimePatch(training_runtime_spec=TrainingRuntimeSpecPatch(
