@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from sales_forecast.errors import PipelineError
+from sales_forecast.errors import PipelineError, first_line
 
 
 def positive_int(text: str) -> int:
@@ -27,11 +27,6 @@ def _database_errors() -> tuple[type[BaseException], ...]:
     return psycopg.Error, sqlalchemy.exc.OperationalError, AdbcError
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def run_cli(main: Callable[[], None]) -> None:
     """Run ``main``; known failures print one line on stderr and exit 1 instead of a traceback."""
     try:
@@ -43,5 +38,5 @@ def run_cli(main: Callable[[], None]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except _database_errors() as exc:
-        print(f"error: database: {_first_line(exc)}", file=sys.stderr)
+        print(f"error: database: {first_line(exc)}", file=sys.stderr)
         sys.exit(1)

@@ -9,7 +9,7 @@ import psycopg
 from sales_forecast import feature_store as fs_ops
 from sales_forecast.config import FEATURE_TABLE, RAW_TABLE, Settings
 from sales_forecast.data import Shape, generate
-from sales_forecast.errors import PipelineError
+from sales_forecast.errors import PipelineError, first_line
 from sales_forecast.features import build_features
 from sales_forecast.loading import load_table
 from sales_forecast.stack import postgres
@@ -33,8 +33,7 @@ def ensure_postgres(settings: Settings) -> None:
         with psycopg.connect(settings.postgres.libpq_url(), connect_timeout=10):
             pass
     except psycopg.OperationalError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        reason = first_line.rsplit(": ", 1)[-1]  # e.g. "Connection refused", without libpq's preamble
+        reason = first_line(exc).rsplit(": ", 1)[-1]  # e.g. "Connection refused", without libpq's preamble
         raise PipelineError(f"PostgreSQL at {settings.postgres.host}:{settings.postgres.port} "
                             f"is unreachable: {reason}") from exc
 

@@ -7,9 +7,7 @@ beside a running demo stack. Each data set gets its own database.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,15 +18,10 @@ import pytest
 from sales_forecast.config import Settings, load_settings
 from sales_forecast.data import Shape
 from sales_forecast.stack import mlflow_server, postgres
+from sales_forecast.stack.processes import free_port
 
 # Small but complete: store 1/dept 12 and store 11/dept 2 both exist (the key-collision pair).
 SMALL_SHAPE = Shape(stores=12, depts=13, weeks=60, seed=7)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -77,24 +70,30 @@ def small_features(stack_settings: Settings):
 
 
 @pytest.fixture(scope="session")
-def quick_bundle(small_features, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def settings(small_features) -> Settings:
+    """The settings of the small step-1 data set's database."""
+    return small_features[0]
+
+
+@pytest.fixture(scope="session")
+def bundle(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small fitted Forecaster bundle on the small features, for the serving tests."""
     from sales_forecast.serving.quick_model import fit_quick_forecaster, labelled_rows
 
     directory = tmp_path_factory.mktemp("bundle")
-    fit_quick_forecaster(labelled_rows(small_features[0])).save(directory)
+    fit_quick_forecaster(labelled_rows(settings)).save(directory)
     return directory
 
 
 @pytest.fixture(scope="session")
-def latest_rows(small_features):
+def latest_rows(settings: Settings):
     """The offline feature table's rows of the last week, indexed by (store, dept)."""
     from sales_forecast.config import FEATURE_TABLE
     from sales_forecast.features import MODEL_FEATURES
 
     query = (f'SELECT * FROM "{FEATURE_TABLE}" WHERE event_timestamp = '
              f'(SELECT max(event_timestamp) FROM "{FEATURE_TABLE}")')
-    with psycopg.connect(small_features[0].postgres.libpq_url()) as conn, conn.cursor() as cur:
+    with psycopg.connect(settings.postgres.libpq_url()) as conn, conn.cursor() as cur:
         cur.execute(query)
         rows = pd.DataFrame(cur.fetchall(), columns=[c.name for c in cur.description])
     rows[MODEL_FEATURES] = rows[MODEL_FEATURES].astype("float64")
@@ -110,10 +109,6 @@ def own_ray() -> Iterator[None]:
     yield
     if started_here and ray.is_initialized():
         ray.shutdown()
-
-
-def shape_end(shape: Shape) -> dt.datetime:
-    return dt.datetime.combine(shape.resolved_end_date(), dt.time(), tzinfo=dt.UTC)
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -25,16 +25,6 @@ from sales_forecast.serving.model_source import ModelSource
 
 
 @pytest.fixture(scope="module")
-def settings(small_features) -> Settings:
-    return small_features[0]
-
-
-@pytest.fixture(scope="module")
-def bundle(quick_bundle: Path) -> Path:
-    return quick_bundle
-
-
-@pytest.fixture(scope="module")
 def all_series(settings: Settings) -> pd.DataFrame:
     """Every series with the timestamp of its latest week, in a shuffled order (the request order)."""
     query = f'SELECT store, dept, max(event_timestamp) AS event_timestamp FROM "{FEATURE_TABLE}" GROUP BY store, dept'

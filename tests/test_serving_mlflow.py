@@ -22,7 +22,6 @@ from mlflow import MlflowClient
 from sales_forecast.config import Settings
 from sales_forecast.errors import PipelineError
 from sales_forecast.model import Forecaster
-from sales_forecast.serving.benchmark import free_port
 from sales_forecast.serving.latency import SAMPLE_REQUEST
 from sales_forecast.serving.model_source import (
     BUNDLE_ARTIFACT_PATH,
@@ -32,15 +31,11 @@ from sales_forecast.serving.model_source import (
 )
 from sales_forecast.serving.quick_model import fit_quick_forecaster, labelled_rows
 from sales_forecast.stack import model_server
+from sales_forecast.stack.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_MODEL = "sales-forecast-serving-test"
 TEST_URI = f"models:/{TEST_MODEL}@champion"
-
-
-@pytest.fixture(scope="module")
-def settings(small_features) -> Settings:
-    return small_features[0]
 
 
 @pytest.fixture(scope="module")

@@ -26,24 +26,15 @@ from sales_forecast.config import MODEL_NAME, Settings
 from sales_forecast.feature_store import online_table, open_store
 from sales_forecast.features import MODEL_FEATURES
 from sales_forecast.model import Forecaster
-from sales_forecast.serving.benchmark import free_port, report, server_cpu_seconds
+from sales_forecast.serving.benchmark import report, server_cpu_seconds
 from sales_forecast.serving.latency import SAMPLE_REQUEST, measure_throughput, time_requests
 from sales_forecast.serving.online_features import OnlineFeatureLookup
 from sales_forecast.stack import model_server, postgres
+from sales_forecast.stack.processes import free_port
 
 SERVER = "test-serving"
 PREDICT = f"/v1/models/{MODEL_NAME}:predict"
 INFER = f"/v2/models/{MODEL_NAME}/infer"
-
-
-@pytest.fixture(scope="module")
-def settings(small_features) -> Settings:
-    return small_features[0]
-
-
-@pytest.fixture(scope="module")
-def bundle(quick_bundle: Path) -> Path:
-    return quick_bundle
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import socket
 from pathlib import Path
 
 import httpx
@@ -31,18 +30,13 @@ from sales_forecast.serving.latency import (
     time_requests,
 )
 from sales_forecast.stack import model_server
+from sales_forecast.stack.processes import free_port
 
 BENCH_DATABASE = "serving_bench"
 BENCH_SERVER = "serving-bench"
 BENCH_SHAPE = Shape(stores=20, depts=15, weeks=12, seed=11)  # holds both series of the sample request
 ONE_INSTANCE = {"instances": [{"store": 1, "dept": 3}]}
 GOALS = "Goal for 2 instances: p50 < 5 ms, p99 < 20 ms, >= 200 requests/s"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def bench_settings(settings: Settings) -> Settings:

@@ -34,8 +34,3 @@ class TooManyInstances(ServingError):
 
 class FeaturesUnavailable(ServingError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sales_forecast.config import REGISTERED_MODEL
-from sales_forecast.errors import PipelineError
+from sales_forecast.errors import PipelineError, first_line
 from sales_forecast.model import META_FILE, Forecaster
-from sales_forecast.serving.errors import first_line
 
 CHAMPION_ALIAS = "champion"
 CHAMPION_URI = f"models:/{REGISTERED_MODEL}@{CHAMPION_ALIAS}"

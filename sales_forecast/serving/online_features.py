@@ -26,8 +26,8 @@ import psycopg
 import sqlalchemy.exc
 
 from sales_forecast.config import FEATURE_SERVICE, FEATURE_VIEW, Settings, export_feast_env
-from sales_forecast.errors import PipelineError
-from sales_forecast.serving.errors import FeaturesUnavailable, UnknownEntities, first_line
+from sales_forecast.errors import PipelineError, first_line
+from sales_forecast.serving.errors import FeaturesUnavailable, UnknownEntities
 from sales_forecast.serving.instances import Instance
 from sales_forecast.serving.metrics import FEATURE_STORE_RECONNECTS
 
