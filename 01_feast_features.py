@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import shlex
 import sys
 from pathlib import Path
 
-from sales_forecast.cli import positive_int, run_cli
-from sales_forecast.data import Shape, latest_friday
+from sales_forecast.cli import from_environment, positive_int, run_cli
+from sales_forecast.config import load_settings, load_shape_defaults
+from sales_forecast.features.generator import Shape, latest_friday
 
 
 def week_end_date(text: str) -> dt.date:
@@ -30,15 +30,18 @@ def week_end_date(text: str) -> dt.date:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stores", type=positive_int, default=int(os.environ.get("SALES_STORES", 143)))
-    parser.add_argument("--depts", type=positive_int, default=int(os.environ.get("SALES_DEPTS", 81)))
-    parser.add_argument("--weeks", type=positive_int, default=int(os.environ.get("SALES_WEEKS", 52)),
-                        help="weeks per series (at least 6: four lags, a label, a test week)")
-    parser.add_argument("--seed", type=int, default=int(os.environ.get("SALES_SEED", 42)))
+    defaults = from_environment(parser, load_shape_defaults)
+    settings = from_environment(parser, load_settings)
+    parser.add_argument("--stores", type=positive_int, default=defaults.stores, help="(SALES_STORES)")
+    parser.add_argument("--depts", type=positive_int, default=defaults.depts, help="(SALES_DEPTS)")
+    parser.add_argument("--weeks", type=positive_int, default=defaults.weeks,
+                        help="weeks per series, at least 6: four lags, a label, a test week (SALES_WEEKS)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="(SALES_SEED)")
     parser.add_argument("--end-date", type=week_end_date, default=None,
                         help="the series end on the Friday on or before this date (default: the latest Friday)")
-    parser.add_argument("--ray-jobs-address", default=os.environ.get("RAY_JOBS_ADDRESS"),
+    parser.add_argument("--ray-jobs-address", default=settings.ray_jobs_address,
                         help="Ray dashboard URL (http://host:8265): run this step as a Ray job there")
+    parser.set_defaults(settings=settings)
     args = parser.parse_args(argv)
     if args.weeks < 6:
         parser.error("--weeks must be at least 6")
@@ -47,20 +50,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    settings = args.settings
     shape = Shape(args.stores, args.depts, args.weeks, args.seed, args.end_date)
     if args.ray_jobs_address:
-        from sales_forecast.ray_jobs import forwarded_env, run_ray_job
+        from sales_forecast.features.ray_job import job_environment, run_ray_job
 
         command = [sys.executable, str(Path(__file__).resolve()), "--stores", str(shape.stores),
                    "--depts", str(shape.depts), "--weeks", str(shape.weeks), "--seed", str(shape.seed),
                    "--end-date", shape.resolved_end_date().isoformat(), "--ray-jobs-address", ""]
-        run_ray_job(args.ray_jobs_address, shlex.join(command), forwarded_env())
+        run_ray_job(args.ray_jobs_address, shlex.join(command), job_environment(settings))
         return
 
-    from sales_forecast.config import load_settings
-    from sales_forecast.feature_pipeline import run_feature_pipeline
+    from sales_forecast.features.pipeline import run_feature_pipeline
 
-    result = run_feature_pipeline(shape, load_settings())
+    result = run_feature_pipeline(shape, settings)
     result.timer.print_summary()
     print(f"online store: {result.online_entities:,} series with next-week features "
           f"({result.rows:,} rows loaded)")

@@ -2,7 +2,7 @@
 """Step 2: point-in-time training set from Feast -> PyTorch model -> holdout metrics vs naive baselines ->
 MLflow run, registered model `sales-forecast`, alias `champion` when it wins.
 
-Backends (all run the same function, sales_forecast.training.train.train_sales_model):
+Backends (all run the same training, sales_forecast.training.pipeline):
   local          in this process, against the local stack (default)
   local-process  through Kubeflow's TrainerClient with LocalProcessBackendConfig (torchrun in a fresh venv)
   kubernetes     as a Kubeflow TrainJob (runtime torch-distributed) in namespace K8S_NAMESPACE
@@ -14,21 +14,12 @@ needed. On Kubernetes the pods read it from ConfigMap pipeline-config.
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import sys
 
-from sales_forecast.cli import positive_int, run_cli
+from sales_forecast.cli import from_environment, positive_float, positive_int, run_cli
+from sales_forecast.config import Settings, load_settings
 from sales_forecast.training.params import TrainingParams
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {value}")
-    return value
 
 
 def layer_sizes(text: str) -> tuple[int, ...]:
@@ -44,6 +35,7 @@ def layer_sizes(text: str) -> tuple[int, ...]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = TrainingParams()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(settings=from_environment(parser, load_settings))
     parser.add_argument("--backend", choices=["local", "local-process", "kubernetes"], default="local")
     parser.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="maximum epochs")
     parser.add_argument("--patience", type=positive_int, default=defaults.patience,
@@ -68,24 +60,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def training_params(args: argparse.Namespace) -> TrainingParams:
-    return TrainingParams.from_dict({
-        "epochs": args.epochs, "patience": args.patience, "learning_rate": args.lr, "batch_size": args.batch_size,
-        "hidden": args.hidden, "test_weeks": args.test_weeks, "validation_weeks": args.validation_weeks,
-        "seed": args.seed, "threads": args.threads, "run_name": args.run_name,
-        "registered_model": args.registered_model})
+    params = TrainingParams(
+        epochs=args.epochs, patience=args.patience, learning_rate=args.lr, batch_size=args.batch_size,
+        hidden=args.hidden, test_weeks=args.test_weeks, validation_weeks=args.validation_weeks, seed=args.seed,
+        threads=args.threads, run_name=args.run_name, registered_model=args.registered_model)
+    params.check()
+    return params
 
 
-def local_tracking_uri(settings) -> str:
-    from sales_forecast.config import EMBEDDED_MLFLOW_PORT
-    from sales_forecast.stack import mlflow_server
+def print_run(settings: Settings, experiment: str, trainjob: str) -> None:
+    from sales_forecast.training.trainjob import find_run
 
-    return settings.mlflow_tracking_uri or mlflow_server.start(settings.stack_dir, EMBEDDED_MLFLOW_PORT)
-
-
-def print_run(uri: str | None, experiment: str, trainjob: str) -> None:
-    from sales_forecast.training.jobs import find_run
-
-    found = find_run(uri, experiment, trainjob) if uri else None
+    found = find_run(settings.tracking_uri, experiment, trainjob) if settings.mlflow_tracking_uri else None
     if found:
         print(f"MLflow run {found[0]} (TrainJob {trainjob}): {found[1]}")
     else:
@@ -93,41 +79,31 @@ def print_run(uri: str | None, experiment: str, trainjob: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import dataclasses
-
-    from sales_forecast.config import load_settings
-    from sales_forecast.feature_pipeline import ensure_postgres
-
     args = parse_args(argv)
-    params = training_params(args)
-    settings = load_settings()
+    params, settings = training_params(args), args.settings
     experiment = params.experiment or settings.mlflow_experiment
 
-    if args.backend == "kubernetes":
-        from sales_forecast.training.jobs import new_job_name
-        from sales_forecast.training.kubernetes import run_on_kubernetes
+    if args.backend == "local":
+        from sales_forecast.training.pipeline import run_training
 
-        params = dataclasses.replace(params, trainjob=new_job_name())
+        run_training(params, settings)
+        return
+
+    from sales_forecast.training.trainjob import new_job_name
+
+    params = dataclasses.replace(params, trainjob=new_job_name())
+    if args.backend == "kubernetes":
+        from sales_forecast.training.trainjob import run_on_kubernetes
+
         name = run_on_kubernetes(params, settings, args.num_nodes, {"cpu": args.cpu, "memory": args.memory},
                                  args.timeout)
-        print_run(settings.mlflow_tracking_uri, experiment, name)
-        return
-
-    ensure_postgres(settings)
-    uri = local_tracking_uri(settings)
-    if args.backend == "local-process":
-        from sales_forecast.training.jobs import new_job_name
+    else:
+        from sales_forecast import stack
         from sales_forecast.training.local_process import run_local_process
 
-        params = dataclasses.replace(params, trainjob=new_job_name())
-        name = run_local_process(params, settings, uri, args.timeout)
-        print_run(uri, experiment, name)
-        return
-
-    from sales_forecast.training.train import train_sales_model
-
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    train_sales_model(params.as_literal())
+        settings = stack.ensure_services(settings, mlflow=True, ray=True)
+        name = run_local_process(params, settings, args.timeout)
+    print_run(settings, experiment, name)
 
 
 if __name__ == "__main__":

@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-from sales_forecast.cli import positive_int, run_cli
-from sales_forecast.config import EMBEDDED_MLFLOW_PORT, EMBEDDED_MODEL_SERVER_PORT, Settings, load_settings
+from sales_forecast.cli import from_environment, positive_int, run_cli
+from sales_forecast.config import EMBEDDED_MODEL_SERVER_PORT, INFERENCE_BACKENDS, Settings, load_settings
+from sales_forecast.contract import CHAMPION_URI
 from sales_forecast.errors import PipelineError
 from sales_forecast.timing import PhaseTimer
-
-BACKENDS = ("local", "kubernetes")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", choices=BACKENDS, default=os.environ.get("INFERENCE_BACKEND", "local"))
+    settings = from_environment(parser, load_settings)
+    parser.set_defaults(settings=settings)
+    parser.add_argument("--backend", choices=INFERENCE_BACKENDS, default=settings.inference_backend,
+                        help="(INFERENCE_BACKEND)")
     parser.add_argument("--model-dir", default=None,
                         help="serve the Forecaster bundle in this folder (on the shared volume for kubernetes) "
                              "instead of the MLflow registry's champion")
@@ -42,30 +43,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def start_local(settings: Settings, args: argparse.Namespace, timer: PhaseTimer) -> str:
-    from sales_forecast.feature_pipeline import ensure_postgres
-    from sales_forecast.serving.model_source import CHAMPION_URI, champion_version
-    from sales_forecast.stack import mlflow_server, model_server
+    from sales_forecast import stack
+    from sales_forecast.serving.model_source import champion_version
+    from sales_forecast.stack import model_server
 
     with timer.phase("start PostgreSQL / MLflow"):
-        ensure_postgres(settings)
-        tracking_uri = settings.mlflow_tracking_uri
+        settings = stack.ensure_services(settings, mlflow=args.model_dir is None)
         if args.model_dir is None:
-            tracking_uri = tracking_uri or mlflow_server.start(settings.stack_dir, EMBEDDED_MLFLOW_PORT)
             model_uri = args.model_uri or CHAMPION_URI
-            version = champion_version(tracking_uri, model_uri)  # fails here, not in the server's log
+            version = champion_version(settings.tracking_uri, model_uri)  # fails here, not in the server's log
             timer.note("start PostgreSQL / MLflow", f"{model_uri} = version {version}")
     with timer.phase("start model server"):
         model_dir = Path(args.model_dir) if args.model_dir else None
         extra = ["--model-uri", args.model_uri] if args.model_uri else []
-        url = model_server.start(settings, args.port, model_dir=model_dir, tracking_uri=tracking_uri,
-                                 extra_args=extra)
+        url = model_server.start(settings, args.port, model_dir=model_dir, extra_args=extra)
         timer.note("start model server", f"{url}, log {model_server.log_file(settings.stack_dir)}")
     return url
 
 
 def deploy_kubernetes(settings: Settings, args: argparse.Namespace, timer: PhaseTimer) -> str:
     from sales_forecast.serving.kserve_import import hidden_argv
-    from sales_forecast.serving.model_source import CHAMPION_URI, champion_version
+    from sales_forecast.serving.model_source import champion_version
 
     with hidden_argv():
         from kserve import KServeClient
@@ -97,9 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import httpx
 
-    from sales_forecast.serving.latency import SAMPLE_REQUEST, predict, time_requests
+    from sales_forecast.serving.client import SAMPLE_REQUEST, predict, time_requests
 
-    settings = load_settings()
+    settings = args.settings
     timer = PhaseTimer(f"step 3: inference ({args.backend})")
     url = (start_local if args.backend == "local" else deploy_kubernetes)(settings, args, timer)
     try:

@@ -43,13 +43,13 @@ train: $(STAMP)
 	$(PY) 02_training.py
 
 bench-training: $(STAMP)
-	$(PY) benchmarks/bench_training.py
+	$(PY) -m benchmarks.bench_training
 
 bench-serving: $(STAMP)
-	$(PY) benchmarks/bench_serving.py
+	$(PY) -m benchmarks.bench_serving
 
 bench-pit-join: $(STAMP)
-	$(PY) benchmarks/bench_pit_join.py
+	$(PY) -m benchmarks.bench_pit_join
 
 clean-stack: stack-down
 	rm -rf .stack

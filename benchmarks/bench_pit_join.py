@@ -28,11 +28,12 @@ import pandas as pd
 import psutil
 import psycopg
 
-from sales_forecast.config import FEATURE_SERVICE, FEATURE_TABLE, RAW_TABLE, REPO_ROOT, Settings, load_settings
-from sales_forecast.data import Shape, generate
-from sales_forecast.feature_store import repo_objects, repo_yaml
-from sales_forecast.features import build_features
-from sales_forecast.loading import load_table
+from sales_forecast.config import REPO_ROOT, Settings, load_settings
+from sales_forecast.contract import FEATURE_SERVICE, FEATURE_TABLE, RAW_TABLE
+from sales_forecast.features.derive import build_features
+from sales_forecast.features.generator import Shape, generate
+from sales_forecast.features.load import load_table
+from sales_forecast.features.store import repo_objects, repo_yaml
 from sales_forecast.stack import postgres
 
 RAY_TYPE = "sales_forecast.ray_offline_store.RayPostgreSQLOfflineStore"

@@ -22,10 +22,10 @@ GOALS = {"retrieval_s": 20.0, "step_s": 90.0}
 
 def ensure_default_shape(settings) -> None:
     import psycopg
-
-    from sales_forecast.config import RAW_TABLE
-    from sales_forecast.data import Shape
     from sales_forecast.feature_pipeline import ensure_postgres, run_feature_pipeline
+
+    from sales_forecast.contract import RAW_TABLE
+    from sales_forecast.features.generator import Shape
 
     ensure_postgres(settings)
     try:
@@ -56,7 +56,7 @@ def main() -> None:
     os.environ["MODEL_DIR"] = str(settings.model_dir.parent / "models-bench")
 
     step_start = time.perf_counter()  # the step includes importing torch, Feast and MLflow
-    from sales_forecast.training.train import train_sales_model
+    from sales_forecast.training.pipeline import train_sales_model
 
     params = {"registered_model": args.registered_model, "run_name": "benchmark"}
     if args.epochs is not None:

@@ -1,12 +1,15 @@
-"""Shared pieces of the numbered scripts: argument types and one-line error reporting."""
+"""Shared pieces of the numbered scripts: argument types, environment defaults and one-line error reporting."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable
+from typing import TypeVar
 
-from sales_forecast.errors import PipelineError, first_line
+from sales_forecast.errors import ConfigError, PipelineError, first_line
+
+T = TypeVar("T")
 
 
 def positive_int(text: str) -> int:
@@ -19,6 +22,25 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {value}")
+    return value
+
+
+def from_environment(parser: argparse.ArgumentParser, read: Callable[[], T]) -> T:
+    """Defaults read from the environment, refused like a bad flag (usage line, exit 2) when invalid."""
+    try:
+        return read()
+    except ConfigError as exc:
+        parser.error(str(exc))
+        raise  # parser.error exits
+
+
 def _database_errors() -> tuple[type[BaseException], ...]:
     import psycopg
     import sqlalchemy.exc
@@ -28,12 +50,12 @@ def _database_errors() -> tuple[type[BaseException], ...]:
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run ``main``; known failures print one line on stderr and exit 1 instead of a traceback."""
+    """Run ``main``; known failures print one line on stderr and exit non-zero instead of a traceback."""
     try:
         main()
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

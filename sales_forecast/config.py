@@ -1,34 +1,67 @@
-"""All configuration, read from environment variables with embedded local defaults.
+"""All configuration: the only module that reads environment variables.
 
-A variable that is set always wins. When POSTGRES_HOST is unset, the project runs its own PostgreSQL
-(see ``sales_forecast.local_stack``) on loopback at EMBEDDED_POSTGRES_PORT.
+A variable that is set always wins over the embedded default. ``load_settings()`` validates every value and
+raises ``ConfigError`` (one line, exit 2 in the CLIs) for a bad one. ``Settings.environment()`` is the one
+mapping back to variables: the model server, the LocalProcess job, the Ray job and Feast's ``${VAR}``
+expansion of ``feature_store.yaml`` all get their settings through it (pods get the same variables from the
+ConfigMap ``pipeline-config`` and the Secret ``postgres-credentials``, see ``contract.py``).
+
+When ``POSTGRES_HOST`` is unset the project runs its own services on loopback (``sales_forecast.stack``):
+PostgreSQL, the MLflow server and a Ray head, started on demand and reused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
+
+from sales_forecast import contract
+from sales_forecast.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 EMBEDDED_POSTGRES_PORT = 54329
 EMBEDDED_MLFLOW_PORT = 5050
+EMBEDDED_RAY_PORT = 6389
 EMBEDDED_MODEL_SERVER_PORT = 8085
-
-PROJECT_IMAGE = "sales-forecast:0.1.0"
-FEATURE_SERVICE = "sales_forecast_v1"
-FEATURE_VIEW = "sales_features"
-FEAST_PROJECT = "sales_forecast"
-RAW_TABLE = "weekly_sales"
-FEATURE_TABLE = "sales_features"
-REGISTERED_MODEL = "sales-forecast"
-MODEL_NAME = "sales-model"
+DEFAULT_POSTGRES_USER = DEFAULT_POSTGRES_PASSWORD = "postgres"
+DEFAULT_MAX_INSTANCES = 1000
+RAY_MODES = ("local", "remote")
+INFERENCE_BACKENDS = ("local", "kubernetes")
+# Characters a value may not hold because feature_store.yaml embeds it in YAML or in the registry's URL.
+_YAML_UNSAFE = re.compile(r"[\"\\\n\r\x00]")
+_URL_UNSAFE = re.compile(r"[@/:?#\[\]\s%]")
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    value = os.environ.get(name)
+def _env(environ: Mapping[str, str], name: str, default: str | None = None) -> str | None:
+    value = environ.get(name)
     return value if value not in (None, "") else default
+
+
+def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
+    text = _env(environ, name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {text!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise ConfigError(f"{name} must be {bounds}, got {value}")
+    return value
+
+
+def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...], default: str | None) -> str | None:
+    value = _env(environ, name, default)
+    if value is not None and value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -38,26 +71,34 @@ class PostgresSettings:
     user: str
     password: str
     database: str
-    embedded: bool
+    embedded: bool  # the project's own server (POSTGRES_HOST unset)
+
+    def _auth(self) -> str:
+        user = quote(self.user, safe="")
+        return f"{user}:{quote(self.password, safe='')}" if self.password else user
 
     def sqlalchemy_url(self, database: str | None = None) -> str:
-        auth = self.user if not self.password else f"{self.user}:{self.password}"
-        return f"postgresql+psycopg://{auth}@{self.host}:{self.port}/{database or self.database}"
+        return f"postgresql+psycopg://{self._auth()}@{self.host}:{self.port}/{database or self.database}"
 
     def libpq_url(self, database: str | None = None) -> str:
-        auth = self.user if not self.password else f"{self.user}:{self.password}"
-        return f"postgresql://{auth}@{self.host}:{self.port}/{database or self.database}?sslmode=disable"
+        return f"postgresql://{self._auth()}@{self.host}:{self.port}/{database or self.database}?sslmode=disable"
 
-    def feast_env(self) -> dict[str, str]:
-        """The variables feature_store.yaml expands."""
-        return {
-            "POSTGRES_HOST": self.host,
-            "POSTGRES_PORT": str(self.port),
-            "POSTGRES_USER": self.user,
-            "POSTGRES_PASSWORD": self.password,
-            "POSTGRES_DB": self.database,
-            "FEAST_REGISTRY_URL": self.sqlalchemy_url(),
-        }
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}/{self.database}"
+
+    def with_database(self, database: str) -> PostgresSettings:
+        return dataclasses.replace(self, database=database)
+
+
+@dataclass(frozen=True)
+class ShapeDefaults:
+    """Step 1's data shape from SALES_STORES, SALES_DEPTS, SALES_WEEKS, SALES_SEED (flags override them)."""
+
+    stores: int = 143
+    depts: int = 81
+    weeks: int = 52
+    seed: int = 42
 
 
 @dataclass(frozen=True)
@@ -65,47 +106,136 @@ class Settings:
     postgres: PostgresSettings
     stack_dir: Path
     feast_repo_path: Path
-    ray_jobs_address: str | None
-    mlflow_tracking_uri: str | None
+    ray_address: str | None  # RAY_ADDRESS: a Ray cluster to attach to as a driver (never ray://)
+    ray_mode: str | None  # FEAST_RAY_EXECUTION_MODE: "local" runs Ray inside the process (a TrainJob pod)
+    ray_jobs_address: str | None  # RAY_JOBS_ADDRESS: step 1 submits itself there as a Ray job
+    mlflow_tracking_uri: str | None  # None: the embedded MLflow server
     mlflow_experiment: str
     model_dir: Path
     image: str
     namespace: str
+    max_instances: int
+    inference_backend: str
 
     @property
     def embedded_mlflow_uri(self) -> str:
         return f"http://127.0.0.1:{EMBEDDED_MLFLOW_PORT}"
 
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or self.embedded_mlflow_uri
 
-def load_settings() -> Settings:
-    stack_dir = Path(_env("SALES_STACK_DIR", str(REPO_ROOT / ".stack"))).resolve()
-    host = _env("POSTGRES_HOST")
+    def with_database(self, database: str) -> Settings:
+        return dataclasses.replace(self, postgres=self.postgres.with_database(database))
+
+    def environment(self, secrets: bool = True) -> dict[str, str]:
+        """The variables that reproduce these settings in another process, including the ones
+        feature_store.yaml expands (POSTGRES_*). ``secrets=False`` leaves out the credentials (the keys of
+        Secret postgres-credentials), for a submission others can read, such as a Ray job's runtime_env."""
+        pg = self.postgres
+        env = {
+            "POSTGRES_HOST": pg.host,
+            "POSTGRES_PORT": str(pg.port),
+            "POSTGRES_USER": pg.user,
+            "POSTGRES_PASSWORD": pg.password,
+            "POSTGRES_DB": pg.database,
+            "SALES_STACK_DIR": str(self.stack_dir),
+            "FEAST_REPO_PATH": str(self.feast_repo_path),
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+            "MLFLOW_EXPERIMENT_NAME": self.mlflow_experiment,
+            "MODEL_DIR": str(self.model_dir),
+            "PIPELINE_IMAGE": self.image,
+            "K8S_NAMESPACE": self.namespace,
+            "SERVING_MAX_INSTANCES": str(self.max_instances),
+        }
+        if self.ray_address:
+            env["RAY_ADDRESS"] = self.ray_address
+        if self.ray_mode:
+            env["FEAST_RAY_EXECUTION_MODE"] = self.ray_mode
+        if not secrets:
+            for name in contract.POSTGRES_SECRET_KEYS:
+                env.pop(name)
+        return env
+
+
+def _check_embeddable(name: str, value: str, in_url: bool) -> str:
+    if _YAML_UNSAFE.search(value):
+        raise ConfigError(f"{name} must not contain a double quote, a backslash or a line break "
+                          "(feature_store.yaml embeds it)")
+    if in_url and _URL_UNSAFE.search(value):
+        raise ConfigError(f"{name} must not contain @ / : ? # [ ] % or spaces (the registry URL in "
+                          "feature_store.yaml embeds it)")
+    return value
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+    stack_dir = Path(_env(env, "SALES_STACK_DIR", str(REPO_ROOT / ".stack"))).resolve()
+    host = _env(env, "POSTGRES_HOST")
     postgres = PostgresSettings(
-        host=host or "127.0.0.1",
-        port=int(_env("POSTGRES_PORT", str(EMBEDDED_POSTGRES_PORT))),
-        user=_env("POSTGRES_USER", "postgres"),
-        password=_env("POSTGRES_PASSWORD", "") if host else _env("POSTGRES_PASSWORD", "postgres"),
-        database=_env("POSTGRES_DB", "feast"),
+        host=_check_embeddable("POSTGRES_HOST", host or "127.0.0.1", in_url=False),
+        port=_int(env, "POSTGRES_PORT", EMBEDDED_POSTGRES_PORT, maximum=65535),
+        user=_check_embeddable("POSTGRES_USER", _env(env, "POSTGRES_USER", DEFAULT_POSTGRES_USER), in_url=True),
+        password=_check_embeddable("POSTGRES_PASSWORD", _env(env, "POSTGRES_PASSWORD", DEFAULT_POSTGRES_PASSWORD),
+                                   in_url=False),
+        database=_check_embeddable("POSTGRES_DB", _env(env, "POSTGRES_DB", "feast"), in_url=True),
         embedded=host is None,
     )
+    ray_address = _env(env, "RAY_ADDRESS")
+    if ray_address and ray_address.startswith("ray://"):
+        raise ConfigError(f"RAY_ADDRESS={ray_address} is Ray Client, which Feast's Ray engine cannot use: give the "
+                          "cluster's GCS address (host:6379) to a driver on the cluster, or RAY_JOBS_ADDRESS")
     return Settings(
         postgres=postgres,
         stack_dir=stack_dir,
-        feast_repo_path=Path(_env("FEAST_REPO_PATH", str(REPO_ROOT / "feature_repo"))).resolve(),
-        ray_jobs_address=_env("RAY_JOBS_ADDRESS"),
-        mlflow_tracking_uri=_env("MLFLOW_TRACKING_URI"),
-        mlflow_experiment=_env("MLFLOW_EXPERIMENT_NAME", "sales-forecast"),
-        model_dir=Path(_env("MODEL_DIR", str(stack_dir / "models"))),
-        image=_env("PIPELINE_IMAGE", PROJECT_IMAGE),
-        namespace=_env("K8S_NAMESPACE", "mlops"),
+        feast_repo_path=Path(_env(env, "FEAST_REPO_PATH", str(REPO_ROOT / "feature_repo"))).resolve(),
+        ray_address=ray_address,
+        ray_mode=_choice(env, "FEAST_RAY_EXECUTION_MODE", RAY_MODES, None),
+        ray_jobs_address=_env(env, "RAY_JOBS_ADDRESS"),
+        mlflow_tracking_uri=_env(env, "MLFLOW_TRACKING_URI"),
+        mlflow_experiment=_env(env, "MLFLOW_EXPERIMENT_NAME", "sales-forecast"),
+        model_dir=Path(_env(env, "MODEL_DIR", str(stack_dir / "models"))).resolve(),
+        image=_env(env, "PIPELINE_IMAGE", contract.PROJECT_IMAGE),
+        namespace=_env(env, "K8S_NAMESPACE", contract.NAMESPACE),
+        max_instances=_int(env, "SERVING_MAX_INSTANCES", DEFAULT_MAX_INSTANCES),
+        inference_backend=_choice(env, "INFERENCE_BACKEND", INFERENCE_BACKENDS, "local"),
     )
 
 
-def export_feast_env(settings: Settings) -> None:
-    """Put the resolved connection into os.environ so Feast's ${VAR} expansion sees it.
+def load_shape_defaults(environ: Mapping[str, str] | None = None) -> ShapeDefaults:
+    """The data shape's defaults, with the flags' rules (stores, depts >= 1; weeks >= 6; any integer seed)."""
+    env = os.environ if environ is None else environ
+    base = ShapeDefaults()
+    return ShapeDefaults(
+        stores=_int(env, "SALES_STORES", base.stores),
+        depts=_int(env, "SALES_DEPTS", base.depts),
+        weeks=_int(env, "SALES_WEEKS", base.weeks, minimum=6),
+        seed=_int(env, "SALES_SEED", base.seed, minimum=-(2**63)),
+    )
 
-    Feast's Ray engine runs locally unless the user chose a mode or a Ray cluster set RAY_ADDRESS.
-    """
-    os.environ.update(settings.postgres.feast_env())
-    if "FEAST_RAY_EXECUTION_MODE" not in os.environ and not os.environ.get("RAY_ADDRESS"):
-        os.environ["FEAST_RAY_EXECUTION_MODE"] = "local"
+
+# What a child process with a fresh environment (LocalProcess) still needs from this one.
+PROCESS_VARIABLES = ("HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "RAY_DISABLE_USAGE_STATS", "SSL_CERT_FILE",
+                     "REQUESTS_CA_BUNDLE")
+
+
+def process_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = os.environ if environ is None else environ
+    return {name: env[name] for name in PROCESS_VARIABLES if env.get(name)}
+
+
+def torchrun_rank(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as torchrun sets them; (0, 1) in a plain process."""
+    env = os.environ if environ is None else environ
+    return _int(env, "RANK", 0, minimum=0), _int(env, "WORLD_SIZE", 1)
+
+
+def set_library_defaults(values: Mapping[str, str]) -> None:
+    """Settings libraries read from the environment (libpq, MLflow), unless the user set them already."""
+    for name, value in values.items():
+        os.environ.setdefault(name, value)
+
+
+def apply_to_environment(settings: Settings) -> None:
+    """Put ``settings`` into os.environ: Feast expands feature_store.yaml and picks its Ray mode from there."""
+    os.environ.update(settings.environment())

@@ -2,7 +2,15 @@
 
 
 class PipelineError(RuntimeError):
-    pass
+    """A failure the user can act on (a service down, missing data, a rejected model): one line, exit 1."""
+
+    exit_code = 1
+
+
+class ConfigError(PipelineError):
+    """A bad setting (an environment variable or a flag's default): one line, exit 2 like a bad flag."""
+
+    exit_code = 2
 
 
 def first_line(exc: BaseException) -> str:

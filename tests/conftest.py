@@ -1,4 +1,6 @@
-"""Shared fixtures: a real embedded PostgreSQL and a real MLflow server, private to the test session.
+"""Shared fixtures: the project's embedded stack, private to the test session: a real PostgreSQL, a real Ray head
+(the drivers attach to it, as steps 1 and 2 do on the laptop and in a Ray job on the cluster) and a real
+MLflow server.
 
 The test stack lives in a temporary folder on free ports, so tests never touch the demo's data and can run
 beside a running demo stack. Each data set gets its own database.
@@ -6,7 +8,6 @@ beside a running demo stack. Each data set gets its own database.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +17,8 @@ import psycopg
 import pytest
 
 from sales_forecast.config import Settings, load_settings
-from sales_forecast.data import Shape
-from sales_forecast.stack import mlflow_server, postgres
+from sales_forecast.features.generator import Shape
+from sales_forecast.stack import mlflow_server, postgres, ray_head
 from sales_forecast.stack.processes import free_port
 
 # Small but complete: store 1/dept 12 and store 11/dept 2 both exist (the key-collision pair).
@@ -26,18 +27,24 @@ SMALL_SHAPE = Shape(stores=12, depts=13, weeks=60, seed=7)
 
 @pytest.fixture(scope="session")
 def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """An embedded PostgreSQL on a free port in a temporary stack folder."""
+    """An embedded PostgreSQL and a Ray head on free ports, in a temporary stack folder; RAY_ADDRESS names the
+    head (the dashboard, also the job-submission API, is RAY_DASHBOARD_URL's)."""
     stack_dir = tmp_path_factory.mktemp("stack")
     saved = dict(os.environ)
     for name in ("POSTGRES_HOST", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "MLFLOW_TRACKING_URI",
-                 "RAY_JOBS_ADDRESS", "RAY_ADDRESS", "MODEL_DIR", "FEAST_REPO_PATH"):
+                 "RAY_JOBS_ADDRESS", "RAY_ADDRESS", "MODEL_DIR", "FEAST_REPO_PATH", "FEAST_RAY_EXECUTION_MODE",
+                 "SERVING_MAX_INSTANCES", "INFERENCE_BACKEND"):
         os.environ.pop(name, None)
     os.environ.update({"SALES_STACK_DIR": str(stack_dir), "POSTGRES_PORT": str(free_port()),
-                       "FEAST_RAY_EXECUTION_MODE": "local", "RAY_DISABLE_USAGE_STATS": "1"})
+                       "RAY_DISABLE_USAGE_STATS": "1"})
     settings = load_settings()
     postgres.start(settings.postgres, stack_dir / "postgres")
-    yield settings
+    dashboard = free_port()
+    head = ray_head.start(stack_dir, free_port(), dashboard)
+    os.environ.update({"RAY_ADDRESS": head, "RAY_DASHBOARD_URL": ray_head.dashboard_url(dashboard)})
+    yield load_settings()
     mlflow_server.stop(stack_dir)
+    ray_head.stop(stack_dir)
     postgres.stop(stack_dir / "postgres")
     os.environ.clear()
     os.environ.update(saved)
@@ -48,21 +55,21 @@ def database_settings(settings: Settings, name: str) -> Settings:
     with psycopg.connect(settings.postgres.libpq_url("postgres"), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
-    return dataclasses.replace(settings, postgres=dataclasses.replace(settings.postgres, database=name))
+    return settings.with_database(name)
 
 
 @pytest.fixture(scope="session")
-def mlflow_uri(stack_settings: Settings) -> Iterator[str]:
+def mlflow_uri(stack_settings: Settings) -> str:
     """A real MLflow tracking server process on a free port."""
     uri = mlflow_server.start(stack_settings.stack_dir, free_port())
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    yield uri
+    return uri
 
 
 @pytest.fixture(scope="session")
 def small_features(stack_settings: Settings):
     """Step 1 run once on the small shape in its own database; returns (settings, result)."""
-    from sales_forecast.feature_pipeline import run_feature_pipeline
+    from sales_forecast.features.pipeline import run_feature_pipeline
 
     settings = database_settings(stack_settings, "small_features")
     result = run_feature_pipeline(SMALL_SHAPE, settings)
@@ -78,7 +85,7 @@ def settings(small_features) -> Settings:
 @pytest.fixture(scope="session")
 def bundle(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small fitted Forecaster bundle on the small features, for the serving tests."""
-    from sales_forecast.serving.quick_model import fit_quick_forecaster, labelled_rows
+    from tests.support.quick_model import fit_quick_forecaster, labelled_rows
 
     directory = tmp_path_factory.mktemp("bundle")
     fit_quick_forecaster(labelled_rows(settings)).save(directory)
@@ -88,8 +95,8 @@ def bundle(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="session")
 def latest_rows(settings: Settings):
     """The offline feature table's rows of the last week, indexed by (store, dept)."""
-    from sales_forecast.config import FEATURE_TABLE
-    from sales_forecast.features import MODEL_FEATURES
+    from sales_forecast.contract import FEATURE_TABLE
+    from sales_forecast.features.derive import MODEL_FEATURES
 
     query = (f'SELECT * FROM "{FEATURE_TABLE}" WHERE event_timestamp = '
              f'(SELECT max(event_timestamp) FROM "{FEATURE_TABLE}")')
@@ -102,7 +109,7 @@ def latest_rows(settings: Settings):
 
 @pytest.fixture(scope="module")
 def own_ray() -> Iterator[None]:
-    """Stop the local Ray a module's tests start, so it does not idle beside later tests in the session."""
+    """Disconnect this process from Ray after a module's tests (a local Ray a test started stops with it)."""
     import ray
 
     started_here = not ray.is_initialized()
@@ -110,5 +117,3 @@ def own_ray() -> Iterator[None]:
     if started_here and ray.is_initialized():
         ray.shutdown()
 
-
-REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 import yaml
 
-from sales_forecast.k8s import validation as v
+from sales_forecast.config import REPO_ROOT
+from tools.manifests import validate as v
 
-ROOT = v.REPO_ROOT
+ROOT = REPO_ROOT
 FIXTURES = Path(__file__).parent / "fixtures" / "k8s"
 BROKEN = sorted((FIXTURES / "broken").glob("*.yaml"))
 INSTALL_SCRIPT = ROOT / "scripts" / "install-operators.sh"

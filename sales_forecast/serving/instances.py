@@ -7,16 +7,13 @@ Feast entities store and dept are two INT64 join keys, looked up as they are (no
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import orjson
 
-from sales_forecast.serving.errors import BadRequest, TooManyInstances
+from sales_forecast.serving.http_errors import BadRequest, TooManyInstances
 
-MAX_INSTANCES_ENV = "SERVING_MAX_INSTANCES"
-DEFAULT_MAX_INSTANCES = 1000
 MAX_ID = 2**63 - 1  # the Feast entities' value type is INT64
 V2_INTEGER_TYPES = frozenset({"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"})
 
@@ -28,15 +25,6 @@ class Instance(NamedTuple):
     def as_dict(self) -> dict[str, int]:
         """The instance as named ids; also its Feast entity row (join keys store and dept)."""
         return {"store": self.store, "dept": self.dept}
-
-
-def max_instances_from_env() -> int:
-    text = os.environ.get(MAX_INSTANCES_ENV, "")
-    if not text:
-        return DEFAULT_MAX_INSTANCES
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"{MAX_INSTANCES_ENV} must be a positive integer, got {text!r}")
-    return int(text)
 
 
 def parse_v1(payload: Any, max_instances: int) -> list[Instance]:
@@ -80,7 +68,7 @@ def _check_count(count: int, max_instances: int) -> None:
         raise BadRequest('"instances" is empty: send at least one {"store": ..., "dept": ...}')
     if count > max_instances:
         raise TooManyInstances(f"{count} instances in one request; the maximum is {max_instances} "
-                               f"(set {MAX_INSTANCES_ENV} to change it)", max_instances=max_instances)
+                               "(set SERVING_MAX_INSTANCES to change it)", max_instances=max_instances)
 
 
 def _instance(item: Any, index: int) -> Instance:

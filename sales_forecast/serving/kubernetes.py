@@ -14,20 +14,30 @@ from typing import Any
 from kserve import KServeClient, V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec, constants
 from kubernetes import client as k8s
 
-from sales_forecast.config import MODEL_NAME, Settings
+from sales_forecast.config import Settings
+from sales_forecast.contract import (
+    APP_DIR,
+    FEATURE_REPO_CONFIGMAP,
+    FEATURE_REPO_FILES,
+    FEATURE_REPO_MOUNT,
+    IMAGE_GID,
+    IMAGE_UID,
+    MODEL_NAME,
+    PIPELINE_CONFIG,
+    POSTGRES_CLIENT_LABEL,
+    POSTGRES_SECRET,
+    POSTGRES_SECRET_KEYS,
+    SERVING_PORT,
+    SHARED_MOUNT,
+    SHARED_PVC,
+    SHARED_VOLUME,
+)
 from sales_forecast.errors import PipelineError
 
 INFERENCE_SERVICE = MODEL_NAME  # the README's name; the served model has the same one
-SERVING_PORT = 8080
-SHARED_PVC, SHARED_MOUNT = "mlops-shared", "/mnt/shared"
-FEATURE_REPO_CONFIGMAP, FEATURE_REPO_MOUNT = "feature-repo", "/app/feature_repo"
-PIPELINE_CONFIG = "pipeline-config"
-POSTGRES_SECRET, POSTGRES_SECRET_KEYS = "postgres-credentials", ("POSTGRES_USER", "POSTGRES_PASSWORD")
-POSTGRES_CLIENT_LABEL = "sales-forecast/postgres-client"
 MODEL_VERSION_ANNOTATION = "sales-forecast/model-version"
 DEPLOYMENT_MODE = {"serving.kserve.io/deploymentMode": "Standard",
                    "serving.kserve.io/enable-prometheus-scraping": "true"}
-RUN_AS_USER, FS_GROUP = 1000, 100  # the image's user `ray` (see Dockerfile)
 
 
 def build_inference_service(settings: Settings, *, name: str = INFERENCE_SERVICE, model_dir: str | None = None,
@@ -48,11 +58,11 @@ def build_inference_service(settings: Settings, *, name: str = INFERENCE_SERVICE
         automount_service_account_token=False,
         enable_service_links=False,
         security_context=k8s.V1PodSecurityContext(
-            run_as_non_root=True, run_as_user=RUN_AS_USER, fs_group=FS_GROUP,
+            run_as_non_root=True, run_as_user=IMAGE_UID, fs_group=IMAGE_GID,
             seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")),
         containers=[_container(settings.image, args)],
         volumes=[
-            k8s.V1Volume(name="shared", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+            k8s.V1Volume(name=SHARED_VOLUME, persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
                 claim_name=SHARED_PVC, read_only=True)),
             k8s.V1Volume(name="feature-repo", config_map=k8s.V1ConfigMapVolumeSource(name=FEATURE_REPO_CONFIGMAP)),
         ],
@@ -72,12 +82,12 @@ def _container(image: str, args: list[str]) -> k8s.V1Container:
     secret_env = [k8s.V1EnvVar(name=key, value_from=k8s.V1EnvVarSource(
         secret_key_ref=k8s.V1SecretKeySelector(name=POSTGRES_SECRET, key=key))) for key in POSTGRES_SECRET_KEYS]
     repo_files = [k8s.V1VolumeMount(name="feature-repo", mount_path=f"{FEATURE_REPO_MOUNT}/{file}", sub_path=file,
-                                    read_only=True) for file in ("feature_store.yaml", "features.py")]
+                                    read_only=True) for file in FEATURE_REPO_FILES]
     return k8s.V1Container(
         name="kserve-container",  # KServe's name for the predictor container
         image=image,
         image_pull_policy="IfNotPresent",
-        working_dir="/app",
+        working_dir=APP_DIR,
         command=["python", "-m", "sales_forecast.serving.server"],
         args=args,
         ports=[k8s.V1ContainerPort(container_port=SERVING_PORT, protocol="TCP")],
@@ -93,7 +103,7 @@ def _container(image: str, args: list[str]) -> k8s.V1Container:
         security_context=k8s.V1SecurityContext(
             run_as_non_root=True, allow_privilege_escalation=False,
             capabilities=k8s.V1Capabilities(drop=["ALL"])),
-        volume_mounts=[k8s.V1VolumeMount(name="shared", mount_path=SHARED_MOUNT, read_only=True), *repo_files],
+        volume_mounts=[k8s.V1VolumeMount(name=SHARED_VOLUME, mount_path=SHARED_MOUNT, read_only=True), *repo_files],
     )
 
 

@@ -16,9 +16,9 @@ from kserve import InferOutput, InferRequest, InferResponse, Model
 from kserve.logging import logger
 
 from sales_forecast.config import Settings
-from sales_forecast.model import Forecaster
-from sales_forecast.serving.errors import FeaturesUnavailable
-from sales_forecast.serving.instances import DEFAULT_MAX_INSTANCES, Instance, parse_v1, parse_v2
+from sales_forecast.forecaster import Forecaster
+from sales_forecast.serving.http_errors import FeaturesUnavailable
+from sales_forecast.serving.instances import Instance, parse_v1, parse_v2
 from sales_forecast.serving.metrics import FEATURE_LOOKUP_SECONDS
 from sales_forecast.serving.model_source import ModelSource, load_forecaster
 from sales_forecast.serving.online_features import OnlineFeatureLookup
@@ -27,12 +27,11 @@ LOOKUP_TIMEOUT_SECONDS = 10.0
 
 
 class SalesModel(Model):
-    def __init__(self, name: str, settings: Settings, source: ModelSource,
-                 max_instances: int = DEFAULT_MAX_INSTANCES):
+    def __init__(self, name: str, settings: Settings, source: ModelSource, max_instances: int | None = None):
         super().__init__(name)
         self.settings = settings
         self.source = source
-        self.max_instances = max_instances
+        self.max_instances = max_instances or settings.max_instances
         self.forecaster: Forecaster | None = None
         self.lookup: OnlineFeatureLookup | None = None
 

@@ -12,13 +12,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from sales_forecast.config import REGISTERED_MODEL
+from sales_forecast.contract import CHAMPION_URI, FORECASTER_ARTIFACT
 from sales_forecast.errors import PipelineError, first_line
-from sales_forecast.model import META_FILE, Forecaster
+from sales_forecast.forecaster import META_FILE, Forecaster
 
-CHAMPION_ALIAS = "champion"
-CHAMPION_URI = f"models:/{REGISTERED_MODEL}@{CHAMPION_ALIAS}"
-BUNDLE_ARTIFACT_PATH = "forecaster"
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
 
 
@@ -70,11 +67,11 @@ def load_registered(model_uri: str, tracking_uri: str | None) -> LoadedModel:
                             f"({first_line(exc)}); run 02_training.py first or pass --model-dir") from exc
     with tempfile.TemporaryDirectory(prefix="sales-model-") as tmp:
         try:
-            local = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=BUNDLE_ARTIFACT_PATH,
+            local = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=FORECASTER_ARTIFACT,
                                                         dst_path=tmp, tracking_uri=tracking_uri)
         except MlflowException as exc:
             raise PipelineError(f"run {version.run_id} of {model_uri} (version {version.version}) has no "
-                                f"'{BUNDLE_ARTIFACT_PATH}' artifacts: {first_line(exc)}") from exc
+                                f"'{FORECASTER_ARTIFACT}' artifacts: {first_line(exc)}") from exc
         forecaster = load_bundle(Path(local))
     return LoadedModel(forecaster, f"{model_uri} = version {version.version} (run {version.run_id})")
 

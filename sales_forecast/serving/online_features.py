@@ -25,9 +25,10 @@ import pandas as pd
 import psycopg
 import sqlalchemy.exc
 
-from sales_forecast.config import FEATURE_SERVICE, FEATURE_VIEW, Settings, export_feast_env
+from sales_forecast.config import Settings, apply_to_environment
+from sales_forecast.contract import FEATURE_SERVICE, FEATURE_VIEW
 from sales_forecast.errors import PipelineError, first_line
-from sales_forecast.serving.errors import FeaturesUnavailable, UnknownEntities
+from sales_forecast.serving.http_errors import FeaturesUnavailable, UnknownEntities
 from sales_forecast.serving.instances import Instance
 from sales_forecast.serving.metrics import FEATURE_STORE_RECONNECTS
 
@@ -47,7 +48,7 @@ def open_serving_store(settings: Settings) -> Any:
     from feast.infra.utils.postgres.postgres_config import ConnectionType
     from feast.repo_config import load_repo_config
 
-    export_feast_env(settings)
+    apply_to_environment(settings)
     repo = settings.feast_repo_path
     config = load_repo_config(repo, repo / "feature_store.yaml")
     if config.online_store.type == "postgres":

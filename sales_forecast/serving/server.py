@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import warnings
 from http import HTTPStatus
 from pathlib import Path
@@ -24,16 +23,18 @@ from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
 from kserve.protocol.rest.server import RESTServer
 
 from sales_forecast.cli import positive_int, run_cli
-from sales_forecast.config import MODEL_NAME, load_settings
-from sales_forecast.serving.errors import ServingError
-from sales_forecast.serving.instances import max_instances_from_env
+from sales_forecast.config import Settings, load_settings, set_library_defaults
+from sales_forecast.contract import CHAMPION_URI, MODEL_NAME
+from sales_forecast.serving.http_errors import ServingError
 from sales_forecast.serving.metrics import ERROR_RESPONSES
 from sales_forecast.serving.model import SalesModel
-from sales_forecast.serving.model_source import CHAMPION_URI, ModelSource
+from sales_forecast.serving.model_source import ModelSource
 
 DEFAULT_HOST = "127.0.0.1"
-# libpq waits forever for an unreachable host; a bounded connect turns an outage into a prompt 503.
-POSTGRES_CONNECT_TIMEOUT_SECONDS = "3"
+SERVER_LIBRARY_DEFAULTS = {
+    "PGCONNECT_TIMEOUT": "3",  # libpq waits forever for an unreachable host; 3 s turns an outage into a prompt 503
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a progress bar in a server log is noise
+}
 
 
 class HostModelServer(ModelServer):
@@ -87,7 +88,7 @@ def quiet_request_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(settings: Settings, argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sales_forecast.serving.server", description=__doc__,
                                      parents=[model_server.parser],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="serve the Forecaster bundle in this folder instead of the MLflow registry's")
     parser.add_argument("--model-uri", default=CHAMPION_URI, help="registry alias to serve (models:/name@alias)")
-    parser.add_argument("--max-instances", type=positive_int, default=max_instances_from_env(),
+    parser.add_argument("--max-instances", type=positive_int, default=settings.max_instances,
                         help="larger requests get 413 (default: $SERVING_MAX_INSTANCES or 1000)")
     parser.add_argument("--request-logs", action="store_true",
                         help="log every request (access log, kserve timings); off by default: it costs about a "
@@ -105,9 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    os.environ.setdefault("PGCONNECT_TIMEOUT", POSTGRES_CONNECT_TIMEOUT_SECONDS)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a progress bar in a server log
+    settings = load_settings()
+    args = parse_args(settings, argv)
+    set_library_defaults(SERVER_LIBRARY_DEFAULTS)
     # kserve's routes use ORJSONResponse, which FastAPI deprecates once per route at start-up: noise, not news.
     warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated", category=FastAPIDeprecationWarning)
     # Requests are a few rows each: one intra-op thread avoids pool hand-offs and leaves a core to the loop.
@@ -118,9 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                              enable_latency_logging=args.request_logs and args.enable_latency_logging)
     if not args.request_logs:
         quiet_request_logs()
-    settings = load_settings()
-    source = ModelSource(model_dir=args.model_dir, model_uri=args.model_uri,
-                         tracking_uri=settings.mlflow_tracking_uri or settings.embedded_mlflow_uri)
+    source = ModelSource(model_dir=args.model_dir, model_uri=args.model_uri, tracking_uri=settings.tracking_uri)
     model = SalesModel(args.model_name, settings, source, max_instances=args.max_instances)
     model.load()
     install_error_handlers(model_server.app)

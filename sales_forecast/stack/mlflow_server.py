@@ -1,4 +1,9 @@
-"""A local MLflow tracking server on loopback: SQLite backend store and served artifacts in the stack folder."""
+"""A local MLflow tracking server on loopback: SQLite backend store and served artifacts in the stack folder.
+
+Tracking, artifacts and the model registry are all this pipeline needs, so the server runs without MLflow's
+job execution (its job runner and consumers): 2 processes and about 0.5 GiB resident instead of 10 processes
+and 2.1 GiB (README, "The local stack").
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,12 @@ from pathlib import Path
 from sales_forecast.errors import PipelineError
 from sales_forecast.stack import processes
 
+LIGHT_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
 
 def _paths(stack_dir: Path) -> tuple[Path, Path, Path]:
     root = stack_dir / "mlflow"
-    return root, root / "server.log", root / "server.pid"
+    return root, root / "mlflow.log", root / "mlflow.pid"
 
 
 def start(stack_dir: Path, port: int) -> str:
@@ -24,7 +31,7 @@ def start(stack_dir: Path, port: int) -> str:
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")]
-    pid = processes.start_background(command, log, pid_file)
+    pid = processes.start_background(command, log, pid_file, env=LIGHT_SERVER_ENV)
     alive = lambda: processes.pid_of(pid_file) == pid  # noqa: E731
     if not processes.wait_until(lambda: processes.http_ok(f"{uri}/health"), 120, alive):
         tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""

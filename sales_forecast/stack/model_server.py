@@ -1,7 +1,7 @@
 """The local model server on loopback (``python -m sales_forecast.serving.server``), pid file in the stack folder.
 
-The server reads its PostgreSQL, feature repo and MLflow settings from the environment, so ``start`` passes the
-given Settings explicitly: tests and the benchmark point it at their own database.
+The server reads its settings from the environment; ``start`` passes the given Settings through
+``Settings.environment()``, so tests and the benchmark can point it at their own database and MLflow.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sales_forecast.config import MODEL_NAME, Settings
+from sales_forecast.config import Settings
+from sales_forecast.contract import MODEL_NAME
 from sales_forecast.errors import PipelineError
 from sales_forecast.stack import processes
 
@@ -29,17 +30,8 @@ def is_ready(url: str) -> bool:
     return processes.http_ok(f"{url}/v1/models/{MODEL_NAME}")
 
 
-def server_env(settings: Settings, tracking_uri: str | None = None) -> dict[str, str]:
-    env = {**settings.postgres.feast_env(), "FEAST_REPO_PATH": str(settings.feast_repo_path),
-           "SALES_STACK_DIR": str(settings.stack_dir)}
-    uri = tracking_uri or settings.mlflow_tracking_uri
-    if uri:
-        env["MLFLOW_TRACKING_URI"] = uri
-    return env
-
-
-def start(settings: Settings, port: int, *, model_dir: Path | None = None, tracking_uri: str | None = None,
-          name: str = DEFAULT_NAME, extra_args: list[str] | None = None, extra_env: dict[str, str] | None = None,
+def start(settings: Settings, port: int, *, model_dir: Path | None = None, name: str = DEFAULT_NAME,
+          extra_args: list[str] | None = None, extra_env: dict[str, str] | None = None,
           timeout: float = 180.0) -> str:
     """Start a fresh server (stopping the one this pid file tracks: it may serve an older model); returns its URL."""
     root, log, pid_file = _paths(settings.stack_dir, name)
@@ -53,8 +45,7 @@ def start(settings: Settings, port: int, *, model_dir: Path | None = None, track
                "--http_port", str(port), "--model_name", MODEL_NAME, *(extra_args or [])]
     if model_dir is not None:
         command += ["--model-dir", str(model_dir)]
-    pid = processes.start_background(command, log, pid_file, env={**server_env(settings, tracking_uri),
-                                                                  **(extra_env or {})})
+    pid = processes.start_background(command, log, pid_file, env={**settings.environment(), **(extra_env or {})})
     if not processes.wait_until(lambda: is_ready(url), timeout, lambda: _running(pid, pid_file)):
         tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
         stop(settings.stack_dir, name)
@@ -69,6 +60,11 @@ def _running(pid: int, pid_file: Path) -> bool:
 def stop(stack_dir: Path, name: str = DEFAULT_NAME, timeout: float = 15.0) -> bool:
     """Stop the server (SIGTERM, SIGKILL after ``timeout``); True when one was running."""
     return processes.stop(_paths(stack_dir, name)[2], timeout)
+
+
+def stop_all(stack_dir: Path) -> int:
+    """Stop every model server this stack folder tracks (the demo's and any named ones); returns how many ran."""
+    return sum(processes.stop(pid_file) for pid_file in sorted(stack_dir.glob("*/server.pid")))
 
 
 def log_file(stack_dir: Path, name: str = DEFAULT_NAME) -> Path:

@@ -17,18 +17,15 @@ from pathlib import Path
 import psycopg
 
 from sales_forecast.config import PostgresSettings
+from sales_forecast.errors import PipelineError
 
 DATABASES = ("feast", "mlflow")
-
-
-class PostgresStartError(RuntimeError):
-    pass
 
 
 def _pg_bin_dir() -> Path:
     spec = importlib.util.find_spec("pgserver")
     if spec is None or not spec.submodule_search_locations:
-        raise PostgresStartError("the pgserver package is not installed (pip install -r requirements.txt)")
+        raise PipelineError("the pgserver package is not installed (pip install -r requirements.txt)")
     return Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
 
 
@@ -82,14 +79,14 @@ def start(settings: PostgresSettings, pgdata: Path) -> None:
             result = _run([_bin("initdb"), "-D", str(pgdata), "--auth=trust", "--encoding=utf8",
                            "-U", settings.user], user)
             if result.returncode != 0:
-                raise PostgresStartError(f"initdb failed: {result.stderr.strip()}")
+                raise PipelineError(f"initdb failed: {result.stderr.strip()}")
         options = f"-h 127.0.0.1 -p {settings.port} -k '' -c max_connections=200 -c fsync=off"
         result = _run([_bin("pg_ctl"), "-D", str(pgdata), "-w", "-t", "30", "-l", str(pgdata / "server.log"),
                        "-o", options, "start"], user)
         if result.returncode != 0 or not _wait_ready(settings, 30):
             log_file = pgdata / "server.log"
             log = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
-            raise PostgresStartError(f"PostgreSQL did not start on port {settings.port}: "
+            raise PipelineError(f"PostgreSQL did not start on port {settings.port}: "
                                      f"{result.stderr.strip()}\n{log}")
     create_databases(settings)
 

@@ -2,7 +2,7 @@
 chronological split.
 
 An entity row is (series, prediction time t): t is the Friday that ends week t, the row's label is the sales of
-week t+1 (see sales_forecast/features.py). The point-in-time join gives each row the feature row stamped t, so
+week t+1 (see sales_forecast/features/derive.py). The point-in-time join gives each row the feature row stamped t, so
 no feature can hold week t+1 or later.
 """
 
@@ -15,9 +15,10 @@ import numpy as np
 import pandas as pd
 import psycopg
 
-from sales_forecast.config import FEATURE_SERVICE, RAW_TABLE, PostgresSettings
+from sales_forecast.config import PostgresSettings
+from sales_forecast.contract import FEATURE_SERVICE, RAW_TABLE
 from sales_forecast.errors import PipelineError
-from sales_forecast.features import MODEL_FEATURES
+from sales_forecast.features.derive import MODEL_FEATURES
 
 LABEL, LABEL_IS_HOLIDAY, SEASONAL_NAIVE = "label", "label_is_holiday", "seasonal_naive"
 TIMESTAMP = "event_timestamp"

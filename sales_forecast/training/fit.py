@@ -1,5 +1,8 @@
 """Fit the scaler and the network: fixed seeds, CPU, early stopping on the validation weeks, DDP when distributed.
 
+Distributed context: under torchrun with WORLD_SIZE > 1 the ranks join a gloo process group; a plain process
+(or LocalProcess's single worker) is a no-op single rank.
+
 The loss is a squared error on the relative target (next week's sales / level - 1) weighted by the series level
 and the WMAE holiday weight, so large series and holiday weeks count as much as the metric says they do.
 """
@@ -11,21 +14,78 @@ import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist_api
 from sklearn.preprocessing import StandardScaler
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
+from sales_forecast.config import torchrun_rank
 from sales_forecast.errors import PipelineError
-from sales_forecast.features import MODEL_FEATURES
-from sales_forecast.model import Forecaster, SalesForecastModel, design_matrix, relative_target, series_level
+from sales_forecast.features.derive import MODEL_FEATURES
+from sales_forecast.forecaster import Forecaster, SalesForecastModel, design_matrix, relative_target, series_level
 from sales_forecast.training.dataset import LABEL, LABEL_IS_HOLIDAY, Split
-from sales_forecast.training.distributed import Distributed
 from sales_forecast.training.metrics import holiday_weights, wmae
 from sales_forecast.training.params import TrainingParams
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int
+    world_size: int
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, produce) -> Any:
+        """Run ``produce()`` on rank 0 and hand its result (or its PipelineError) to every rank, so all ranks
+        train on identical data or fail with the same message instead of hanging."""
+        if not self.enabled:
+            return produce()
+        box: list[Any] = [None]
+        if self.is_main:
+            try:
+                box[0] = ("ok", produce())
+            except PipelineError as exc:
+                box[0] = ("error", str(exc))
+                dist_api.broadcast_object_list(box, src=0)
+                raise
+        dist_api.broadcast_object_list(box, src=0)
+        status, value = box[0]
+        if status == "error":
+            raise PipelineError(value)
+        return value
+
+    def mean(self, value: float) -> float:
+        """The average of ``value`` over ranks (identical on every rank, so decisions taken on it agree)."""
+        if not self.enabled:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist_api.all_reduce(tensor, op=dist_api.ReduceOp.SUM)
+        return float(tensor.item()) / self.world_size
+
+
+@contextlib.contextmanager
+def distributed_context() -> Iterator[Distributed]:
+    """torchrun sets RANK/WORLD_SIZE/MASTER_ADDR; a plain process (or LocalProcess's single worker) has none."""
+    rank, world_size = torchrun_rank()
+    if world_size <= 1:
+        yield Distributed(rank=0, world_size=1)
+        return
+    dist_api.init_process_group(backend="gloo")
+    try:
+        yield Distributed(rank=rank, world_size=world_size)
+    finally:
+        dist_api.destroy_process_group()
 
 
 @dataclass(frozen=True)

@@ -36,17 +36,15 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from sales_forecast.config import REPO_ROOT, Settings
+from sales_forecast.config import REPO_ROOT, Settings, process_environment
+from sales_forecast.contract import TRAINING_RUNTIME
 from sales_forecast.errors import PipelineError
 from sales_forecast.timing import console
-from sales_forecast.training.jobs import follow_job
 from sales_forecast.training.params import TrainingParams
-from sales_forecast.training.train import train_sales_model
+from sales_forecast.training.pipeline import train_sales_model
+from sales_forecast.training.trainjob import follow_job
 
-TRAINING_RUNTIME = "torch-distributed"
 SHIM_NAME, SHIM_VERSION = "sales_forecast_torchrun", "0.1.0"
-FORWARDED_ENV = ("HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "FEAST_RAY_EXECUTION_MODE", "RAY_DISABLE_USAGE_STATS",
-                 "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
 
 
 def _record_hash(data: bytes) -> str:
@@ -84,29 +82,17 @@ def pip_wrapper(folder: Path) -> Path:
     return folder
 
 
-def job_env(settings: Settings, tracking_uri: str, experiment: str, tools: Path) -> dict[str, str]:
+def job_env(settings: Settings, tools: Path) -> dict[str, str]:
     """Everything the job reads, explicitly: the LocalProcess child gets this and nothing else."""
-    postgres = settings.postgres
-    env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
-    env.update({
+    return {
+        **process_environment(),
+        **settings.environment(),
         "PATH": os.pathsep.join([str(tools), "/usr/local/bin", "/usr/bin", "/bin"]),
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *site.getsitepackages()]),
         "PYTHONUNBUFFERED": "1",
         "PIP_NO_INDEX": "1",
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-        "POSTGRES_PORT": str(postgres.port),
-        "POSTGRES_USER": postgres.user,
-        "POSTGRES_PASSWORD": postgres.password,
-        "POSTGRES_DB": postgres.database,
-        "SALES_STACK_DIR": str(settings.stack_dir),
-        "FEAST_REPO_PATH": str(settings.feast_repo_path),
-        "MODEL_DIR": str(settings.model_dir.resolve()),
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "MLFLOW_EXPERIMENT_NAME": experiment,
-    })
-    if not postgres.embedded:
-        env["POSTGRES_HOST"] = postgres.host
-    return env
+    }
 
 
 @contextlib.contextmanager
@@ -126,21 +112,22 @@ def _remove_leftover_venvs(name: str) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_local_process(params: TrainingParams, settings: Settings, tracking_uri: str, timeout_s: int) -> str:
-    """Submit with LocalProcessBackendConfig, stream the log until Complete or Failed; returns the job name."""
+def run_local_process(params: TrainingParams, settings: Settings, timeout_s: int) -> str:
+    """Submit with LocalProcessBackendConfig, stream the log until Complete or Failed; returns the job name.
+
+    ``settings`` must be resolved (stack.ensure_services): the job gets exactly them."""
     from kubeflow.trainer import CustomTrainer, LocalProcessBackendConfig, TrainerClient
     from kubeflow.trainer.options import Name
 
     if not params.trainjob:
         raise ValueError("params.trainjob must name the job")
     client = TrainerClient(LocalProcessBackendConfig(cleanup_venv=True))
-    experiment = params.experiment or settings.mlflow_experiment
     with tempfile.TemporaryDirectory(prefix="sales-torchrun-") as folder:
         wheel = torchrun_wheel(Path(folder))
         tools = pip_wrapper(Path(folder) / "bin")
         trainer = CustomTrainer(func=train_sales_model, func_args=params.as_literal(),
                                 packages_to_install=[f"{SHIM_NAME} @ {wheel.as_uri()}"],
-                                env=job_env(settings, tracking_uri, experiment, tools))
+                                env=job_env(settings, tools))
         with _this_python_first():
             name = client.train(runtime=TRAINING_RUNTIME, trainer=trainer, options=[Name(params.trainjob)])
         console.print(f"started LocalProcess TrainJob {name} (torchrun in a fresh venv)")

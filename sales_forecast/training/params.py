@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from sales_forecast.config import REGISTERED_MODEL
+from sales_forecast.contract import REGISTERED_MODEL
 from sales_forecast.errors import PipelineError
 
 

@@ -2,6 +2,9 @@
 promote. Faults (MLflow unreachable, an empty training set, a diverging loss) stop it before anything is logged
 or registered.
 
+``run_training(params, settings)`` is the typed entry point (02_training.py's local backend calls it);
+``train_sales_model(dict)`` is the Kubeflow boundary, the function LocalProcess and TrainJob pods run.
+
 Under torchrun with WORLD_SIZE > 1 rank 0 retrieves the data and shares it, every rank trains its shard with
 DDP, and only rank 0 evaluates, logs and registers.
 """
@@ -15,18 +18,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sales_forecast import feature_store as fs_ops
-from sales_forecast.config import FEATURE_SERVICE, Settings, load_settings
-from sales_forecast.feature_pipeline import ensure_postgres
+from sales_forecast import stack
+from sales_forecast.config import Settings
+from sales_forecast.contract import FEATURE_SERVICE
+from sales_forecast.features import store as fs_ops
 from sales_forecast.timing import PhaseTimer
-from sales_forecast.training import registry, tracking
+from sales_forecast.training import champion as registry
+from sales_forecast.training import tracking
 from sales_forecast.training.dataset import TIMESTAMP, Split, chronological_split, fetch_training_frame, week_range
-from sales_forecast.training.distributed import Distributed, distributed_context
-from sales_forecast.training.fit import FitResult, cpu_threads, fit_forecaster
+from sales_forecast.training.fit import Distributed, FitResult, cpu_threads, distributed_context, fit_forecaster
 from sales_forecast.training.metrics import Evaluation, baseline_forecasts, evaluate
 from sales_forecast.training.params import TrainingParams
-from sales_forecast.training.plots import forecast_figure
-from sales_forecast.training.publish import publish_bundle
+from sales_forecast.training.report import forecast_figure
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,6 @@ class TrainingResult:
     ranges: dict[str, str]
     published: list[Path]
     timer: PhaseTimer
-    tracking_uri: str
     registered_model: str
 
 
@@ -55,11 +57,7 @@ class _Silent:
         pass
 
 
-def _retrieve(settings: Settings, uri: str, timer) -> tuple[pd.DataFrame, int]:
-    with timer.phase("check MLflow"):
-        tracking.check_reachable(uri)
-    with timer.phase("connect PostgreSQL"):
-        ensure_postgres(settings)
+def _retrieve(settings: Settings, timer) -> tuple[pd.DataFrame, int]:
     with timer.phase("open the Feast feature store"):
         store = fs_ops.open_store(settings)
     with timer.phase("retrieve training set (Feast point-in-time join)"):
@@ -111,16 +109,19 @@ def _promote(fit: FitResult, run: tracking.LoggedRun, holdout: _Holdout, uri: st
              settings: Settings) -> list[Path]:
     """Point ``champion`` at the new version and put its bundle in the shared model directory."""
     registry.promote(uri, params.registered_model, run.model_version)
-    return publish_bundle(fit.forecaster, settings.model_dir, {
+    return registry.publish_bundle(fit.forecaster, settings.model_dir, {
         "registered_model": params.registered_model, "version": run.model_version, "run_id": run.run_id,
         "tracking_uri": uri, "test_wmae": f"{holdout.evaluation.model.wmae:.4f}"})
 
 
-def run_training(params: TrainingParams, settings: Settings, dist: Distributed) -> TrainingResult | None:
+def _train(params: TrainingParams, settings: Settings, dist: Distributed) -> TrainingResult | None:
     """The whole step; returns the result on rank 0 and None on the other ranks."""
     timer = PhaseTimer("step 2: training") if dist.is_main else _Silent()
-    uri = tracking.tracking_uri(settings)
-    frame, returned = dist.share(lambda: _retrieve(settings, uri, timer))
+    if dist.is_main:
+        with timer.phase("connect PostgreSQL, MLflow and Ray"):
+            settings = stack.ensure_services(settings, mlflow=True, ray=True)
+    uri = settings.tracking_uri
+    frame, returned = dist.share(lambda: _retrieve(settings, timer))
     split = chronological_split(frame, params.test_weeks, params.validation_weeks)
     with timer.phase("train"):
         fit = fit_forecaster(split, params, dist)
@@ -145,20 +146,31 @@ def run_training(params: TrainingParams, settings: Settings, dist: Distributed) 
         run=run, evaluation=holdout.evaluation, champion=holdout.champion, decision=holdout.decision, fit=fit,
         rows={"entity": returned, "train": len(split.train), "validation": len(split.validation),
               "test": len(split.test)},
-        ranges=split.describe(), published=published, timer=timer, tracking_uri=uri,
-        registered_model=params.registered_model)
+        ranges=split.describe(), published=published, timer=timer, registered_model=params.registered_model)
 
 
-def run_training_job(values: dict | None) -> TrainingResult | None:
-    """What ``train_sales_model`` runs in every process: settings from the environment, DDP when distributed,
-    and the report printed by rank 0 (it lands in the TrainJob's logs)."""
+def run_training(params: TrainingParams, settings: Settings) -> TrainingResult | None:
+    """Step 2 in this process (DDP when torchrun started it); rank 0 prints the report and returns the result."""
     from sales_forecast.training.report import print_report
 
-    params = TrainingParams.from_dict(values)
-    settings = load_settings()
     with distributed_context() as dist, cpu_threads(params.threads):
-        result = run_training(params, settings, dist)
+        result = _train(params, settings, dist)
     if result is not None:
         print_report(result)
     return result
+
+
+def train_sales_model(params: dict | None = None, **kwargs):
+    """Train, evaluate, log and register the weekly sales model; returns the result on rank 0 (None elsewhere).
+
+    The Kubeflow boundary: LocalProcess and TrainJob pods run this function's source, not this module. Kubeflow
+    writes that source into a bash heredoc that is not quoted, so the function imports inside and contains no
+    dollar sign, backtick or backslash (tests check this). LocalProcess passes func_args as one positional
+    dict, the Kubernetes backend as keyword arguments: both work. Settings come from the environment.
+    """
+    from sales_forecast.config import load_settings
+    from sales_forecast.training.params import TrainingParams
+    from sales_forecast.training.pipeline import run_training
+
+    return run_training(TrainingParams.from_dict({**(params or {}), **kwargs}), load_settings())
 

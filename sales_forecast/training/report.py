@@ -1,13 +1,19 @@
-"""What step 2 prints: the MLflow run, the holdout metrics of the model and the baselines, and the timings."""
+"""What step 2 shows: the holdout metrics of the model and the baselines, the MLflow run and the timings (printed),
+and the forecast-vs-actual plot of a few series (logged to MLflow)."""
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
+from sales_forecast.training.dataset import LABEL, TIMESTAMP
 from sales_forecast.training.metrics import Evaluation
 
 stdout = Console(highlight=False, width=110)
+WEEK = pd.Timedelta(days=7)
 
 
 def metrics_table(evaluation: Evaluation, title: str) -> Table:
@@ -36,3 +42,30 @@ def print_report(result) -> None:
     if result.published:
         stdout.print(f"model bundle written to {result.published[0].parent}")
     result.timer.print_summary()
+
+
+def largest_series(test: pd.DataFrame, count: int) -> list[tuple[int, int]]:
+    """The (store, dept) of the ``count`` series with the largest holdout sales."""
+    totals = test.groupby(["store", "dept"])[LABEL].sum().sort_values(ascending=False, kind="stable")
+    return [(int(store), int(dept)) for store, dept in totals.index[:count]]
+
+
+def forecast_figure(history: pd.DataFrame, test: pd.DataFrame, model: np.ndarray, baseline_name: str,
+                    baseline: np.ndarray, count: int) -> Figure:
+    """One panel per series (the ``count`` largest in the holdout), x = the week each label belongs to."""
+    series = largest_series(test, count)
+    forecasts = test.assign(model=model, baseline=baseline)
+    figure = Figure(figsize=(11, 2.6 * max(len(series), 1)), layout="constrained")
+    axes = figure.subplots(max(len(series), 1), 1, squeeze=False)[:, 0]
+    for axis, (store, dept) in zip(axes, series, strict=False):
+        actual = history[(history["store"] == store) & (history["dept"] == dept)].sort_values(TIMESTAMP)
+        predicted = forecasts[(forecasts["store"] == store) & (forecasts["dept"] == dept)].sort_values(TIMESTAMP)
+        axis.plot(actual[TIMESTAMP] + WEEK, actual[LABEL], color="black", linewidth=1.2, label="actual")
+        axis.plot(predicted[TIMESTAMP] + WEEK, predicted["model"], marker="o", markersize=3, label="model")
+        axis.plot(predicted[TIMESTAMP] + WEEK, predicted["baseline"], linestyle="--", label=baseline_name)
+        axis.axvline(predicted[TIMESTAMP].min() + WEEK, color="grey", linewidth=0.8, linestyle=":")
+        axis.set_title(f"store {store}, dept {dept}", fontsize=9)
+        axis.set_ylabel("weekly sales")
+        axis.legend(fontsize=7, loc="upper left")
+    figure.suptitle("Next-week forecasts on the holdout (right of the dotted line) vs actual sales")
+    return figure

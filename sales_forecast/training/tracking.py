@@ -2,7 +2,7 @@
 the Forecaster bundle, the plot and the data tags.
 
 Serving contract: the network is logged with ``mlflow.pytorch.log_model(name="model")`` and registered; the
-Forecaster bundle (model.pt, scaler.pkl, model_meta.json) is logged under the artifact path ``forecaster``.
+Forecaster bundle is logged under the artifact path ``forecaster`` (contract.FORECASTER_ARTIFACT).
 """
 
 from __future__ import annotations
@@ -12,39 +12,17 @@ import time
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from urllib.parse import urlparse
 
-import httpx
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from sales_forecast.config import Settings
+from sales_forecast.contract import FORECASTER_ARTIFACT, NETWORK_ARTIFACT
 from sales_forecast.errors import PipelineError
-from sales_forecast.model import Forecaster
+from sales_forecast.forecaster import Forecaster
 from sales_forecast.training.fit import FitResult
 
-MODEL_ARTIFACT, FORECASTER_ARTIFACT = "model", "forecaster"
 PLOT_ARTIFACT = "plots/forecast_vs_actual.png"
-REACHABILITY_TIMEOUT_S = 5.0
-
-
-def tracking_uri(settings: Settings) -> str:
-    """MLFLOW_TRACKING_URI when set, else the local stack's MLflow server."""
-    return settings.mlflow_tracking_uri or settings.embedded_mlflow_uri
-
-
-def check_reachable(uri: str, timeout: float = REACHABILITY_TIMEOUT_S) -> None:
-    """Fail in seconds, not after MLflow's minutes of retries, when an HTTP tracking server is down."""
-    if urlparse(uri).scheme not in ("http", "https"):
-        return
-    try:
-        response = httpx.get(f"{uri.rstrip('/')}/health", timeout=timeout)
-    except httpx.HTTPError as exc:
-        raise PipelineError(f"the MLflow tracking server at {uri} is unreachable ({type(exc).__name__}: {exc}); "
-                            "start it (python -m sales_forecast.stack up) or set MLFLOW_TRACKING_URI") from exc
-    if response.status_code >= 500:
-        raise PipelineError(f"the MLflow tracking server at {uri} answered HTTP {response.status_code} on /health")
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
@@ -96,7 +74,7 @@ def _log_network(forecaster: Forecaster, example: pd.DataFrame, registered_model
     with torch.no_grad():
         outputs = forecaster.model(torch.from_numpy(inputs)).numpy()
     return mlflow.pytorch.log_model(
-        forecaster.model, name=MODEL_ARTIFACT, signature=infer_signature(inputs, outputs), input_example=inputs,
+        forecaster.model, name=NETWORK_ARTIFACT, signature=infer_signature(inputs, outputs), input_example=inputs,
         pip_requirements=pip_requirements(), registered_model_name=registered_model)
 
 

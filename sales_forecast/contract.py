@@ -1,0 +1,59 @@
+"""The names the code, the feature repo and the Kubernetes manifests must agree on: their one home.
+
+Manifests are YAML and cannot import this module; ``tests/test_manifests.py`` checks that the rendered
+manifests use exactly these values, so a rename here that the manifests do not follow fails the tests.
+"""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------- Feast
+FEAST_PROJECT = "sales_forecast"
+FEATURE_VIEW = "sales_features"
+FEATURE_SERVICE = "sales_forecast_v1"
+ENTITY_KEYS = ("store", "dept")  # the two Feast entities, each a single INT64 join key
+RAW_TABLE = "weekly_sales"  # the raw history (labels, seasonal-naive baseline)
+FEATURE_TABLE = "sales_features"  # the feature view's source
+OFFLINE_STORE_TYPE = "sales_forecast.ray_offline_store.RayPostgreSQLOfflineStore"
+
+# ---------------------------------------------------------------- MLflow and the served model
+REGISTERED_MODEL = "sales-forecast"
+CHAMPION_ALIAS = "champion"
+CHAMPION_URI = f"models:/{REGISTERED_MODEL}@{CHAMPION_ALIAS}"
+NETWORK_ARTIFACT = "model"  # mlflow.pytorch.log_model(name=...)
+FORECASTER_ARTIFACT = "forecaster"  # the Forecaster bundle the server loads
+MODEL_NAME = "sales-model"  # the KServe model name and the InferenceService's
+
+# ---------------------------------------------------------------- the cluster
+NAMESPACE = "mlops"
+PROJECT_IMAGE = "sales-forecast:0.1.0"
+IMAGE_UID, IMAGE_GID = 1000, 100  # the project image's user `ray` (Dockerfile)
+PART_OF_LABEL = {"app.kubernetes.io/part-of": "sales-forecast"}
+POSTGRES_CLIENT_LABEL = "sales-forecast/postgres-client"  # the PostgreSQL NetworkPolicy admits pods with it
+PIPELINE_CONFIG = "pipeline-config"  # ConfigMap: the non-secret settings, as environment variables
+POSTGRES_SECRET = "postgres-credentials"
+POSTGRES_SECRET_KEYS = ("POSTGRES_USER", "POSTGRES_PASSWORD")
+FEATURE_REPO_CONFIGMAP = "feature-repo"
+FEATURE_REPO_FILES = ("feature_store.yaml", "features.py")
+APP_DIR = "/app"  # where the image holds the project
+FEATURE_REPO_MOUNT = f"{APP_DIR}/feature_repo"
+SHARED_PVC, SHARED_VOLUME, SHARED_MOUNT = "mlops-shared", "shared", "/mnt/shared"
+CLUSTER_MODEL_DIR = f"{SHARED_MOUNT}/models"
+TRAINING_RUNTIME = "torch-distributed"  # Kubeflow Trainer's ClusterTrainingRuntime
+TRAINER_NODE = "node"  # that runtime's replicated job and its trainer container
+SERVING_PORT = 8080
+POSTGRES_SERVICE, POSTGRES_PORT = "postgres", 5432
+MLFLOW_SERVICE, MLFLOW_PORT = "mlflow", 5000
+RAY_CLUSTER = "feast-ray"
+RAY_HEAD_SERVICE = f"{RAY_CLUSTER}-head-svc"
+RAY_DASHBOARD_PORT = 8265
+
+# The settings every pipeline pod gets from ConfigMap pipeline-config (keys are config.py's variables).
+CLUSTER_CONFIG = {
+    "POSTGRES_HOST": POSTGRES_SERVICE,
+    "POSTGRES_PORT": str(POSTGRES_PORT),
+    "POSTGRES_DB": "feast",
+    "MLFLOW_TRACKING_URI": f"http://{MLFLOW_SERVICE}:{MLFLOW_PORT}",
+    "MODEL_DIR": CLUSTER_MODEL_DIR,
+    "FEAST_REPO_PATH": FEATURE_REPO_MOUNT,
+    "RAY_JOBS_ADDRESS": f"http://{RAY_HEAD_SERVICE}:{RAY_DASHBOARD_PORT}",
+}

@@ -1,1 +1,0 @@
-"""Kubernetes helpers: offline validation of the manifests and of generated objects."""

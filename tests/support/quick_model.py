@@ -1,0 +1,46 @@
+"""A small Forecaster fitted in seconds on the offline feature table, for the serving benchmark and tests.
+
+It goes through the real training preprocessing (``design_matrix``, a StandardScaler, the relative target) so
+what it serves has the production shape; its accuracy is beside the point.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import psycopg
+import torch
+from sklearn.preprocessing import StandardScaler
+
+from sales_forecast.config import Settings
+from sales_forecast.contract import FEATURE_TABLE
+from sales_forecast.features.derive import MODEL_FEATURES
+from sales_forecast.forecaster import Forecaster, SalesForecastModel, design_matrix, relative_target
+
+
+def labelled_rows(settings: Settings) -> pd.DataFrame:
+    """The offline feature rows with their label (the next week's sales) and complete lags."""
+    with psycopg.connect(settings.postgres.libpq_url()) as conn, conn.cursor() as cur:
+        cur.execute(f'SELECT * FROM "{FEATURE_TABLE}" ORDER BY store, dept, event_timestamp')
+        rows = pd.DataFrame(cur.fetchall(), columns=[c.name for c in cur.description])
+    rows[MODEL_FEATURES] = rows[MODEL_FEATURES].astype("float64")
+    rows["label"] = rows.groupby(["store", "dept"])["sales_lag_1"].shift(-1)
+    return rows.dropna(subset=[*MODEL_FEATURES, "label"]).reset_index(drop=True)
+
+
+def fit_quick_forecaster(rows: pd.DataFrame, epochs: int = 20, seed: int = 0) -> Forecaster:
+    torch.manual_seed(seed)
+    scaler = StandardScaler().fit(design_matrix(rows))
+    model = SalesForecastModel(n_inputs=scaler.n_features_in_, hidden=(32, 16))
+    forecaster = Forecaster(model=model, scaler=scaler, features=list(MODEL_FEATURES))
+    x = torch.from_numpy(forecaster.inputs(rows))
+    y = torch.from_numpy(relative_target(rows, rows["label"].to_numpy()).astype(np.float32))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return forecaster

@@ -1,0 +1,181 @@
+"""train_sales_model end to end on a real PostgreSQL (Feast offline store) and a real MLflow server: the model
+beats every naive baseline, the run holds everything the serving side needs, the alias `champion` moves only
+when a model wins, and two DDP processes (torchrun, gloo) still beat the baselines.
+
+The data set is fixed (seed and end date), so the metrics do not move with the calendar: 20 stores x 20 depts x
+60 weeks ending 2026-06-26, whose 8-week holdout (targets 2026-05-08..06-26) has 53+ weeks of history, so the
+seasonal-naive baseline is scored too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import database_settings
+
+from sales_forecast.config import REPO_ROOT
+from sales_forecast.contract import FEATURE_SERVICE, FEATURE_TABLE, RAW_TABLE
+from sales_forecast.features import store as fs_ops
+from sales_forecast.features.derive import build_features
+from sales_forecast.features.generator import Shape, generate, week_dates
+from sales_forecast.features.load import load_table
+from sales_forecast.forecaster import Forecaster
+from sales_forecast.training.champion import INFO_FILE
+from sales_forecast.training.pipeline import train_sales_model
+
+FIXED_SHAPE = Shape(stores=20, depts=20, weeks=60, seed=7, end_date=dt.date(2026, 6, 26))
+FAST = {"batch_size": 256, "epochs": 15, "plot_series": 2}
+MODEL = "sales-forecast-it"  # a registered model of this module's own
+
+
+@pytest.fixture(scope="module")
+def fixed_data(stack_settings):
+    """Step 1 without materialization (training reads only the offline store): tables + feast apply."""
+    settings = database_settings(stack_settings, "training_fixed")
+    raw = generate(FIXED_SHAPE)
+    load_table(settings.postgres, RAW_TABLE, raw, ["store", "dept", "date"])
+    load_table(settings.postgres, FEATURE_TABLE, build_features(raw), ["store", "dept", "event_timestamp"])
+    fs_ops.apply_definitions(fs_ops.open_store(settings), settings.feast_repo_path)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def training_env(fixed_data, mlflow_uri, tmp_path_factory):
+    """The environment train_sales_model reads (as in a pod): this database, this MLflow, a model folder."""
+    model_dir = tmp_path_factory.mktemp("models")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("POSTGRES_DB", fixed_data.postgres.database)
+        patch.setenv("MODEL_DIR", str(model_dir))
+        patch.setenv("MLFLOW_EXPERIMENT_NAME", "training-tests")
+        yield model_dir
+
+
+@pytest.fixture(scope="module")
+def champion_run(training_env):
+    return train_sales_model({**FAST, "registered_model": MODEL, "run_name": "first"})
+
+
+def test_model_beats_every_naive_baseline(champion_run) -> None:
+    evaluation = champion_run.evaluation
+    assert set(evaluation.baselines) == {"naive_lag_1", "mean_last_4", "seasonal_lag_52"}
+    best_name, best = evaluation.best_baseline
+    assert evaluation.model.wmae < best.wmae, f"model {evaluation.model.wmae:.1f} vs {best_name} {best.wmae:.1f}"
+    assert evaluation.skill > 0
+    assert evaluation.rows == champion_run.rows["test"] == 20 * 20 * 8
+    assert champion_run.fit.best_epoch >= 1 and champion_run.fit.epochs_run <= FAST["epochs"]
+
+
+def test_mlflow_run_holds_params_metrics_model_plot_and_version(champion_run, mlflow_uri) -> None:
+    client = mlflow.MlflowClient(mlflow_uri)
+    run = client.get_run(champion_run.run.run_id)
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    assert {"epochs": "15", "batch_size": "256", "learning_rate": "0.003", "test_weeks": "8", "seed": "42",
+            "world_size": "1", "feature_service": FEATURE_SERVICE}.items() <= params.items()
+    assert int(params["train_rows"]) == champion_run.rows["train"]
+    for name in ("test_wmae", "test_wape", "test_rmse", "baseline_naive_lag_1_wmae", "baseline_mean_last_4_wmae",
+                 "baseline_seasonal_lag_52_wmae", "best_baseline_wmae", "skill"):
+        assert np.isfinite(metrics[name]), name
+    assert metrics["test_wmae"] == pytest.approx(champion_run.evaluation.model.wmae)
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == list(range(1, champion_run.fit.epochs_run + 1))
+    assert len(client.get_metric_history(run.info.run_id, "val_wmae")) == champion_run.fit.epochs_run
+    assert tags["feature_service"] == FEATURE_SERVICE
+    weeks = [f"{day:%Y-%m-%d}" for day in week_dates(FIXED_SHAPE.end_date, FIXED_SHAPE.weeks)]
+    # Prediction weeks: from the 4th week (complete lags) to the last but one (its label is the last week).
+    assert (tags["data_start"], tags["data_end"]) == (weeks[3], weeks[-2])
+    assert tags["test_range"] == f"{weeks[-9]}..{weeks[-2]}"
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "forecaster")}
+    assert artifacts == {"forecaster/model.pt", "forecaster/scaler.pkl", "forecaster/model_meta.json"}
+    plot = Path(client.download_artifacts(run.info.run_id, "plots/forecast_vs_actual.png"))
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    version = client.get_model_version(MODEL, champion_run.run.model_version)
+    assert version.run_id == run.info.run_id
+    assert version.tags["test_wmae"] == f"{champion_run.evaluation.model.wmae:.4f}"
+    # MLflow 3 saves the network with torch.export (pt2): it loads without this project's code.
+    network = mlflow.pytorch.load_model(f"models:/{MODEL}/{version.version}")
+    n_inputs = champion_run.fit.forecaster.model.n_inputs
+    info = mlflow.models.get_model_info(f"models:/{MODEL}/{version.version}")
+    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, n_inputs]
+    assert info.saved_input_example_info is not None
+    example = torch.ones(3, n_inputs)
+    with torch.no_grad():
+        assert torch.allclose(network(example), champion_run.fit.forecaster.model(example))
+
+
+def test_serving_can_load_the_champion_from_mlflow_and_from_the_model_dir(champion_run, mlflow_uri,
+                                                                          training_env) -> None:
+    client = mlflow.MlflowClient(mlflow_uri)
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert champion.version == champion_run.run.model_version
+    bundle = Path(client.download_artifacts(champion.run_id, "forecaster"))
+    frame = _feature_rows(champion_run)
+    expected = champion_run.fit.forecaster.predict(frame)
+    assert np.allclose(Forecaster.load(bundle).predict(frame), expected)
+    assert np.allclose(Forecaster.load(training_env).predict(frame), expected)
+    info = json.loads((training_env / INFO_FILE).read_text())
+    assert (info["version"], info["run_id"]) == (champion.version, champion.run_id)
+
+
+def _feature_rows(result) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    features = result.fit.forecaster.features
+    return pd.DataFrame({name: rng.uniform(1_000, 5_000, 10) for name in features})
+
+
+def test_alias_moves_only_when_the_model_wins(champion_run, mlflow_uri, training_env) -> None:
+    client = mlflow.MlflowClient(mlflow_uri)
+    bundle_before = (training_env / "model.pt").read_bytes()
+
+    untrained = train_sales_model({**FAST, "epochs": 0, "registered_model": MODEL, "run_name": "untrained"})
+    assert not untrained.decision.promote
+    assert untrained.evaluation.model.wmae > champion_run.evaluation.model.wmae  # really worse
+    # The champion was re-scored on this run's holdout (the same weeks here, so the same WMAE).
+    assert untrained.champion.version == champion_run.run.model_version
+    assert untrained.champion.holdout_wmae == pytest.approx(champion_run.evaluation.model.wmae)
+    assert client.get_model_version_by_alias(MODEL, "champion").version == champion_run.run.model_version
+    assert int(untrained.run.model_version) == int(champion_run.run.model_version) + 1  # registered, not promoted
+    assert (training_env / "model.pt").read_bytes() == bundle_before
+
+    # Against a weak champion, a trained model wins and the alias moves to it.
+    client.set_registered_model_alias(MODEL, "champion", untrained.run.model_version)
+    retrained = train_sales_model({**FAST, "registered_model": MODEL, "run_name": "retrained"})
+    assert retrained.decision.promote, retrained.decision.reason
+    assert retrained.champion.holdout_wmae == pytest.approx(untrained.evaluation.model.wmae)
+    assert client.get_model_version_by_alias(MODEL, "champion").version == retrained.run.model_version
+    assert json.loads((training_env / INFO_FILE).read_text())["version"] == retrained.run.model_version
+
+
+def test_two_ddp_processes_still_beat_the_baselines(fixed_data, mlflow_uri, tmp_path) -> None:
+    """torchrun --nproc_per_node 2: gloo, rows sharded by rank, only rank 0 logs and registers."""
+    script = tmp_path / "ddp_train.py"
+    script.write_text("import json, sys\n"
+                      "from sales_forecast.training.pipeline import train_sales_model\n"
+                      "train_sales_model(json.loads(sys.argv[1]))\n")
+    params = {**FAST, "registered_model": "sales-forecast-ddp", "run_name": "ddp"}
+    env = {**os.environ, "POSTGRES_DB": fixed_data.postgres.database, "MODEL_DIR": str(tmp_path / "models"),
+           "MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_EXPERIMENT_NAME": "training-tests-ddp", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), json.dumps(params)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("MLflow run ") == 1  # the report comes from rank 0 only
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("training-tests-ddp").experiment_id])
+    assert run.data.params["world_size"] == "2" and run.data.tags["world_size"] == "2"
+    assert run.data.metrics["skill"] > 0, run.data.metrics
+    assert run.data.metrics["test_wmae"] < run.data.metrics["best_baseline_wmae"]
+    versions = client.search_model_versions("name = 'sales-forecast-ddp'")
+    assert [v.run_id for v in versions] == [run.info.run_id]

@@ -1,0 +1,209 @@
+"""Fast checks of the pieces: metrics and baselines, the chronological split, the promotion rule, parameters,
+the model bundle in the shared directory, and the LocalProcess helpers (no database, no server)."""
+
+from __future__ import annotations
+
+import dataclasses
+import site
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sales_forecast.errors import PipelineError
+from sales_forecast.features.derive import MODEL_FEATURES
+from sales_forecast.forecaster import Forecaster
+from sales_forecast.training import local_process
+from sales_forecast.training.champion import INFO_FILE, Champion, decide, publish_bundle
+from sales_forecast.training.dataset import LABEL, LABEL_IS_HOLIDAY, SEASONAL_NAIVE, TIMESTAMP, chronological_split
+from sales_forecast.training.fit import Distributed, fit_forecaster
+from sales_forecast.training.metrics import Evaluation, Scores, baseline_forecasts, evaluate, rmse, wape, wmae
+from sales_forecast.training.params import TrainingParams
+from sales_forecast.training.trainjob import LogPrinter
+
+
+def frame_of(weeks: int = 20, series: int = 3, seed: int = 0) -> pd.DataFrame:
+    """Feature rows with labels, shaped like the training set, for ``series`` series over ``weeks`` weeks."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for key in range(series):
+        level = 1_000.0 * (key + 1)
+        sales = level * np.exp(np.cumsum(rng.normal(0, 0.05, weeks + 5)))
+        for week in range(weeks):
+            lags = sales[week:week + 4][::-1]
+            rows.append({"store": 1, "dept": key + 1, TIMESTAMP: pd.Timestamp("2026-01-02", tz="UTC") + pd.Timedelta(
+                days=7 * week), **{f"sales_lag_{k}": lags[k - 1] for k in range(1, 5)},
+                "sales_mean_4": lags.mean(), "sales_std_4": lags.std(ddof=1), "lag_1_is_holiday": 0.0,
+                "target_is_holiday": float(week % 10 == 9), "target_week_sin": 0.0, "target_week_cos": 1.0,
+                "temperature": 60.0, "fuel_price": 3.0, "cpi": 200.0, "unemployment": 7.0,
+                LABEL: sales[week + 4], LABEL_IS_HOLIDAY: week % 10 == 9, SEASONAL_NAIVE: np.nan})
+    return pd.DataFrame(rows)
+
+
+def test_wmae_weights_holiday_weeks_five_times() -> None:
+    actual, forecast = np.array([10.0, 10.0]), np.array([12.0, 16.0])
+    assert wmae(actual, forecast, np.array([False, True])) == pytest.approx((2 + 5 * 6) / 6)
+    assert wmae(actual, forecast, np.array([False, False])) == pytest.approx(4.0)
+    assert wape(actual, forecast) == pytest.approx(8 / 20)
+    assert rmse(actual, forecast) == pytest.approx(np.sqrt((4 + 36) / 2))
+
+
+def test_seasonal_baseline_only_when_every_row_has_last_year() -> None:
+    frame = frame_of(weeks=4, series=1)
+    assert set(baseline_forecasts(frame)) == {"naive_lag_1", "mean_last_4"}
+    frame[SEASONAL_NAIVE] = 5.0
+    assert set(baseline_forecasts(frame)) == {"naive_lag_1", "mean_last_4", "seasonal_lag_52"}
+    frame.loc[0, SEASONAL_NAIVE] = np.nan
+    assert "seasonal_lag_52" not in baseline_forecasts(frame)
+
+
+def test_evaluation_skill_against_the_best_baseline() -> None:
+    frame = frame_of()
+    perfect = evaluate(frame, frame[LABEL].to_numpy())
+    assert perfect.model.wmae == 0 and perfect.skill == 1.0 and perfect.beats_baselines
+    naive = evaluate(frame, frame["sales_lag_1"].to_numpy())
+    assert naive.skill == pytest.approx(0.0) and not naive.beats_baselines
+    metrics = naive.metrics()
+    assert metrics["test_wmae"] == metrics["baseline_naive_lag_1_wmae"] == metrics["best_baseline_wmae"]
+
+
+def test_chronological_split_keeps_the_future_out_of_training() -> None:
+    frame = frame_of(weeks=20)
+    split = chronological_split(frame, test_weeks=3, validation_weeks=2)
+    assert split.train[TIMESTAMP].max() < split.validation[TIMESTAMP].min()
+    assert split.validation[TIMESTAMP].max() < split.test[TIMESTAMP].min()
+    assert [part[TIMESTAMP].nunique() for part in (split.train, split.validation, split.test)] == [15, 2, 3]
+    assert len(split.train) + len(split.validation) + len(split.test) == len(frame)
+    with pytest.raises(PipelineError, match="the training set is empty: 20 prediction weeks"):
+        chronological_split(frame, test_weeks=18, validation_weeks=2)
+
+
+def test_fit_is_reproducible_with_a_fixed_seed() -> None:
+    split = chronological_split(frame_of(weeks=30, series=4), test_weeks=4, validation_weeks=3)
+    params = TrainingParams(epochs=3, batch_size=16, hidden=(8,))
+    first, second = (fit_forecaster(split, params, Distributed(0, 1)) for _ in range(2))
+    assert first.history == second.history
+    assert np.array_equal(first.forecaster.predict(split.test), second.forecaster.predict(split.test))
+
+
+SCORES = {"naive_lag_1": Scores(100.0, 0.1, 150.0), "mean_last_4": Scores(110.0, 0.1, 160.0)}
+
+
+@pytest.mark.parametrize(("model", "champion", "promote"), [
+    (90.0, None, True),  # first model that beats the baselines
+    (100.0, None, False),  # a tie with the best baseline is not a win
+    (90.0, 95.0, True),  # beats the champion re-scored on the same holdout
+    (90.0, 85.0, False),  # worse than the champion
+    (120.0, 130.0, False),  # better than a weak champion but not than the baselines
+])
+def test_promotion_rule(model: float, champion: float | None, promote: bool) -> None:
+    evaluation = Evaluation(model=Scores(model, 0.1, 150.0), baselines=SCORES, rows=10)
+    current = Champion(version="3" if champion else None, holdout_wmae=champion)
+    assert decide(evaluation, current).promote is promote
+
+
+def test_unscorable_champion_falls_back_to_the_baselines() -> None:
+    evaluation = Evaluation(model=Scores(90.0, 0.1, 150.0), baselines=SCORES, rows=10)
+    decision = decide(evaluation, Champion(version="3", note="champion v3 could not be re-scored: KeyError"))
+    assert decision.promote and "could not be re-scored" in decision.reason
+
+
+def test_params_come_from_literal_dicts() -> None:
+    params = TrainingParams.from_dict({"epochs": 3, "hidden": [32, 16], "learning_rate": 0.01})
+    assert params.hidden == (32, 16)
+    assert params.as_literal() == {"epochs": 3, "hidden": (32, 16), "learning_rate": 0.01}
+    assert eval(repr(params.as_literal())) == params.as_literal()  # the SDK embeds this repr in the job script
+    with pytest.raises(PipelineError, match="learning_rate must be > 0"):
+        TrainingParams.from_dict({"learning_rate": 0})
+
+
+def test_publish_bundle_replaces_the_shared_model(tmp_path: Path) -> None:
+    split = chronological_split(frame_of(weeks=12), test_weeks=2, validation_weeks=2)
+    forecaster = fit_forecaster(split, TrainingParams(epochs=1, batch_size=8, hidden=(4,)), Distributed(0, 1))
+    published = publish_bundle(forecaster.forecaster, tmp_path / "models", {"version": "7"})
+    assert sorted(p.name for p in published) == sorted(["model.pt", "scaler.pkl", "model_meta.json", INFO_FILE])
+    assert [p.name for p in (tmp_path / "models").iterdir() if p.name.startswith(".")] == []
+    loaded = Forecaster.load(tmp_path / "models")
+    assert loaded.features == MODEL_FEATURES
+    assert np.allclose(loaded.predict(split.test), forecaster.forecaster.predict(split.test))
+
+
+def test_torchrun_wheel_installs_only_the_console_script(tmp_path: Path) -> None:
+    wheel = local_process.torchrun_wheel(tmp_path)
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        entry_points = archive.read(f"{local_process.SHIM_NAME}-0.1.0.dist-info/entry_points.txt").decode()
+    assert all(".dist-info/" in name for name in names)
+    assert "torchrun = torch.distributed.run:main" in entry_points
+    target = tmp_path / "target"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet",
+                           "--target", str(target), str(wheel)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (target / "bin" / "torchrun").exists()
+
+
+def test_job_env_is_explicit_and_keeps_other_pips_off_path(tmp_path: Path) -> None:
+    from sales_forecast.config import load_settings
+
+    tools = local_process.pip_wrapper(tmp_path / "bin")
+    settings = load_settings({"MLFLOW_TRACKING_URI": "http://127.0.0.1:5999", "MLFLOW_EXPERIMENT_NAME": "exp"})
+    env = local_process.job_env(settings, tools)
+    path = env["PATH"].split(":")
+    assert path[0] == str(tools) and str(Path(sys.executable).parent) not in path
+    assert set(site.getsitepackages()) <= set(env["PYTHONPATH"].split(":"))
+    assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999" and env["PIP_NO_INDEX"] == "1"
+    job = load_settings(env)  # the submitter's settings; the child only checks the server the parent started
+    assert dataclasses.replace(job, postgres=settings.postgres) == settings
+    assert not job.postgres.embedded and job.postgres.libpq_url() == settings.postgres.libpq_url()
+    assert 'VIRTUAL_ENV' in (tools / "pip").read_text()
+
+
+def test_log_printer_prints_each_line_once() -> None:
+    lines: list[str] = []
+
+    class Client:
+        logs = ["a", "b"]
+
+        def get_job_logs(self, name):
+            return iter(self.logs)
+
+    client = Client()
+    printer = LogPrinter(client, "job", lines.append)
+    printer()
+    client.logs = ["a", "b", "c"]
+    printer()
+    printer()
+    assert lines == ["a", "b", "c"]
+
+
+class FakeJobClient:
+    """A TrainerClient stand-in: the job ends with ``status`` (or never, with ``timeout``)."""
+
+    def __init__(self, status: str = "Complete", timeout: bool = False):
+        self.status, self.timeout = status, timeout
+
+    def wait_for_job_status(self, name, status, timeout, polling_interval, callbacks):
+        assert status == {"Complete", "Failed"}  # never only Complete: LocalProcess would wait for the timeout
+        for callback in callbacks:
+            callback(None)
+        if self.timeout:
+            raise TimeoutError(name)
+        return type("Job", (), {"status": self.status})()
+
+    def get_job_logs(self, name):
+        return iter([f"log of {name}"])
+
+
+def test_follow_job_turns_failure_and_timeout_into_pipeline_errors(capsys) -> None:
+    from sales_forecast.training.trainjob import follow_job
+
+    assert follow_job(FakeJobClient(), "job-a", timeout_s=10) == "Complete"
+    assert capsys.readouterr().out == "log of job-a\n"
+    with pytest.raises(PipelineError, match="TrainJob job-b ended Failed"):
+        follow_job(FakeJobClient("Failed"), "job-b", timeout_s=10)
+    with pytest.raises(PipelineError, match="did not finish within 10 s"):
+        follow_job(FakeJobClient(timeout=True), "job-c", timeout_s=10)
