@@ -134,14 +134,14 @@ def start_ray() -> tuple[float, float]:
     """(ray.init seconds, warm-up seconds): the warm-up runs one task per CPU importing the worker modules."""
     import ray
 
-    from sales_forecast.ray_offline_store.runtime import cluster_cpus, ensure_ray
+    from sales_forecast.ray_offline_store.driver import cluster_cpus, ensure_ray
 
     init, _ = timed(lambda: ensure_ray(None, None))
 
     def warm() -> None:
         @ray.remote
         def touch() -> None:
-            import sales_forecast.ray_offline_store.task  # noqa: F401
+            import sales_forecast.ray_offline_store.worker  # noqa: F401
 
         ray.get([touch.remote() for _ in range(cluster_cpus())])
 

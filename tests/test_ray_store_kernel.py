@@ -7,13 +7,18 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from sales_forecast.ray_offline_store.asof import NO_MATCH, NULL_TIME, asof_match, key_codes
-from sales_forecast.ray_offline_store.columns import POSITION
-from sales_forecast.ray_offline_store.execution import Parallelism, in_entity_order
-from sales_forecast.ray_offline_store.partitioning import KeyRange, partition_by_key
-from sales_forecast.ray_offline_store.plan import ViewPlan
-from sales_forecast.ray_offline_store.runtime import RayConnectionError, ray_target
-from sales_forecast.ray_offline_store.sql import TimeWindow, feature_query
+from sales_forecast.ray_offline_store.driver import (
+    KeyRange,
+    Parallelism,
+    RayConnectionError,
+    TimeWindow,
+    ViewPlan,
+    feature_query,
+    in_entity_order,
+    partition_by_key,
+    ray_target,
+)
+from sales_forecast.ray_offline_store.worker import NO_MATCH, NULL_TIME, POSITION, asof_match, key_codes
 
 SECOND = 1_000_000_000
 

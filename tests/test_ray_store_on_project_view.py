@@ -29,8 +29,7 @@ from sales_forecast.features.generator import Shape, generate
 from sales_forecast.features.load import load_table
 from sales_forecast.features.store import repo_objects, repo_yaml
 from sales_forecast.forecaster import Forecaster
-from sales_forecast.ray_offline_store.job import RayPostgreSQLRetrievalJob
-from sales_forecast.ray_offline_store.store import MultipleJoinKeysFallbackError
+from sales_forecast.ray_offline_store.store import MultipleJoinKeysFallbackError, RayPostgreSQLRetrievalJob
 from sales_forecast.serving.kserve_import import hidden_argv
 from sales_forecast.serving.model_source import ModelSource
 from sales_forecast.training.dataset import LABEL, TIMESTAMP, fetch_training_frame

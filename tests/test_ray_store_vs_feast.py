@@ -28,7 +28,7 @@ from feast.infra.offline_stores.contrib.postgres_offline_store.postgres import P
 from sales_forecast.config import REPO_ROOT, Settings
 from sales_forecast.features.load import load_table
 from sales_forecast.ray_offline_store import RayPostgreSQLOfflineStore
-from sales_forecast.ray_offline_store.job import RayPostgreSQLRetrievalJob
+from sales_forecast.ray_offline_store.store import RayPostgreSQLRetrievalJob
 
 RAY_REPO = REPO_ROOT / "tests" / "fixtures" / "ray_repo"
 BASE = pd.Timestamp("2026-01-02", tz="UTC")

@@ -3,7 +3,11 @@
 feature_store.yaml: ``offline_store: type: sales_forecast.ray_offline_store.RayPostgreSQLOfflineStore`` with
 the keys of ``type: postgres`` (see store.py for the Ray keys).
 
-The classes are loaded on first access so that Ray workers, which import the worker modules of this package,
+- store.py: everything that speaks Feast (config, store, retrieval job, per-view plans, the entity set);
+- driver.py: partitioning, the pushed-down SQL, Ray, reassembly (the process that calls Feast);
+- worker.py: the read and the as-of join of one partition (what Ray workers import: no Feast, no pandas).
+
+The classes are loaded on first access so that Ray workers, which import worker.py through this package,
 do not pay for importing Feast.
 """
 
@@ -11,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["RayPostgreSQLOfflineStore", "RayPostgreSQLOfflineStoreConfig"]
+__all__ = ["RayPostgreSQLOfflineStore", "RayPostgreSQLOfflineStoreConfig", "RayPostgreSQLRetrievalJob"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,329 @@
+"""The driver side of a retrieval, without Feast: what to read per view (ViewPlan), key-range partitions of the
+entity rows, the pushed-down SQL of each partition, connecting to Ray, and putting the partitions' features back in
+the entity set's row order.
+
+Each partition is a contiguous range of key tuples (in key order), so its feature rows are one key-range predicate
+in PostgreSQL (served by a (keys, timestamp) index) and no shuffle is needed: every feature row of a key is read by
+the one task that holds that key's entity rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from psycopg import sql
+
+from sales_forecast.errors import PipelineError
+from sales_forecast.ray_offline_store.worker import (
+    CREATED,
+    NULL_TIME,
+    POSITION,
+    TS,
+    PartitionTask,
+    entity_partition,
+    feature_column,
+    join_partition,
+    key_column,
+)
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """One feature view of a request: its source columns and the output column of each feature."""
+
+    name: str  # projection name, the prefix of full feature names
+    source_sql: str  # the FROM expression: a quoted table or a parenthesized query
+    join_keys: tuple[str, ...]  # columns of the entity set
+    source_keys: tuple[str, ...]  # the matching source columns
+    timestamp_field: str
+    created_timestamp_column: str | None
+    features: tuple[str, ...]  # source columns
+    output_names: tuple[str, ...]
+    ttl_seconds: int  # whole seconds, as Feast's SQL uses it; 0: no lower bound
+
+    @property
+    def ttl_ns(self) -> int | None:
+        return self.ttl_seconds * 1_000_000_000 if self.ttl_seconds > 0 else None
+
+
+@dataclass(frozen=True)
+class EntityRows:
+    """What the join needs of the entity set: the join key columns as given, and UTC nanosecond timestamps."""
+
+    keys: pa.Table
+    timestamps_ns: np.ndarray  # NULL_TIME where missing
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.timestamps_ns)
+
+
+# --- partitioning -----------------------------------------------------------------------------------------------
+
+# Types whose Python order is PostgreSQL's order (text compared with COLLATE "C": code point order).
+_RANGE_SAFE = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_string,
+               pa.types.is_large_string)
+
+
+@dataclass(frozen=True)
+class KeyRange:
+    low: tuple[Any, ...]  # inclusive
+    high: tuple[Any, ...]  # inclusive
+
+
+@dataclass(frozen=True)
+class Partitioning:
+    assignment: np.ndarray  # partition of each entity row; -1: the row can match nothing (NULL key or time)
+    ranges: list[KeyRange | None]  # None: no key predicate (a single partition)
+
+    @property
+    def count(self) -> int:
+        return len(self.ranges)
+
+
+def range_safe(keys: pa.Table) -> bool:
+    return keys.num_columns > 0 and all(any(check(field.type) for check in _RANGE_SAFE) for field in keys.schema)
+
+
+def partition_by_key(keys: pa.Table, usable: np.ndarray, count: int) -> Partitioning:
+    """Split the usable rows into at most ``count`` key ranges of about equal row counts."""
+    usable = usable & _non_null(keys)
+    assignment = np.full(keys.num_rows, -1, dtype=np.int64)
+    if count <= 1 or not range_safe(keys) or not usable.any():
+        assignment[usable] = 0
+        return Partitioning(assignment, [None])
+
+    rows = np.flatnonzero(usable)
+    frame = keys.take(rows).to_pandas()
+    grouped = frame.groupby(list(frame.columns), sort=True)
+    group_of_row = grouped.ngroup().to_numpy()
+    sizes = grouped.size()
+    rows_before = np.cumsum(sizes.to_numpy()) - sizes.to_numpy()
+    part_of_group = rows_before * count // len(rows)
+    # a huge group can leave a partition empty: renumber the non-empty ones 0..n-1
+    used, part_of_group = np.unique(part_of_group, return_inverse=True)
+    assignment[rows] = part_of_group[group_of_row]
+
+    first = np.searchsorted(part_of_group, np.arange(len(used)), side="left")
+    last = np.searchsorted(part_of_group, np.arange(len(used)), side="right") - 1
+    ranges: list[KeyRange | None] = [KeyRange(_as_tuple(sizes.index[lo]), _as_tuple(sizes.index[hi]))
+                                     for lo, hi in zip(first, last, strict=True)]
+    return Partitioning(assignment, ranges)
+
+
+def _non_null(keys: pa.Table) -> np.ndarray:
+    mask = np.ones(keys.num_rows, dtype=bool)
+    for column in keys.columns:
+        if column.null_count:
+            mask &= column.is_valid().to_numpy(zero_copy_only=False)
+    return mask
+
+
+def _as_tuple(key: Any) -> tuple[Any, ...]:
+    values = key if isinstance(key, tuple) else (key,)
+    return tuple(value.item() if isinstance(value, np.generic) else value for value in values)
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    partitions: int | None  # key ranges per view; None: from the row count and the cluster's CPUs
+    rows_per_partition: int  # with partitions None: at most this many entity rows per task
+    min_rows_per_partition: int  # with partitions None: fewer rows than this are not split further
+
+    def partitions_for(self, rows: int, cpus: int) -> int:
+        if self.partitions is not None:
+            return self.partitions
+        by_size = math.ceil(rows / self.rows_per_partition)
+        return max(1, min(max(cpus, by_size), math.ceil(rows / self.min_rows_per_partition)))
+
+
+# --- the pushed-down read of one partition ----------------------------------------------------------------------
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+@dataclass(frozen=True)
+class TimeWindow:
+    """Feature rows a partition can use: timestamp in [low, high] (UTC ns); low None: unbounded."""
+
+    low_ns: int | None
+    high_ns: int
+
+
+def _timestamp(ns: int, round_up: bool) -> sql.Composable:
+    # PostgreSQL keeps microseconds: the whole-microsecond bound that keeps exactly the same rows
+    micros = -(-ns // 1000) if round_up else ns // 1000
+    return sql.Literal(_EPOCH + dt.timedelta(microseconds=micros))
+
+
+def _row(items: list[sql.Composable]) -> sql.Composable:
+    return items[0] if len(items) == 1 else sql.SQL("ROW({})").format(sql.SQL(", ").join(items))
+
+
+def _key_predicate(plan: ViewPlan, key_range: KeyRange, text_keys: tuple[bool, ...]) -> sql.Composable:
+    """``keys >= low AND keys <= high``: a plain comparison for one key (served by the (key, timestamp) index),
+    a row comparison for several; text compares in code point order, the order of Python's sort."""
+    columns = [sql.SQL('({} COLLATE "C")').format(sql.Identifier(name)) if text else sql.Identifier(name)
+               for name, text in zip(plan.source_keys, text_keys, strict=True)]
+    return sql.SQL("{row} >= {low} AND {row} <= {high}").format(
+        row=_row(columns), low=_row([sql.Literal(v) for v in key_range.low]),
+        high=_row([sql.Literal(v) for v in key_range.high]))
+
+
+def feature_query(plan: ViewPlan, window: TimeWindow | None, key_range: KeyRange | None,
+                  text_keys: tuple[bool, ...]) -> str:
+    """SELECT the view's keys, timestamps and requested features; ``window`` None selects no rows.
+
+    Output columns are renamed positionally (__k0.., __ts, __created, __f0..).
+    """
+    ts = sql.Identifier(plan.timestamp_field)
+    selected = [sql.SQL("{} AS {}").format(sql.Identifier(name), sql.Identifier(key_column(i)))
+                for i, name in enumerate(plan.source_keys)]
+    selected.append(sql.SQL("{} AS {}").format(ts, sql.Identifier(TS)))
+    if plan.created_timestamp_column:
+        selected.append(sql.SQL("{} AS {}").format(sql.Identifier(plan.created_timestamp_column),
+                                                   sql.Identifier(CREATED)))
+    selected += [sql.SQL("{} AS {}").format(sql.Identifier(name), sql.Identifier(feature_column(i)))
+                 for i, name in enumerate(plan.features)]
+
+    conditions: list[sql.Composable] = []
+    if window is None:
+        conditions.append(sql.SQL("FALSE"))
+    else:
+        conditions.append(sql.SQL("{} <= {}").format(ts, _timestamp(window.high_ns, round_up=False)))
+        if window.low_ns is not None:
+            conditions.append(sql.SQL("{} >= {}").format(ts, _timestamp(window.low_ns, round_up=True)))
+    if key_range is not None:
+        conditions.append(_key_predicate(plan, key_range, text_keys))
+    query = sql.SQL("SELECT {columns} FROM {source} AS source WHERE {conditions}").format(
+        columns=sql.SQL(", ").join(selected),
+        source=sql.SQL(plan.source_sql),
+        conditions=sql.SQL(" AND ").join(conditions),
+    )
+    return query.as_string()
+
+
+# --- Ray --------------------------------------------------------------------------------------------------------
+
+class RayConnectionError(PipelineError):
+    pass
+
+
+def ray_target(ray_address: str | None) -> str:
+    """``local``, or the address of the cluster to join (FEAST_RAY_EXECUTION_MODE, then ray_address or
+    RAY_ADDRESS; never Ray Client)."""
+    mode = os.environ.get("FEAST_RAY_EXECUTION_MODE", "").strip().lower()
+    if mode == "kuberay":
+        raise RayConnectionError("FEAST_RAY_EXECUTION_MODE=kuberay is not supported by the Ray offline store: "
+                                 "run the step as a Ray job on the cluster (RAY_ADDRESS is then set)")
+    address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    if mode == "local" or (mode != "remote" and not address):
+        return "local"
+    if not address:
+        raise RayConnectionError("FEAST_RAY_EXECUTION_MODE=remote needs ray_address or RAY_ADDRESS")
+    if address.startswith("ray://"):
+        raise RayConnectionError(f"Ray Client ({address}) is not supported (every result would cross the client "
+                                 "proxy, and Feast's Ray engine fails through it on Ray 2.58): run the step as a "
+                                 "Ray job, where RAY_ADDRESS is the cluster's GCS address")
+    return address
+
+
+def ensure_ray(ray_address: str | None, ray_conf: dict[str, Any] | None) -> None:
+    """An already-initialized Ray is used as is (a Ray job's driver, or Feast's engine in the same process);
+    otherwise attach to the cluster, or start a local Ray."""
+    import ray
+    from ray.util.client import ray as ray_client
+
+    if ray_client.is_connected():
+        raise RayConnectionError("this process is connected through Ray Client (ray://), which the Ray offline "
+                                 "store does not support: run the step as a Ray job on the cluster")
+    if ray.is_initialized():
+        return
+    target = ray_target(ray_address)
+    options: dict[str, Any] = {"address": target, "include_dashboard": False, "logging_level": logging.WARNING,
+                               "ignore_reinit_error": True}
+    if target != "local":  # a local Ray counts the CPUs itself, within a container's CPU quota
+        options.pop("include_dashboard")
+    options.update(ray_conf or {})
+    ray.init(**options)
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+# --- running a request ------------------------------------------------------------------------------------------
+
+def _window(plan: ViewPlan, timestamps_ns: np.ndarray) -> TimeWindow | None:
+    """The feature rows the partition's entity rows can reach (Feast's pushdown, per partition)."""
+    valid = timestamps_ns[timestamps_ns != NULL_TIME]
+    if valid.size == 0:
+        return None
+    low, high = int(valid.min()), int(valid.max())
+    return TimeWindow(low_ns=None if plan.ttl_ns is None else low - plan.ttl_ns, high_ns=high)
+
+
+def view_tasks(plan: ViewPlan, entities: EntityRows, connection: str, partitions: int,
+               ) -> list[tuple[PartitionTask, pa.Table]]:
+    keys = entities.keys.select(list(plan.join_keys))
+    partitioning = partition_by_key(keys, entities.timestamps_ns != NULL_TIME, partitions)
+    text_keys = tuple(pa.types.is_string(f.type) or pa.types.is_large_string(f.type) for f in keys.schema)
+    tasks = []
+    for index, key_range in enumerate(partitioning.ranges):
+        positions = np.flatnonzero(partitioning.assignment == index)
+        window = _window(plan, entities.timestamps_ns[positions])
+        task = PartitionTask(connection=connection, query=feature_query(plan, window, key_range, text_keys),
+                             key_count=len(plan.join_keys), has_created=plan.created_timestamp_column is not None,
+                             output_names=plan.output_names, ttl_ns=plan.ttl_ns)
+        tasks.append((task, entity_partition(positions, entities.timestamps_ns, keys.columns)))
+    return tasks
+
+
+def in_entity_order(parts: list[pa.Table], rows: int) -> pa.Table:
+    """Scatter the partitions' rows back to their entity positions; rows no partition holds get NULLs."""
+    joined = pa.concat_tables(parts)
+    positions = joined.column(POSITION).to_numpy()
+    features = joined.drop_columns([POSITION])
+    if joined.num_rows == rows and (rows == 0 or (positions[0] == 0 and (np.diff(positions) == 1).all())):
+        return features  # an entity set in key order: the partitions are already in place
+    slot = np.full(rows, -1, dtype=np.int64)
+    slot[positions] = np.arange(joined.num_rows)
+    return features.take(pa.array(slot, mask=slot < 0))
+
+
+@cache
+def _remote_join() -> Any:
+    import ray
+
+    return ray.remote(join_partition)
+
+
+def _features(rows: int, per_view: list[list[pa.Table]]) -> list[pa.Table]:
+    return [in_entity_order(parts, rows) for parts in per_view]
+
+
+def run_on_ray(plans: list[ViewPlan], entities: EntityRows, connection: str, partitions: int) -> list[pa.Table]:
+    """Each view's features, one row per entity row, in the entity set's order."""
+    import ray
+
+    remote_join = _remote_join()
+    submitted = [[remote_join.remote(task, part) for task, part in view_tasks(plan, entities, connection, partitions)]
+                 for plan in plans]
+    return _features(entities.num_rows, [ray.get(refs) for refs in submitted])
+
+
+def run_in_process(plans: list[ViewPlan], entities: EntityRows, connection: str) -> list[pa.Table]:
+    """The same join in this process, one partition per view: for entity sets too small to pay Ray's start-up."""
+    per_view = [[join_partition(task, part) for task, part in view_tasks(plan, entities, connection, 1)]
+                for plan in plans]
+    return _features(entities.num_rows, per_view)

@@ -1,0 +1,186 @@
+"""What a Ray worker runs: read one key range of one feature view from PostgreSQL, join its entity rows backward
+as of their timestamps.
+
+Ray workers import this module, so it imports no Feast (seconds per worker process) and no pandas; the driver
+(driver.py) builds the work, the store (store.py) speaks Feast.
+
+The join rule: a feature row qualifies for an entity row when the keys are equal (no NULL key matches anything),
+its timestamp is <= the entity timestamp and, with a ttl, >= entity timestamp - ttl. Among qualifying rows the
+latest timestamp wins, then the latest created timestamp, as in Feast's SQL join. Timestamps are int64
+nanoseconds since the epoch (UTC); ``NULL_TIME`` marks a missing one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import adbc_driver_postgresql.dbapi as adbc
+import numpy as np
+import pyarrow as pa
+
+NO_MATCH = -1
+NULL_TIME = np.iinfo(np.int64).min  # what NaT is in int64 nanoseconds
+
+# Internal column names of a partition's read and of the entity rows shipped to a task (positional, so a
+# feature that shares a name with a key or a timestamp column cannot collide).
+POSITION = "__pos"  # the entity row's position in the entity set
+TS = "__ts"
+CREATED = "__created"
+
+
+def key_column(index: int) -> str:
+    return f"__k{index}"
+
+
+def feature_column(index: int) -> str:
+    return f"__f{index}"
+
+
+# --- reading and types ------------------------------------------------------------------------------------------
+
+_PG_TYPE = b"POSTGRESQL:type"
+
+
+def read_arrow(connection: str, query: str) -> pa.Table:
+    """Run ``query`` with ADBC (binary COPY, no Python object per value)."""
+    with adbc.connect(connection) as conn, conn.cursor() as cur:
+        cur.execute(query)
+        return cur.fetch_arrow_table()
+
+
+def feast_types(table: pa.Table) -> pa.Table:
+    """Feast's PostgreSQL output types: naive UTC microsecond timestamps, numeric as double, no field metadata."""
+    columns, fields = [], []
+    for field, column in zip(table.schema, table.columns, strict=True):
+        if field.metadata and field.metadata.get(_PG_TYPE) == b"numeric":
+            column = pa.chunked_array([_storage(chunk) for chunk in column.chunks], pa.string()).cast(pa.float64())
+        elif pa.types.is_timestamp(field.type) and field.type != pa.timestamp("us"):
+            column = column.cast(pa.timestamp("us"), safe=False)
+        columns.append(column)
+        fields.append(pa.field(field.name, column.type))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
+def _storage(chunk: pa.Array) -> pa.Array:
+    return chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+
+
+def arrow_nanoseconds(values: pa.ChunkedArray) -> np.ndarray:
+    """int64 UTC nanoseconds of an Arrow timestamp column (NULL_TIME for NULL); naive values are taken as UTC."""
+    as_ns = values.cast(pa.timestamp("ns", tz=values.type.tz))  # raises outside 1677..2262
+    return as_ns.cast(pa.int64()).fill_null(NULL_TIME).to_numpy()
+
+
+# --- the as-of kernel -------------------------------------------------------------------------------------------
+
+def _dense_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, int]:
+    encoded = column.dictionary_encode()
+    cardinality = len(encoded.chunk(0).dictionary) if encoded.num_chunks else 0
+    indices = pa.chunked_array([chunk.indices for chunk in encoded.chunks], pa.int32())
+    return indices.fill_null(-1).to_numpy().astype(np.int64), cardinality
+
+
+def key_codes(entity_keys: Sequence[pa.ChunkedArray], feature_keys: Sequence[pa.ChunkedArray],
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Dense int64 codes for key tuples, equal exactly when every key value is equal; -1 where a key is NULL.
+
+    Each column is encoded on its own (entity values cast to the feature column's type) and the codes are
+    combined pairwise, re-encoding after each step so the code never overflows: (1, 12) and (11, 2) stay
+    distinct, unlike a glued string.
+    """
+    n_entities = len(entity_keys[0]) if entity_keys else 0
+    n_features = len(feature_keys[0]) if feature_keys else 0
+    if not entity_keys:  # a view without entities joins on time alone
+        return np.zeros(n_entities, np.int64), np.zeros(n_features, np.int64)
+    combined: np.ndarray | None = None
+    for entity_column, feature_column_ in zip(entity_keys, feature_keys, strict=True):
+        both = pa.chunked_array(entity_column.cast(feature_column_.type).chunks + feature_column_.chunks,
+                                feature_column_.type)
+        codes, cardinality = _dense_codes(both)
+        if combined is None:
+            combined = codes
+            continue
+        null = (combined < 0) | (codes < 0)
+        combined, _ = _dense_codes(pa.chunked_array([np.where(null, 0, combined * cardinality + codes)]))
+        combined[null] = -1
+    assert combined is not None
+    return combined[:n_entities], combined[n_entities:]
+
+
+def asof_match(
+    entity_codes: np.ndarray,
+    entity_ts: np.ndarray,
+    feature_codes: np.ndarray,
+    feature_ts: np.ndarray,
+    feature_created: np.ndarray | None,
+    ttl_ns: int | None,
+) -> np.ndarray:
+    """For each entity row, the index of the feature row it joins to, or NO_MATCH.
+
+    Feature rows are ordered by (key, timestamp, created); (key, timestamp) is packed into one int64 (the key
+    code times the number of distinct timestamps plus the timestamp's rank), so one searchsorted finds, for
+    every entity row, the last feature row at or before it with the same key.
+    """
+    result = np.full(len(entity_codes), NO_MATCH, dtype=np.int64)
+    usable = (feature_codes >= 0) & (feature_ts != NULL_TIME)
+    if not usable.all():
+        kept = np.flatnonzero(usable)
+        inner = asof_match(entity_codes, entity_ts, feature_codes[kept], feature_ts[kept],
+                           None if feature_created is None else feature_created[kept], ttl_ns)
+        return np.where(inner >= 0, kept[np.maximum(inner, 0)], NO_MATCH)
+    if len(feature_codes) == 0 or len(entity_codes) == 0:
+        return result
+
+    times, time_rank = np.unique(np.concatenate([feature_ts, entity_ts]), return_inverse=True)
+    span = np.int64(len(times))
+    feature_packed = feature_codes * span + time_rank[: len(feature_ts)]
+    entity_packed = entity_codes * span + time_rank[len(feature_ts):]
+
+    if feature_created is None:
+        order = np.argsort(feature_packed, kind="stable")
+    else:
+        order = np.lexsort((feature_created, feature_packed))
+    sorted_packed = feature_packed[order]
+
+    candidate = np.searchsorted(sorted_packed, entity_packed, side="right") - 1
+    found = candidate >= 0
+    picked = order[np.maximum(candidate, 0)]
+    found &= feature_codes[picked] == entity_codes
+    found &= (entity_codes >= 0) & (entity_ts != NULL_TIME)
+    if ttl_ns:
+        found &= feature_ts[picked] >= entity_ts - ttl_ns
+    result[found] = picked[found]
+    return result
+
+
+# --- one task ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PartitionTask:
+    connection: str  # libpq connection string
+    query: str  # from driver.feature_query
+    key_count: int
+    has_created: bool
+    output_names: tuple[str, ...]
+    ttl_ns: int | None
+
+
+def entity_partition(positions: np.ndarray, timestamps_ns: np.ndarray, keys: list[pa.ChunkedArray]) -> pa.Table:
+    """The entity rows a task needs: position, UTC nanoseconds and the view's keys (as __k0, __k1...)."""
+    columns = {POSITION: pa.array(positions, pa.int64()), TS: pa.array(timestamps_ns[positions], pa.int64())}
+    columns.update({key_column(i): key.take(positions) for i, key in enumerate(keys)})
+    return pa.table(columns)
+
+
+def join_partition(task: PartitionTask, entities: pa.Table) -> pa.Table:
+    """The features of each entity row of the partition (NULL where no row qualifies), with its position."""
+    features = read_arrow(task.connection, task.query)
+    entity_codes, feature_codes = key_codes([entities.column(key_column(i)) for i in range(task.key_count)],
+                                            [features.column(key_column(i)) for i in range(task.key_count)])
+    created = arrow_nanoseconds(features.column(CREATED)) if task.has_created else None
+    picked = asof_match(entity_codes, entities.column(TS).to_numpy(), feature_codes,
+                        arrow_nanoseconds(features.column(TS)), created, task.ttl_ns)
+    values = features.select([feature_column(i) for i in range(len(task.output_names))])
+    joined = feast_types(values.take(pa.array(picked, mask=picked < 0)))
+    return joined.rename_columns(list(task.output_names)).append_column(POSITION, entities.column(POSITION))
