@@ -7,6 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from sales_forecast.config import load_settings
+from sales_forecast.errors import ConfigError
 from sales_forecast.ray_offline_store.driver import (
     KeyRange,
     Parallelism,
@@ -128,22 +130,23 @@ def test_feature_query_pushes_down_columns_time_and_key_range() -> None:
     assert feature_query(_plan(("region",)), None, None, (True,)).endswith("WHERE FALSE")
 
 
-def test_ray_target(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("FEAST_RAY_EXECUTION_MODE", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert ray_target(None) == "local"
-    assert ray_target("10.0.0.1:6379") == "10.0.0.1:6379"
-    monkeypatch.setenv("RAY_ADDRESS", "feast-ray-head:6379")  # what a Ray job's driver sees
-    assert ray_target(None) == "feast-ray-head:6379"
-    monkeypatch.setenv("FEAST_RAY_EXECUTION_MODE", "local")
-    assert ray_target(None) == "local"
-    monkeypatch.setenv("FEAST_RAY_EXECUTION_MODE", "remote")
-    monkeypatch.setenv("RAY_ADDRESS", "ray://feast-ray-head:10001")
+def test_ray_target() -> None:
+    """The Ray variables come through sales_forecast.config (load_settings), never os.environ directly."""
+    def target(ray_address: str | None = None, **environ: str) -> str:
+        return ray_target(ray_address, load_settings(environ))
+
+    assert target() == "local"
+    assert target("10.0.0.1:6379") == "10.0.0.1:6379"
+    assert target(RAY_ADDRESS="feast-ray-head:6379") == "feast-ray-head:6379"  # what a Ray job's driver sees
+    assert target(RAY_ADDRESS="feast-ray-head:6379", FEAST_RAY_EXECUTION_MODE="local") == "local"
+    with pytest.raises(RayConnectionError, match="needs ray_address"):
+        target(FEAST_RAY_EXECUTION_MODE="remote")
     with pytest.raises(RayConnectionError, match="Ray Client"):
-        ray_target(None)
-    monkeypatch.setenv("FEAST_RAY_EXECUTION_MODE", "kuberay")
-    with pytest.raises(RayConnectionError, match="kuberay"):
-        ray_target(None)
+        target("ray://feast-ray-head:10001", FEAST_RAY_EXECUTION_MODE="remote")
+    with pytest.raises(ConfigError, match="Ray Client"):
+        target(RAY_ADDRESS="ray://feast-ray-head:10001")
+    with pytest.raises(ConfigError, match="FEAST_RAY_EXECUTION_MODE"):
+        target(FEAST_RAY_EXECUTION_MODE="kuberay")
 
 
 def test_partition_counts() -> None:

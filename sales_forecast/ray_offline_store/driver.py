@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
-import os
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 from psycopg import sql
 
+from sales_forecast.config import Settings, load_settings
 from sales_forecast.errors import PipelineError
 from sales_forecast.ray_offline_store.worker import (
     CREATED,
@@ -217,15 +217,13 @@ class RayConnectionError(PipelineError):
     pass
 
 
-def ray_target(ray_address: str | None) -> str:
-    """``local``, or the address of the cluster to join (FEAST_RAY_EXECUTION_MODE, then ray_address or
-    RAY_ADDRESS; never Ray Client)."""
-    mode = os.environ.get("FEAST_RAY_EXECUTION_MODE", "").strip().lower()
-    if mode == "kuberay":
-        raise RayConnectionError("FEAST_RAY_EXECUTION_MODE=kuberay is not supported by the Ray offline store: "
-                                 "run the step as a Ray job on the cluster (RAY_ADDRESS is then set)")
-    address = ray_address or os.environ.get("RAY_ADDRESS") or None
-    if mode == "local" or (mode != "remote" and not address):
+def ray_target(ray_address: str | None, settings: Settings | None = None) -> str:
+    """``local``, or the address of the cluster to join: FEAST_RAY_EXECUTION_MODE decides (local / remote), then
+    ``ray_address`` or RAY_ADDRESS means remote (never Ray Client), else local. The variables are read through
+    sales_forecast.config (``settings``, default ``load_settings()``), which refuses kuberay and ray:// itself."""
+    settings = settings or load_settings()
+    address = ray_address or settings.ray_address
+    if settings.ray_mode == "local" or (settings.ray_mode != "remote" and not address):
         return "local"
     if not address:
         raise RayConnectionError("FEAST_RAY_EXECUTION_MODE=remote needs ray_address or RAY_ADDRESS")
