@@ -25,9 +25,9 @@ from sales_forecast.ray_offline_store.worker import NO_MATCH, NULL_TIME, POSITIO
 SECOND = 1_000_000_000
 
 
-def brute_force(e_code, e_ts, f_code, f_ts, f_created, ttl_ns) -> np.ndarray:
+def brute_force(e_code, e_ts, f_code, f_ts, f_created, ttl_ns, f_value=None) -> np.ndarray:
     """Feast's rule row by row: among rows with the same key, ts <= entity ts (and >= entity ts - ttl),
-    the greatest (ts, created)."""
+    the greatest (ts, created), then the greatest value (the tie-break of exact duplicates)."""
     out = np.full(len(e_code), NO_MATCH)
     for i in range(len(e_code)):
         best = None
@@ -36,12 +36,17 @@ def brute_force(e_code, e_ts, f_code, f_ts, f_created, ttl_ns) -> np.ndarray:
                 continue
             if f_ts[j] > e_ts[i] or (ttl_ns and f_ts[j] < e_ts[i] - ttl_ns):
                 continue
-            rank = (f_ts[j], f_created[j] if f_created is not None else 0)
+            rank = (f_ts[j], f_created[j] if f_created is not None else 0, f_value[j] if f_value is not None else 0)
             if best is None or rank >= best[0]:
                 best = (rank, j)
         if best is not None:
             out[i] = best[1]
     return out
+
+
+def _described(picked: np.ndarray, *columns: np.ndarray | None) -> list[tuple]:
+    """What a pick means (the row's key, times and value), since equal rows are interchangeable."""
+    return [None if p < 0 else tuple(int(c[p]) for c in columns if c is not None) for p in picked]
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -51,35 +56,74 @@ def test_asof_match_equals_brute_force(seed: int) -> None:
     f_code = rng.integers(-1, 5, n_features)  # -1: a NULL key
     f_ts = rng.integers(0, 20, n_features) * SECOND
     f_ts[rng.random(n_features) < 0.05] = NULL_TIME
-    f_created = rng.permutation(n_features).astype(np.int64) * SECOND  # distinct: ties have one winner
+    f_created = rng.integers(0, 3, n_features).astype(np.int64) * SECOND  # ties on (key, ts, created) happen
+    f_value = rng.integers(0, 4, n_features)
     e_code = rng.integers(-1, 6, n_entities)
     e_ts = rng.integers(0, 25, n_entities) * SECOND
     e_ts[rng.random(n_entities) < 0.05] = NULL_TIME
+
+    def by_value(rows: np.ndarray) -> np.ndarray:
+        return np.argsort(np.argsort(f_value[rows], kind="stable"), kind="stable")
+
     for created in (f_created, None):
-        if created is None:  # without created timestamps, keep (key, ts) unique so the winner is defined
-            _, first = np.unique(np.stack([f_code, f_ts]), axis=1, return_index=True)
-            keep = np.sort(first)
-            f_code, f_ts = f_code[keep], f_ts[keep]
         for ttl in (None, 3 * SECOND, 0):
-            got = asof_match(e_code, e_ts, f_code, f_ts, created, ttl)
-            assert got.tolist() == brute_force(e_code, e_ts, f_code, f_ts, created, ttl).tolist()
+            got = asof_match(e_code, e_ts, f_code, f_ts, created, ttl, tie_break=by_value)
+            want = brute_force(e_code, e_ts, f_code, f_ts, created, ttl, f_value)
+            assert _described(got, f_code, f_ts, created, f_value) == _described(want, f_code, f_ts, created, f_value)
+
+
+def test_asof_match_when_no_feature_row_is_usable() -> None:
+    """Every feature row has a NULL key or a NULL time: no entity row matches (issue 10, case 2)."""
+    got = asof_match(np.array([0, 1]), np.array([5, 5]) * SECOND, np.array([-1, 0]),
+                     np.array([1 * SECOND, NULL_TIME]), None, None)
+    assert got.tolist() == [NO_MATCH, NO_MATCH]
+
+
+def test_asof_match_tie_break_only_on_exact_ties() -> None:
+    """The tie-break sees only rows equal in (key, ts, created); the result never depends on the input order."""
+    seen: list[list[int]] = []
+
+    def tie_break(rows: np.ndarray) -> np.ndarray:
+        seen.append(sorted(rows.tolist()))
+        return np.asarray([{0: 1, 1: 2, 2: 0}[int(r)] for r in rows])  # row 1 is the greatest
+
+    codes, ts = np.array([0, 0, 0, 0]), np.array([1, 1, 1, 2]) * SECOND
+    got = asof_match(np.array([0, 0]), np.array([1, 3]) * SECOND, codes, ts, None, None, tie_break)
+    assert got.tolist() == [1, 3] and seen == [[0, 1, 2]]
+    seen.clear()
+    assert asof_match(np.array([0]), np.array([5]) * SECOND, np.array([0, 0]), np.array([1, 2]) * SECOND,
+                      None, None, tie_break).tolist() == [1] and seen == []
 
 
 def test_key_codes_keep_pairs_apart_and_nulls_unmatched() -> None:
     stores = pa.chunked_array([pa.array([1, 11, 1, None], pa.int32())])  # entity side: another int type
     depts = pa.chunked_array([pa.array([12, 2, 12, 2])])
     e_codes, f_codes = key_codes([stores, depts], [pa.chunked_array([pa.array([11, 1])]),
-                                                   pa.chunked_array([pa.array([2, 12])])])
+                                                   pa.chunked_array([pa.array([2, 12])])], 4, 2)
     assert e_codes[0] == e_codes[2] != e_codes[1]
     assert e_codes[3] == -1
     assert f_codes.tolist() == [e_codes[1], e_codes[0]]
-    no_keys = key_codes([], [])
-    assert no_keys[0].size == 0 and no_keys[1].size == 0
+    no_keys = key_codes([], [], 3, 2)  # a view without entities: one key for every row
+    assert no_keys[0].tolist() == [0, 0, 0] and no_keys[1].tolist() == [0, 0]
+
+
+def test_key_codes_compare_like_postgresql() -> None:
+    """An entity id outside the source column's type matches nothing (2^40 against int4), unsigned ids above
+    int64 are NULL, integers against floats compare as numbers (issue 10, case 3)."""
+    source = pa.chunked_array([pa.array([1, 2], pa.int32())])
+    e_codes, f_codes = key_codes([pa.chunked_array([pa.array([1, 2**40, -(2**40), 2])])], [source], 4, 2)
+    assert e_codes[0] == f_codes[0] and e_codes[3] == f_codes[1] and not {e_codes[1], e_codes[2]} & {*f_codes}
+    e_codes, _ = key_codes([pa.chunked_array([pa.array([2**64 - 1, 1], pa.uint64())])], [source], 2, 2)
+    assert e_codes[0] == -1
+    e_codes, f_codes = key_codes([pa.chunked_array([pa.array([1.0, 1.5])])], [source], 2, 2)
+    assert e_codes[0] == f_codes[0] and e_codes[1] not in f_codes
+    with pytest.raises(TypeError, match="cannot be compared"):
+        key_codes([pa.chunked_array([pa.array(["a"])])], [source], 1, 2)
 
 
 def test_key_codes_on_text() -> None:
     e_codes, f_codes = key_codes([pa.chunked_array([pa.array(["a", "b", None])])],
-                                 [pa.chunked_array([pa.array(["b", "c"])])])
+                                 [pa.chunked_array([pa.array(["b", "c"])])], 3, 2)
     assert e_codes[1] == f_codes[0] and e_codes[2] == -1 and len({*e_codes[:2], f_codes[1]}) == 3
 
 

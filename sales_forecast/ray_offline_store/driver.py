@@ -48,6 +48,7 @@ class ViewPlan:
     features: tuple[str, ...]  # source columns
     output_names: tuple[str, ...]
     ttl_seconds: int  # whole seconds, as Feast's SQL uses it; 0: no lower bound
+    tie_order: tuple[int, ...] = ()  # the features (positions) in the view's schema order, for exact ties
 
     @property
     def ttl_ns(self) -> int | None:
@@ -282,7 +283,8 @@ def view_tasks(plan: ViewPlan, entities: EntityRows, connection: str, partitions
         window = _window(plan, entities.timestamps_ns[positions])
         task = PartitionTask(connection=connection, query=feature_query(plan, window, key_range, text_keys),
                              key_count=len(plan.join_keys), has_created=plan.created_timestamp_column is not None,
-                             output_names=plan.output_names, ttl_ns=plan.ttl_ns)
+                             output_names=plan.output_names, ttl_ns=plan.ttl_ns,
+                             tie_order=plan.tie_order or tuple(range(len(plan.features))))
         tasks.append((task, entity_partition(positions, entities.timestamps_ns, keys.columns)))
     return tasks
 

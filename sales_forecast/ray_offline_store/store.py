@@ -153,6 +153,9 @@ def _plan_view(view: FeatureView, features: list[str], full_feature_names: bool)
         outputs = tuple(f"{name}__{output}" for output in outputs)
     ttl_seconds = int(view.ttl.total_seconds()) if isinstance(view.ttl, timedelta) else 0
     created = source.created_timestamp_column or None
+    schema = [field.name for field in view.features]
+    tie_order = sorted(range(len(features)),
+                       key=lambda i: schema.index(features[i]) if features[i] in schema else len(schema))
     return ViewPlan(
         name=name,
         source_sql=source.get_table_query_string(),
@@ -163,6 +166,7 @@ def _plan_view(view: FeatureView, features: list[str], full_feature_names: bool)
         features=source_features,
         output_names=outputs,
         ttl_seconds=max(ttl_seconds, 0),
+        tie_order=tuple(tie_order),
     )
 
 

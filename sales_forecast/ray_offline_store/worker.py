@@ -12,12 +12,13 @@ nanoseconds since the epoch (UTC); ``NULL_TIME`` marks a missing one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import adbc_driver_postgresql.dbapi as adbc
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 NO_MATCH = -1
 NULL_TIME = np.iinfo(np.int64).min  # what NaT is in int64 nanoseconds
@@ -81,22 +82,55 @@ def _dense_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, int]:
     return indices.fill_null(-1).to_numpy().astype(np.int64), cardinality
 
 
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def _numeric(type_: pa.DataType) -> bool:
+    return pa.types.is_integer(type_) or pa.types.is_floating(type_)
+
+
+def comparable(entity: pa.ChunkedArray, feature: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """An entity key column and a source key column in one type, equal where PostgreSQL finds them equal.
+
+    Integers compare as int64 (an entity id outside the source column's type, 2^40 against int4, equals nothing,
+    as in PostgreSQL; an unsigned value above int64 becomes NULL, which matches nothing); an integer against a
+    float compares as float64, as PostgreSQL compares int8 with float8; anything else is cast to the source
+    column's type.
+    """
+    entity_type, feature_type = entity.type, feature.type
+    if entity_type == feature_type:
+        return entity, feature
+    if pa.types.is_integer(entity_type) and pa.types.is_integer(feature_type):
+        return _int64(entity), _int64(feature)
+    if _numeric(entity_type) and _numeric(feature_type):
+        return entity.cast(pa.float64()), feature.cast(pa.float64())
+    try:
+        return entity.cast(feature_type), feature
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise TypeError(f"an entity key of type {entity_type} cannot be compared with the source's key column of "
+                        f"type {feature_type}: {exc}") from exc
+
+
+def _int64(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    if column.type == pa.uint64():
+        column = pc.if_else(pc.greater(column, pa.scalar(_INT64_MAX, pa.uint64())), None, column)
+    return column.cast(pa.int64())
+
+
 def key_codes(entity_keys: Sequence[pa.ChunkedArray], feature_keys: Sequence[pa.ChunkedArray],
-              ) -> tuple[np.ndarray, np.ndarray]:
+              n_entities: int, n_features: int) -> tuple[np.ndarray, np.ndarray]:
     """Dense int64 codes for key tuples, equal exactly when every key value is equal; -1 where a key is NULL.
 
-    Each column is encoded on its own (entity values cast to the feature column's type) and the codes are
-    combined pairwise, re-encoding after each step so the code never overflows: (1, 12) and (11, 2) stay
-    distinct, unlike a glued string.
+    Each column is encoded on its own (both sides in one type, see ``comparable``) and the codes are combined
+    pairwise, re-encoding after each step so the code never overflows: (1, 12) and (11, 2) stay distinct, unlike
+    a glued string. Without key columns (a view without entities) every row has code 0: the join is on time alone.
     """
-    n_entities = len(entity_keys[0]) if entity_keys else 0
-    n_features = len(feature_keys[0]) if feature_keys else 0
-    if not entity_keys:  # a view without entities joins on time alone
+    if not entity_keys:
         return np.zeros(n_entities, np.int64), np.zeros(n_features, np.int64)
     combined: np.ndarray | None = None
     for entity_column, feature_column_ in zip(entity_keys, feature_keys, strict=True):
-        both = pa.chunked_array(entity_column.cast(feature_column_.type).chunks + feature_column_.chunks,
-                                feature_column_.type)
+        entity_column, feature_column_ = comparable(entity_column, feature_column_)
+        both = pa.chunked_array(entity_column.chunks + feature_column_.chunks, feature_column_.type)
         codes, cardinality = _dense_codes(both)
         if combined is None:
             combined = codes
@@ -108,6 +142,30 @@ def key_codes(entity_keys: Sequence[pa.ChunkedArray], feature_keys: Sequence[pa.
     return combined[:n_entities], combined[n_entities:]
 
 
+TieBreak = Callable[[np.ndarray], np.ndarray]
+
+
+def value_ranks(values: pa.Table) -> TieBreak:
+    """The tie-break of rows equal in key, event and created timestamp: a rank per row, higher for greater feature
+    values compared column by column (NULL and NaN lowest); columns Arrow cannot sort (lists, structs) compare
+    by their text."""
+    def ranks(rows: np.ndarray) -> np.ndarray:
+        picked = feast_types(values.take(pa.array(rows)))
+        columns = {f"c{i}": column if _sortable(column.type) else pa.array([str(v) for v in column.to_pylist()])
+                   for i, column in enumerate(picked.columns)}
+        if not columns:
+            return np.zeros(len(rows), np.int64)
+        order = pc.sort_indices(pa.table(columns), sort_keys=[(name, "ascending", "at_start") for name in columns])
+        rank = np.empty(len(rows), np.int64)
+        rank[order.to_numpy()] = np.arange(len(rows))
+        return rank
+    return ranks
+
+
+def _sortable(type_: pa.DataType) -> bool:
+    return not (pa.types.is_nested(type_) or pa.types.is_dictionary(type_) or isinstance(type_, pa.ExtensionType))
+
+
 def asof_match(
     entity_codes: np.ndarray,
     entity_ts: np.ndarray,
@@ -115,19 +173,25 @@ def asof_match(
     feature_ts: np.ndarray,
     feature_created: np.ndarray | None,
     ttl_ns: int | None,
+    tie_break: TieBreak | None = None,
 ) -> np.ndarray:
     """For each entity row, the index of the feature row it joins to, or NO_MATCH.
 
-    Feature rows are ordered by (key, timestamp, created); (key, timestamp) is packed into one int64 (the key
-    code times the number of distinct timestamps plus the timestamp's rank), so one searchsorted finds, for
-    every entity row, the last feature row at or before it with the same key.
+    Feature rows are ordered by (key, timestamp, created, tie-break rank); (key, timestamp) is packed into one
+    int64 (the key code times the number of distinct timestamps plus the timestamp's rank), so one searchsorted
+    finds, for every entity row, the last feature row at or before it with the same key. ``tie_break`` ranks rows
+    equal in (key, timestamp, created) so the pick never depends on the order PostgreSQL returned them in; it is
+    called only when there are such rows.
     """
     result = np.full(len(entity_codes), NO_MATCH, dtype=np.int64)
     usable = (feature_codes >= 0) & (feature_ts != NULL_TIME)
     if not usable.all():
         kept = np.flatnonzero(usable)
+        if kept.size == 0:
+            return result
         inner = asof_match(entity_codes, entity_ts, feature_codes[kept], feature_ts[kept],
-                           None if feature_created is None else feature_created[kept], ttl_ns)
+                           None if feature_created is None else feature_created[kept], ttl_ns,
+                           None if tie_break is None else lambda rows: tie_break(kept[rows]))
         return np.where(inner >= 0, kept[np.maximum(inner, 0)], NO_MATCH)
     if len(feature_codes) == 0 or len(entity_codes) == 0:
         return result
@@ -137,10 +201,18 @@ def asof_match(
     feature_packed = feature_codes * span + time_rank[: len(feature_ts)]
     entity_packed = entity_codes * span + time_rank[len(feature_ts):]
 
-    if feature_created is None:
-        order = np.argsort(feature_packed, kind="stable")
-    else:
-        order = np.lexsort((feature_created, feature_packed))
+    sort_keys = [feature_packed] if feature_created is None else [feature_created, feature_packed]
+    order = np.lexsort(sort_keys)
+    if tie_break is not None:
+        same = np.ones(len(order) - 1, dtype=bool)
+        for key in sort_keys:
+            ordered = key[order]
+            same &= ordered[1:] == ordered[:-1]
+        if same.any():
+            tied = order[np.flatnonzero(np.r_[same, False] | np.r_[False, same])]
+            rank = np.zeros(len(order), np.int64)
+            rank[tied] = tie_break(tied)
+            order = np.lexsort([rank, *sort_keys])
     sorted_packed = feature_packed[order]
 
     candidate = np.searchsorted(sorted_packed, entity_packed, side="right") - 1
@@ -164,6 +236,7 @@ class PartitionTask:
     has_created: bool
     output_names: tuple[str, ...]
     ttl_ns: int | None
+    tie_order: tuple[int, ...]  # the features (by position) in the view's schema order: the tie-break's order
 
 
 def entity_partition(positions: np.ndarray, timestamps_ns: np.ndarray, keys: list[pa.ChunkedArray]) -> pa.Table:
@@ -176,11 +249,13 @@ def entity_partition(positions: np.ndarray, timestamps_ns: np.ndarray, keys: lis
 def join_partition(task: PartitionTask, entities: pa.Table) -> pa.Table:
     """The features of each entity row of the partition (NULL where no row qualifies), with its position."""
     features = read_arrow(task.connection, task.query)
-    entity_codes, feature_codes = key_codes([entities.column(key_column(i)) for i in range(task.key_count)],
-                                            [features.column(key_column(i)) for i in range(task.key_count)])
+    entity_keys = [entities.column(key_column(i)) for i in range(task.key_count)]
+    feature_keys = feast_types(features.select([key_column(i) for i in range(task.key_count)])).columns
+    entity_codes, feature_codes = key_codes(entity_keys, feature_keys, entities.num_rows, features.num_rows)
     created = arrow_nanoseconds(features.column(CREATED)) if task.has_created else None
-    picked = asof_match(entity_codes, entities.column(TS).to_numpy(), feature_codes,
-                        arrow_nanoseconds(features.column(TS)), created, task.ttl_ns)
     values = features.select([feature_column(i) for i in range(len(task.output_names))])
+    picked = asof_match(entity_codes, entities.column(TS).to_numpy(), feature_codes,
+                        arrow_nanoseconds(features.column(TS)), created, task.ttl_ns,
+                        tie_break=value_ranks(values.select([values.column_names[i] for i in task.tie_order])))
     joined = feast_types(values.take(pa.array(picked, mask=picked < 0)))
     return joined.rename_columns(list(task.output_names)).append_column(POSITION, entities.column(POSITION))
