@@ -126,3 +126,116 @@ def test_duplicate_rows_with_equal_created_timestamps_pick_deterministically(con
         result = feature_store(contract_db).get_historical_features(
             entity_df=entities, features=["store_stats:visitors", "store_stats:temperature"]).to_df()
         assert result[["temperature", "visitors"]].values.tolist() == [[5.0, 30]]
+
+
+# --- 4. naive timestamps ----------------------------------------------------------------------------------------
+
+ZONE = "America/New_York"  # UTC-5 in winter, with both DST transitions in 2026 (Mar 8 02:00, Nov 1 02:00)
+
+
+@pytest.fixture(scope="module")
+def new_york_db(stack_settings: Settings) -> Settings:
+    """A database whose sessions run in New York time, with one view on a ``timestamp`` (naive) source column and
+    one on a ``timestamptz`` column, hourly rows around 2026-01-05 and both DST transitions, ttl 3 hours."""
+    import psycopg
+    from feast import Entity, FeatureView, Field, ValueType
+    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import PostgreSQLSource
+    from feast.types import Float64
+
+    settings = database_settings(stack_settings, "ray_new_york")
+    with psycopg.connect(settings.postgres.libpq_url(), autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE ray_new_york SET TimeZone = '{ZONE}'")
+        for table, kind in (("naive_rows", "timestamp"), ("aware_rows", "timestamptz")):
+            conn.execute(f"CREATE TABLE {table} (k bigint, ts {kind}, v float8)")
+            # the same wall-clock strings: naive as written, aware read in the session's zone (New York)
+            conn.execute(f"""INSERT INTO {table} SELECT k, (d + h * interval '1 hour')::{kind}, k * 1000 + h
+                             FROM unnest(ARRAY[1, 2]) k, unnest(ARRAY['2026-01-05'::timestamp, '2026-03-08',
+                             '2026-11-01']) d, generate_series(0, 30, 2) h WHERE (k + h) % 3 <> 0""")
+            conn.execute(f"CREATE INDEX ON {table} (k, ts)")
+    k = Entity(name="k", join_keys=["k"], value_type=ValueType.INT64)
+    views = [FeatureView(name=name, entities=[k], ttl=pd.Timedelta(hours=3).to_pytimedelta(),
+                         schema=[Field(name="v", dtype=Float64)],
+                         source=PostgreSQLSource(name=name, table=f"{name}_rows", timestamp_field="ts"))
+             for name in ("naive", "aware")]
+    feature_store(settings, project="new_york").apply([k, *views])
+    return settings
+
+
+def new_york_entities() -> pd.DataFrame:
+    """Wall-clock times (New York) at, between and around the rows, in winter and at the DST transitions (a time
+    that does not exist, 2026-03-08 02:30, and one that exists twice, 2026-11-01 01:30)."""
+    times = []
+    for day in ("2026-01-05", "2026-03-08", "2026-11-01"):
+        base = pd.Timestamp(day)
+        times += [base + pd.Timedelta(minutes=m) for m in (0, 45, 90, 150, 179, 181, 240, 330, 600, 1_200, 1_800)]
+    times += [pd.Timestamp("2026-03-08 02:30"), pd.Timestamp("2026-11-01 01:30"), pd.Timestamp("2026-11-01 01:00")]
+    frame = pd.DataFrame({"k": np.tile([1, 2], len(times)), "event_timestamp": np.repeat(times, 2)})
+    return frame.assign(row_id=np.arange(len(frame)))
+
+
+def instant_oracle(settings: Settings, view: str, entity_query: str) -> pd.Series:
+    """The rule computed by PostgreSQL on instants: both sides cast to timestamptz (the session's reading of a naive
+    value), the latest row within 3 hours at or before the entity row; by row_id."""
+    import psycopg
+
+    with psycopg.connect(settings.postgres.libpq_url()) as conn:
+        rows = conn.execute(f"""
+            SELECT e.row_id, (SELECT r.v FROM {view}_rows r WHERE r.k = e.k
+                              AND r.ts::timestamptz <= e.event_timestamp::timestamptz
+                              AND r.ts::timestamptz >= e.event_timestamp::timestamptz - interval '3 hours'
+                              ORDER BY r.ts::timestamptz DESC LIMIT 1)
+            FROM ({entity_query}) e ORDER BY e.row_id""").fetchall()
+    return pd.Series([row[1] for row in rows], dtype="float64", name=f"{view}__v")
+
+
+@pytest.mark.parametrize("entity_kind", ["frame naive", "frame aware", "frame naive, coerce_tz_aware off",
+                                         "sql naive", "sql aware"])
+def test_naive_timestamps_follow_feast_on_a_non_utc_server(new_york_db: Settings, entity_kind: str) -> None:
+    """One rule, Feast's: a naive timestamp that reaches PostgreSQL (a timestamp-without-time-zone source column,
+    a SQL entity set's column, a DataFrame's column once coerce_tz_aware is off) is wall-clock time in the
+    session's TimeZone, a skipped or repeated wall-clock time being the later instant, as PostgreSQL converts it;
+    FeatureStore makes a DataFrame's naive timestamps UTC by default. Everything is then compared as instants.
+
+    The one place Feast differs: where both sides are naive, its SQL compares wall clocks and subtracts the ttl on
+    the wall clock, so across a DST transition its window is an hour longer or shorter than the ttl. There the Ray
+    store follows the rule (checked against PostgreSQL's own instants), and only DST-day rows may differ.
+    Each entity row's answer is also the same alone as within the whole set (the time window pushed down per
+    partition must not change it)."""
+    from sales_forecast.features.load import load_table
+
+    entities = new_york_entities()
+    load_table(new_york_db.postgres, "entity_rows", entities, ["row_id"])  # naive: New York wall clock
+    options = {"project": "new_york"}
+    aware = entity_kind in ("frame aware", "sql aware")
+    if entity_kind == "frame aware":
+        entities["event_timestamp"] = entities["event_timestamp"].dt.tz_localize(ZONE, ambiguous=False,
+                                                                                 nonexistent="shift_forward")
+    if entity_kind.endswith("coerce_tz_aware off"):
+        options["coerce_tz_aware"] = False
+    entity_df: pd.DataFrame | str = entities
+    if entity_kind.startswith("sql"):
+        cast = "timestamptz" if aware else "timestamp"  # timestamptz: the wall clock read in New York time
+        entity_df = f"SELECT row_id, k, event_timestamp::{cast} AS event_timestamp FROM entity_rows"
+    features = ["naive:v", "aware:v"]
+    ours, theirs = (store.get_historical_features(entity_df=entity_df, features=features, full_feature_names=True)
+                    .to_df().sort_values("row_id").reset_index(drop=True)
+                    for store in (feature_store(new_york_db, **options), postgres_store(new_york_db, **options)))
+    assert ours["naive__v"].notna().any() and ours["aware__v"].isna().any()
+
+    both_naive = entity_kind in ("sql naive", "frame naive, coerce_tz_aware off")
+    if not both_naive:
+        pd.testing.assert_frame_equal(ours, theirs)
+    else:
+        pd.testing.assert_frame_equal(ours.drop(columns="naive__v"), theirs.drop(columns="naive__v"))
+        entity_query = "SELECT row_id, k, event_timestamp FROM entity_rows"
+        pd.testing.assert_series_equal(ours["naive__v"], instant_oracle(new_york_db, "naive", entity_query))
+        differ = ~((ours["naive__v"] == theirs["naive__v"]) | (ours["naive__v"].isna() & theirs["naive__v"].isna()))
+        days = set(ours.loc[differ, "event_timestamp"].dt.strftime("%Y-%m-%d"))
+        assert days <= {"2026-03-08", "2026-11-01"}, days
+
+    if isinstance(entity_df, pd.DataFrame):  # each row alone, in partitions of one row: the same answer
+        store = feature_store(new_york_db, partitions=1, **options)
+        for row in range(0, len(entities), 7):
+            alone = store.get_historical_features(entity_df=entities.iloc[[row]], features=features,
+                                                  full_feature_names=True).to_df()
+            pd.testing.assert_frame_equal(alone.reset_index(drop=True), ours.iloc[[row]].reset_index(drop=True))

@@ -162,7 +162,8 @@ def _plan(keys: tuple[str, ...]) -> ViewPlan:
 def test_feature_query_pushes_down_columns_time_and_key_range() -> None:
     window = TimeWindow(low_ns=1_500, high_ns=2 * SECOND + 999)
     query = feature_query(_plan(("store", "dept")), window, KeyRange((1, 12), (11, 2)), (False, False))
-    assert query.startswith('SELECT "store" AS "__k0", "dept" AS "__k1", "ts" AS "__ts", "created" AS "__created", '
+    assert query.startswith('SELECT "store" AS "__k0", "dept" AS "__k1", "ts"::timestamptz AS "__ts", '
+                            '"created"::timestamptz AS "__created", '
                             '"x" AS "__f0", "ts" AS "__f1" FROM (SELECT * FROM t) AS source WHERE ')
     assert "\"ts\" <= '1970-01-01 00:00:02+00:00'::timestamptz" in query  # rounded down to microseconds
     assert "\"ts\" >= '1970-01-01 00:00:00.000002+00:00'::timestamptz" in query  # rounded up

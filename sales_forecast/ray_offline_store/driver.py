@@ -188,10 +188,11 @@ def feature_query(plan: ViewPlan, window: TimeWindow | None, key_range: KeyRange
     ts = sql.Identifier(plan.timestamp_field)
     selected = [sql.SQL("{} AS {}").format(sql.Identifier(name), sql.Identifier(key_column(i)))
                 for i, name in enumerate(plan.source_keys)]
-    selected.append(sql.SQL("{} AS {}").format(ts, sql.Identifier(TS)))
+    # a naive column is read in the session's TimeZone, as PostgreSQL compares it with the timestamptz bounds
+    selected.append(sql.SQL("{}::timestamptz AS {}").format(ts, sql.Identifier(TS)))
     if plan.created_timestamp_column:
-        selected.append(sql.SQL("{} AS {}").format(sql.Identifier(plan.created_timestamp_column),
-                                                   sql.Identifier(CREATED)))
+        selected.append(sql.SQL("{}::timestamptz AS {}").format(sql.Identifier(plan.created_timestamp_column),
+                                                                sql.Identifier(CREATED)))
     selected += [sql.SQL("{} AS {}").format(sql.Identifier(name), sql.Identifier(feature_column(i)))
                  for i, name in enumerate(plan.features)]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
 import pandas as pd
@@ -36,7 +37,12 @@ from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source i
 from feast.infra.offline_stores.offline_store import RetrievalJob, RetrievalMetadata
 from feast.infra.offline_stores.offline_utils import DEFAULT_ENTITY_DF_EVENT_TIMESTAMP_COL
 from feast.infra.registry.base_registry import BaseRegistry
-from feast.infra.utils.postgres.connection_utils import _get_conn_kwargs, _get_conninfo, df_to_postgres_table
+from feast.infra.utils.postgres.connection_utils import (
+    _get_conn,
+    _get_conn_kwargs,
+    _get_conninfo,
+    df_to_postgres_table,
+)
 from feast.infra.utils.postgres.postgres_config import PostgreSQLConfig
 from feast.on_demand_feature_view import OnDemandFeatureView
 from feast.repo_config import RepoConfig
@@ -170,22 +176,89 @@ def _plan_view(view: FeatureView, features: list[str], full_feature_names: bool)
     )
 
 
-# --- connections and the entity set -----------------------------------------------------------------------------
+# --- connections, time zones and the entity set ----------------------------------------------------------------
 
-def conninfo(config: PostgreSQLConfig, parallel_query: bool = True) -> str:
+def session_time_zone(config: PostgreSQLConfig) -> str:
+    """The TimeZone of the offline store's sessions as Feast opens them (the database's or role's setting, PGTZ,
+    or the connection options): the zone of every naive timestamp the join compares."""
+    with _get_conn(config) as conn:
+        return str(conn.execute("SHOW TimeZone").fetchone()[0])
+
+
+def conninfo(config: PostgreSQLConfig, time_zone: str, parallel_query: bool = True) -> str:
     """The libpq connection string of the offline store, with sslmode, ssl files, search_path and keepalives as
-    Feast sets them, for ADBC (libpq) connections.
+    Feast sets them, for ADBC (libpq) connections, and the session TimeZone pinned to ``time_zone`` (a Ray worker
+    elsewhere must read naive timestamps in the same zone as the driver).
 
     ``parallel_query=False`` is for the partition reads: Ray already runs one per CPU, and with PostgreSQL's
     parallel workers the planner picks a parallel scan of the whole table over an index range scan of the
     partition's keys (measured: each of 13 partitions then read the full 6M-row table).
     """
     options = {name: value for name, value in _get_conn_kwargs(config).items() if value is not None}
-    if not parallel_query:
-        options["options"] = f"{options.get('options', '')} -c max_parallel_workers_per_gather=0".strip()
+    zone = time_zone.replace("\\", "\\\\").replace(" ", "\\ ")
+    extra = f"-c TimeZone={zone}" + ("" if parallel_query else " -c max_parallel_workers_per_gather=0")
+    options["options"] = f"{options.get('options', '')} {extra}".strip()
     if config.keepalives_idle is not None:
         options["keepalives_idle"] = config.keepalives_idle
     return make_conninfo(_get_conninfo(config), **options)
+
+
+_UTC_NAMES = {"UTC", "ETC/UTC", "GMT", "ETC/GMT", "UCT", "ETC/UCT", "UNIVERSAL", "ETC/UNIVERSAL", "ZULU", "ETC/ZULU",
+              "GMT0", "ETC/GMT0", "GMT+0", "GMT-0", "ETC/GMT+0", "ETC/GMT-0", "GREENWICH", "ETC/GREENWICH"}
+
+
+def wall_clock_to_utc(naive_ns: np.ndarray, zone: str, config: PostgreSQLConfig) -> np.ndarray:
+    """UTC nanoseconds of wall-clock times in ``zone``, converted as PostgreSQL converts timestamp to timestamptz:
+    a wall-clock time skipped by a DST transition, or repeated by one, is the later of its candidate instants
+    (PostgreSQL: the offset before a spring-forward gap, the one after a fall-back overlap)."""
+    if zone.upper() in _UTC_NAMES:
+        return naive_ns
+    try:
+        tz = ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        return _wall_clock_to_utc_in_postgres(naive_ns, config)
+    out = naive_ns.copy()
+    valid = naive_ns != NULL_TIME
+    local = pd.DatetimeIndex(naive_ns[valid].view("datetime64[ns]")).tz_localize(tz, ambiguous="NaT",
+                                                                                  nonexistent="NaT")
+    converted = local.asi8.copy()
+    unresolved = np.flatnonzero(local.isna())
+    for wall in np.unique(naive_ns[valid][unresolved]):
+        moment = pd.Timestamp(wall).to_pydatetime(warn=False)
+        offsets = [moment.replace(tzinfo=tz, fold=fold).utcoffset() for fold in (0, 1)]
+        shift = min(offset for offset in offsets if offset is not None)
+        converted[unresolved[naive_ns[valid][unresolved] == wall]] = wall - int(shift.total_seconds() * 1e9)
+    out[valid] = converted
+    return out
+
+
+def _wall_clock_to_utc_in_postgres(naive_ns: np.ndarray, config: PostgreSQLConfig) -> np.ndarray:
+    """The same conversion by PostgreSQL itself, for a TimeZone Python does not know (a POSIX zone string)."""
+    valid = naive_ns != NULL_TIME
+    walls, inverse = np.unique(naive_ns[valid], return_inverse=True)
+    stamps = [pd.Timestamp(wall).to_pydatetime(warn=False) for wall in walls]
+    with _get_conn(config) as conn:
+        rows = conn.execute("SELECT t::timestamptz FROM unnest(%s::timestamp[]) WITH ORDINALITY AS u(t, n) "
+                            "ORDER BY n", [stamps]).fetchall()
+    instants = np.array([pd.Timestamp(row[0]).value for row in rows], dtype=np.int64)
+    out = naive_ns.copy()
+    out[valid] = instants[inverse] + (naive_ns[valid] - walls[inverse])  # sub-microsecond part kept
+    return out
+
+
+def entity_nanoseconds(values: pa.ChunkedArray, zone: str, config: PostgreSQLConfig) -> np.ndarray:
+    """int64 UTC nanoseconds of the entity timestamps (NULL_TIME for NULL): aware ones as they are, naive ones as
+    wall-clock time in the session's zone (PostgreSQL's reading, see wall_clock_to_utc); text is parsed."""
+    if not pa.types.is_timestamp(values.type):
+        series = values.to_pandas()
+        try:
+            parsed = pd.to_datetime(series)
+        except (ValueError, TypeError):  # mixed offsets
+            parsed = pd.to_datetime(series, utc=True)
+        values = pa.chunked_array([pa.Array.from_pandas(parsed)])
+    if values.type.tz is not None:
+        return arrow_nanoseconds(values)
+    return wall_clock_to_utc(arrow_nanoseconds(values), zone, config)
 
 
 @dataclass(frozen=True)
@@ -217,28 +290,20 @@ def timestamp_column(schema: pa.Schema) -> str:
     return stamps[0]
 
 
-def utc_nanoseconds(values: pa.ChunkedArray | pd.Series) -> np.ndarray:
-    """int64 UTC nanoseconds (NULL_TIME for NULL); naive timestamps are taken as UTC, strings are parsed."""
-    if isinstance(values, pa.ChunkedArray) and pa.types.is_timestamp(values.type):
-        return arrow_nanoseconds(values)
-    series = values.to_pandas() if isinstance(values, pa.ChunkedArray) else values
-    stamps = pd.to_datetime(series, utc=True)
-    return stamps.dt.tz_localize(None).to_numpy(dtype="datetime64[ns]").view(np.int64)
-
-
-def load_entities(entity_df: pd.DataFrame | str, connection: str, join_keys: set[str]) -> EntitySet:
+def load_entities(entity_df: pd.DataFrame | str, config: PostgreSQLConfig, zone: str,
+                  join_keys: set[str]) -> EntitySet:
     if isinstance(entity_df, pd.DataFrame):
         table = pa.Table.from_pandas(entity_df, preserve_index=False)
     elif isinstance(entity_df, str):
-        table = read_arrow(connection, entity_df)
+        table = read_arrow(conninfo(config, zone), entity_df)
     else:
         raise InvalidEntityType(type(entity_df))
     missing = join_keys - set(table.schema.names)
     if missing:
         raise FeastEntityDFMissingColumnsError(join_keys, missing)
     column = timestamp_column(table.schema)
-    timestamps = entity_df[column] if isinstance(entity_df, pd.DataFrame) else table.column(column)
-    rows = EntityRows(keys=table.select(sorted(join_keys)), timestamps_ns=utc_nanoseconds(timestamps))
+    rows = EntityRows(keys=table.select(sorted(join_keys)),
+                      timestamps_ns=entity_nanoseconds(table.column(column), zone, config))
     return EntitySet(table=feast_types(table), rows=rows, timestamp_column=column)
 
 
@@ -257,6 +322,7 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
         self._full_feature_names = full_feature_names
         self._on_demand_feature_views = on_demand_feature_views
         self._entities: EntitySet | None = None
+        self._time_zone: str | None = None
 
     @property
     def full_feature_names(self) -> bool:
@@ -266,16 +332,21 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
     def on_demand_feature_views(self) -> list[OnDemandFeatureView]:
         return self._on_demand_feature_views
 
+    def time_zone(self) -> str:
+        if self._time_zone is None:
+            self._time_zone = session_time_zone(self.config.offline_store)
+        return self._time_zone
+
     def entities(self) -> EntitySet:
         """The entity set, read once (a SQL entity set is a query on the offline store)."""
         if self._entities is None:
             join_keys = {key for plan in self._plans for key in plan.join_keys}
-            self._entities = load_entities(self._entity_df, conninfo(self.config.offline_store), join_keys)
+            self._entities = load_entities(self._entity_df, self.config.offline_store, self.time_zone(), join_keys)
         return self._entities
 
     def _to_arrow_internal(self, timeout: int | None = None) -> pa.Table:
         store = self.config.offline_store
-        entities, connection = self.entities(), conninfo(store, parallel_query=False)
+        entities, connection = self.entities(), conninfo(store, self.time_zone(), parallel_query=False)
         if entities.num_rows < store.ray_min_entity_rows:
             per_view = run_in_process(self._plans, entities.rows, connection)
         else:
