@@ -25,9 +25,10 @@ from sales_forecast.ray_offline_store.worker import NO_MATCH, NULL_TIME, POSITIO
 SECOND = 1_000_000_000
 
 
-def brute_force(e_code, e_ts, f_code, f_ts, f_created, ttl_ns, f_value=None) -> np.ndarray:
-    """Feast's rule row by row: among rows with the same key, ts <= entity ts (and >= entity ts - ttl),
-    the greatest (ts, created), then the greatest value (the tie-break of exact duplicates)."""
+def brute_force(e_code, e_ts, f_code, f_ts, f_created, ttl_ns, f_value=None, created_limit=False) -> np.ndarray:
+    """Feast's rule row by row: among rows with the same key, ts <= entity ts (and >= entity ts - ttl; with
+    created_limit, created <= entity ts), the greatest (ts, created), then the greatest value (the tie-break of
+    exact duplicates)."""
     out = np.full(len(e_code), NO_MATCH)
     for i in range(len(e_code)):
         best = None
@@ -35,6 +36,8 @@ def brute_force(e_code, e_ts, f_code, f_ts, f_created, ttl_ns, f_value=None) -> 
             if e_code[i] < 0 or f_code[j] != e_code[i] or e_ts[i] == NULL_TIME or f_ts[j] == NULL_TIME:
                 continue
             if f_ts[j] > e_ts[i] or (ttl_ns and f_ts[j] < e_ts[i] - ttl_ns):
+                continue
+            if created_limit and f_created is not None and f_created[j] > e_ts[i]:
                 continue
             rank = (f_ts[j], f_created[j] if f_created is not None else 0, f_value[j] if f_value is not None else 0)
             if best is None or rank >= best[0]:
@@ -65,10 +68,13 @@ def test_asof_match_equals_brute_force(seed: int) -> None:
     def by_value(rows: np.ndarray) -> np.ndarray:
         return np.argsort(np.argsort(f_value[rows], kind="stable"), kind="stable")
 
-    for created in (f_created, None):
+    late_created = f_ts + rng.integers(0, 4, n_features) * SECOND  # for filter_by_created_timestamp
+    late_created[f_ts == NULL_TIME] = 0
+    for created, limit in ((f_created, False), (None, False), (late_created, True)):
         for ttl in (None, 3 * SECOND, 0):
-            got = asof_match(e_code, e_ts, f_code, f_ts, created, ttl, tie_break=by_value)
-            want = brute_force(e_code, e_ts, f_code, f_ts, created, ttl, f_value)
+            got = asof_match(e_code, e_ts, f_code, f_ts, created, ttl, tie_break=by_value,
+                             created_at_most_entity=limit)
+            want = brute_force(e_code, e_ts, f_code, f_ts, created, ttl, f_value, created_limit=limit)
             assert _described(got, f_code, f_ts, created, f_value) == _described(want, f_code, f_ts, created, f_value)
 
 

@@ -4,7 +4,7 @@ design's two entities, store and dept.
 - The feature service's training set from the Ray join equals an independent pandas merge_asof oracle (multi-
   column ``by``), for a DataFrame and a SQL entity set, while Feast's own PostgreSQL join returns extra rows for
   the same request (it glues the join keys: store 1/dept 12 == store 11/dept 2), which is why that join must
-  never serve this view.
+  never serve this view (the Ray store never uses it, a date range included).
 - End to end through step 1's real pipeline, the colliding pair (1, 12) / (11, 2) gets each series' own values
   in the offline training set, in the online store and in the model server's predictions.
 """
@@ -29,7 +29,7 @@ from sales_forecast.features.generator import Shape, generate
 from sales_forecast.features.load import load_table
 from sales_forecast.features.store import repo_objects, repo_yaml
 from sales_forecast.forecaster import Forecaster
-from sales_forecast.ray_offline_store.store import MultipleJoinKeysFallbackError, RayPostgreSQLRetrievalJob
+from sales_forecast.ray_offline_store.store import RayPostgreSQLRetrievalJob
 from sales_forecast.serving.kserve_import import hidden_argv
 from sales_forecast.serving.model_source import ModelSource
 from sales_forecast.training.dataset import LABEL, TIMESTAMP, fetch_training_frame
@@ -120,18 +120,27 @@ def test_feature_service_equals_a_merge_asof_oracle(project_db, entity_kind: str
 
 def test_feast_postgres_join_would_return_extra_rows(project_db) -> None:
     """Why the project's view must never reach Feast's PostgreSQL join: on the same request it returns more rows
-    than entity rows (the glued key matches (1, 12) with (11, 2)); the Ray store refuses to fall back to it."""
-    settings, _, entities = project_db
+    than entity rows (the glued key matches (1, 12) with (11, 2)). The Ray store never uses it: a date range is
+    the Ray join too, one row per series and week."""
+    settings, features, entities = project_db
     pg_store = feature_store(settings, "postgres")
     theirs = pg_store.get_historical_features(
         entity_df=entities, features=pg_store.get_feature_service(FEATURE_SERVICE)).to_df()
     assert len(theirs) > len(entities), "Feast's PostgreSQL join no longer glues (1, 12) and (11, 2): recheck"
 
     ray_store = feature_store(settings)
-    last = entities["event_timestamp"].max().to_pydatetime()
-    with pytest.raises(MultipleJoinKeysFallbackError, match=FEATURE_VIEW):
-        ray_store.get_historical_features(features=ray_store.get_feature_service(FEATURE_SERVICE),
-                                          start_date=last - timedelta(days=30), end_date=last)
+    last = features["event_timestamp"].max()
+    job = ray_store.get_historical_features(features=ray_store.get_feature_service(FEATURE_SERVICE),
+                                            start_date=(last - timedelta(days=28)).to_pydatetime(),
+                                            end_date=last.to_pydatetime())
+    assert isinstance(job, RayPostgreSQLRetrievalJob)
+    ranged = job.to_df()
+    in_range = features[features["event_timestamp"] >= last - timedelta(days=28)]
+    assert len(ranged) == len(in_range) and not ranged.duplicated(["store", "dept", "event_timestamp"]).any()
+    got = ranged.set_index(["store", "dept", "event_timestamp"]).sort_index()["sales_lag_1"]
+    want = in_range.assign(event_timestamp=in_range["event_timestamp"].dt.tz_convert(None)).set_index(
+        ["store", "dept", "event_timestamp"]).sort_index()["sales_lag_1"]
+    np.testing.assert_allclose(got.to_numpy(dtype="float64"), want.to_numpy(dtype="float64"))
 
 
 def _raw_sales(settings: Settings) -> pd.Series:

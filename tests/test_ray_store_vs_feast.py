@@ -8,29 +8,27 @@ field mapping, an on-demand view).
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from conftest import database_settings
-from feast import Entity, FeatureService, FeatureStore, RepoConfig
-from feast.base_feature_view import BaseFeatureView
-from feast.data_source import DataSource
+from feast import FeatureStore
 from feast.errors import FeastEntityDFMissingColumnsError
-from feast.infra.offline_stores.contrib.postgres_offline_store.postgres import PostgreSQLRetrievalJob
 
-from sales_forecast.config import REPO_ROOT, Settings
+from sales_forecast.config import Settings
 from sales_forecast.features.load import load_table
 from sales_forecast.ray_offline_store import RayPostgreSQLOfflineStore
 from sales_forecast.ray_offline_store.store import RayPostgreSQLRetrievalJob
+from tests.support.feast_repo import (
+    RAY_REPO,
+    definitions,
+    feast_env,
+    feature_store,
+    load_tables,
+    postgres_store,
+    repo_config,
+)
 
-RAY_REPO = REPO_ROOT / "tests" / "fixtures" / "ray_repo"
 BASE = pd.Timestamp("2026-01-02", tz="UTC")
 WEEKS = 30
 STORES, DEPTS = 12, 13  # both (1, 12) and (11, 2) exist
@@ -149,46 +147,10 @@ def comparable(frame: pd.DataFrame) -> pd.DataFrame:
 
 # --- the repo ---------------------------------------------------------------------------------------------------
 
-@contextmanager
-def feast_env(settings: Settings) -> Iterator[None]:
-    saved = dict(os.environ)
-    os.environ.update(settings.environment())
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-def repo_config(settings: Settings, **offline: object) -> RepoConfig:
-    """The fixture repo's feature_store.yaml, with offline_store keys overridden (e.g. type: postgres)."""
-    with feast_env(settings):
-        raw = yaml.safe_load(os.path.expandvars((RAY_REPO / "feature_store.yaml").read_text()))
-    raw["offline_store"].update(offline)
-    if raw["offline_store"]["type"] == "postgres":  # Feast's own config rejects the Ray keys
-        raw["offline_store"].pop("partitions", None)
-        raw["offline_store"].pop("ray_min_entity_rows", None)
-    return RepoConfig(repo_path=RAY_REPO, **raw)
-
-
-def fixture_objects(path: Path) -> list:
-    spec = importlib.util.spec_from_file_location("ray_repo_features", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    kinds = (Entity, DataSource, BaseFeatureView, FeatureService)
-    return [value for value in vars(module).values() if isinstance(value, kinds)]
-
-
-def load_tables(settings: Settings, tables: dict[str, pd.DataFrame]) -> None:
-    for name, frame in tables.items():
-        keys = [c for c in ("store", "dept", "region") if c in frame.columns]
-        load_table(settings.postgres, name, frame, [*keys, "event_timestamp"])
-
-
 @pytest.fixture(scope="module")
 def ray_db(stack_settings: Settings) -> Settings:
     settings = database_settings(stack_settings, "ray_store")
-    FeatureStore(config=repo_config(settings)).apply(fixture_objects(RAY_REPO / "features.py"))
+    FeatureStore(config=repo_config(settings)).apply(definitions(RAY_REPO / "features.py"))
     return settings
 
 
@@ -196,7 +158,7 @@ def ray_db(stack_settings: Settings) -> Settings:
 def hand_db(stack_settings: Settings) -> Settings:
     """A second database for the hand-made rows, so they never mix with the randomized ones."""
     settings = database_settings(stack_settings, "ray_store_hand")
-    FeatureStore(config=repo_config(settings)).apply(fixture_objects(RAY_REPO / "features.py"))
+    FeatureStore(config=repo_config(settings)).apply(definitions(RAY_REPO / "features.py"))
     return settings
 
 
@@ -208,7 +170,7 @@ def random_data(request: pytest.FixtureRequest, ray_db: Settings) -> tuple[Setti
 
 
 def ray_store(settings: Settings, **offline: object) -> FeatureStore:
-    return FeatureStore(config=repo_config(settings, **offline))
+    return feature_store(settings, **offline)
 
 
 def features_of(views: list[str]) -> list[str]:
@@ -271,7 +233,7 @@ def test_equals_feast_postgres_join_on_single_key_views(random_data, full_featur
     features = features_of(SINGLE_KEY_VIEWS)
     ours = ray_store(settings).get_historical_features(entity_df=entity_df, features=features,
                                                       full_feature_names=full_feature_names).to_df()
-    feast = FeatureStore(config=repo_config(settings, type="postgres")).get_historical_features(
+    feast = postgres_store(settings).get_historical_features(
         entity_df=entity_df, features=features, full_feature_names=full_feature_names).to_df()
     assert list(ours.columns) == list(feast.columns)
     if full_feature_names:
@@ -335,8 +297,8 @@ def test_empty_entity_set_and_missing_columns(hand_db: Settings) -> None:
 
 
 def test_yaml_selects_the_store_and_the_rest_is_postgres(hand_db: Settings) -> None:
-    """feature_store.yaml's type string loads this store; materialization and date-range retrieval are Feast's
-    PostgreSQL code paths, and online reads return the latest rows."""
+    """feature_store.yaml's type string loads this store; materialization is Feast's PostgreSQL code path and
+    online reads return the latest rows; a date range and created-timestamp filtering run the Ray join."""
     with feast_env(hand_db):
         store = FeatureStore(repo_path=str(RAY_REPO))
     assert isinstance(store._get_provider().offline_store, RayPostgreSQLOfflineStore)
@@ -353,27 +315,22 @@ def test_yaml_selects_the_store_and_the_rest_is_postgres(hand_db: Settings) -> N
 
     ranged = store.get_historical_features(features=["store_stats:temperature"], start_date=t0.to_pydatetime(),
                                            end_date=(t0 + pd.Timedelta(days=8)).to_pydatetime())
-    assert isinstance(ranged, PostgreSQLRetrievalJob) and len(ranged.to_df()) == 3
+    assert isinstance(ranged, RayPostgreSQLRetrievalJob) and len(ranged.to_df()) == 3
     entities = pd.DataFrame({"store": [1], "event_timestamp": [t0 + pd.Timedelta(days=8)]})
     filtered = store.get_historical_features(entity_df=entities, features=["store_stats:temperature"],
                                              filter_by_created_timestamp=True)
-    assert isinstance(filtered, PostgreSQLRetrievalJob) and filtered.to_df()["temperature"].tolist() == [2.0]
+    assert isinstance(filtered, RayPostgreSQLRetrievalJob) and filtered.to_df()["temperature"].tolist() == [2.0]
 
 
-def test_multi_key_view_never_falls_back_to_feast_postgres(hand_db: Settings) -> None:
-    """The two fallbacks to Feast's PostgreSQL join (date range; created-timestamp filtering on a view with a
-    created column) are refused for a view with two join keys: that join glues (1, 12) and (11, 2) together.
-    The same requests on a one-key view still fall back (see above), and the Ray join serves the two-key view."""
-    from sales_forecast.ray_offline_store.store import MultipleJoinKeysFallbackError
-
+def test_every_request_runs_the_ray_join(hand_db: Settings) -> None:
+    """No request reaches Feast's PostgreSQL join, which glues (1, 12) and (11, 2) together: a date range and
+    created-timestamp filtering on a two-key view run on Ray too (their results: test_ray_store_contract.py)."""
     store = ray_store(hand_db)
     t0 = BASE.to_pydatetime()
-    with pytest.raises(MultipleJoinKeysFallbackError, match="store_dept_stats"):
-        store.get_historical_features(features=["store_dept_stats:sales"], start_date=t0,
-                                      end_date=t0 + pd.Timedelta(days=8))
+    ranged = store.get_historical_features(features=["store_dept_stats:sales"], start_date=t0,
+                                           end_date=t0 + pd.Timedelta(days=8))
     entities = pd.DataFrame({"store": [1, 11], "dept": [12, 2], "event_timestamp": [BASE, BASE]})
-    with pytest.raises(MultipleJoinKeysFallbackError, match="filter_by_created_timestamp"):
-        store.get_historical_features(entity_df=entities, features=["store_dept_stats:sales", "store_stats:visitors"],
-                                      filter_by_created_timestamp=True)
-    job = store.get_historical_features(entity_df=entities, features=["store_dept_stats:sales"])
-    assert isinstance(job, RayPostgreSQLRetrievalJob)
+    filtered = store.get_historical_features(entity_df=entities, filter_by_created_timestamp=True,
+                                             features=["store_dept_stats:sales", "store_stats:visitors"])
+    plain = store.get_historical_features(entity_df=entities, features=["store_dept_stats:sales"])
+    assert all(isinstance(job, RayPostgreSQLRetrievalJob) for job in (ranged, filtered, plain))

@@ -49,10 +49,16 @@ class ViewPlan:
     output_names: tuple[str, ...]
     ttl_seconds: int  # whole seconds, as Feast's SQL uses it; 0: no lower bound
     tie_order: tuple[int, ...] = ()  # the features (positions) in the view's schema order, for exact ties
+    created_at_most_entity: bool = False  # filter_by_created_timestamp: rows created after the entity time do not count
+    created_output: str | None = None  # also output the picked row's created timestamp (a date-range retrieval)
 
     @property
     def ttl_ns(self) -> int | None:
         return self.ttl_seconds * 1_000_000_000 if self.ttl_seconds > 0 else None
+
+    @property
+    def has_created(self) -> bool:
+        return self.created_timestamp_column is not None
 
 
 @dataclass(frozen=True)
@@ -213,6 +219,32 @@ def feature_query(plan: ViewPlan, window: TimeWindow | None, key_range: KeyRange
     return query.as_string()
 
 
+def date_range_query(plans: list[ViewPlan], start_ns: int, end_ns: int) -> str:
+    """The entity set of a date-range retrieval: every distinct (event timestamp, join keys) of the views' rows
+    with start <= timestamp <= end, ordered. Views without entities add rows only when no view has keys; views
+    with keys must share them (a row of one view is then an entity row of the others)."""
+    keyed = [plan for plan in plans if plan.join_keys]
+    if len({frozenset(plan.join_keys) for plan in keyed}) > 1:
+        raise ValueError("a date-range retrieval (no entity set) needs feature views with the same join keys, since "
+                         "each view's rows are the entity rows of the others; got "
+                         + "; ".join(f"{plan.name}: {', '.join(plan.join_keys)}" for plan in keyed)
+                         + ". Pass an entity set instead.")
+    join_keys = keyed[0].join_keys if keyed else ()
+    selects = []
+    for plan in keyed or plans:
+        source_key = dict(zip(plan.join_keys, plan.source_keys, strict=True))
+        ts = sql.Identifier(plan.timestamp_field)
+        columns = [sql.SQL("{}::timestamptz AS event_timestamp").format(ts)]
+        columns += [sql.SQL("{} AS {}").format(sql.Identifier(source_key[key]), sql.Identifier(key))
+                    for key in join_keys]
+        selects.append(sql.SQL("SELECT DISTINCT {columns} FROM {source} AS source WHERE {ts} >= {low} AND "
+                               "{ts} <= {high}").format(
+            columns=sql.SQL(", ").join(columns), source=sql.SQL(plan.source_sql), ts=ts,
+            low=_timestamp(start_ns, round_up=True), high=_timestamp(end_ns, round_up=False)))
+    order = sql.SQL(", ").join(sql.SQL(str(position)) for position in range(1, len(join_keys) + 2))
+    return sql.SQL("{} ORDER BY {}").format(sql.SQL(" UNION ").join(selects), order).as_string()
+
+
 # --- Ray --------------------------------------------------------------------------------------------------------
 
 class RayConnectionError(PipelineError):
@@ -283,9 +315,11 @@ def view_tasks(plan: ViewPlan, entities: EntityRows, connection: str, partitions
         positions = np.flatnonzero(partitioning.assignment == index)
         window = _window(plan, entities.timestamps_ns[positions])
         task = PartitionTask(connection=connection, query=feature_query(plan, window, key_range, text_keys),
-                             key_count=len(plan.join_keys), has_created=plan.created_timestamp_column is not None,
+                             key_count=len(plan.join_keys), has_created=plan.has_created,
                              output_names=plan.output_names, ttl_ns=plan.ttl_ns,
-                             tie_order=plan.tie_order or tuple(range(len(plan.features))))
+                             tie_order=plan.tie_order or tuple(range(len(plan.features))),
+                             created_at_most_entity=plan.created_at_most_entity and plan.has_created,
+                             created_output=plan.created_output if plan.has_created else None)
         tasks.append((task, entity_partition(positions, entities.timestamps_ns, keys.columns)))
     return tasks
 

@@ -5,18 +5,16 @@ and the PostgreSQL keys of ``type: postgres``. Feast finds the config class by a
 and the store class by dropping it from the config's class name in the config's module, so both live here, with
 everything else that speaks Feast: the retrieval job, the plan of each requested view and the entity set.
 
-Everything but the entity-based point-in-time join is inherited from PostgreSQLOfflineStore: materialization
-reads, pull_latest/pull_all, monitoring, and the cases this join does not cover (no entity set, i.e. a
-start/end date range; filter_by_created_timestamp on a view with a created timestamp column).
-
-Those fallbacks are refused for a view with several join keys (MultipleJoinKeysFallbackError): Feast's PostgreSQL
-join builds its row id by concatenating the join keys without a separator, so (store 1, dept 12) and (store 11,
-dept 2) would share feature rows. The Ray join encodes the keys column by column and has no such problem.
+Every get_historical_features request runs the Ray join: an entity set (DataFrame or SQL), a date range without
+one (start_date/end_date: the views' own rows are the entity rows), filter_by_created_timestamp, several join
+keys. Feast's PostgreSQL join is never used: it glues several join keys together without a separator, so
+(store 1, dept 12) and (store 11, dept 2) share feature rows. Everything else is inherited from
+PostgreSQLOfflineStore (materialization reads, pull_latest/pull_all, monitoring), except offline writes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -47,7 +45,11 @@ from feast.infra.utils.postgres.postgres_config import PostgreSQLConfig
 from feast.on_demand_feature_view import OnDemandFeatureView
 from feast.repo_config import RepoConfig
 from feast.saved_dataset import SavedDatasetStorage, ValidationReference
-from feast.utils import _get_requested_feature_views_to_features_dict, _get_requested_on_demand_feature_views
+from feast.utils import (
+    _get_requested_feature_views_to_features_dict,
+    _get_requested_on_demand_feature_views,
+    compute_non_entity_date_range,
+)
 from psycopg.conninfo import make_conninfo
 from pydantic import NonNegativeInt, PositiveInt, StrictStr
 
@@ -56,6 +58,7 @@ from sales_forecast.ray_offline_store.driver import (
     Parallelism,
     ViewPlan,
     cluster_cpus,
+    date_range_query,
     ensure_ray,
     run_in_process,
     run_on_ray,
@@ -63,17 +66,7 @@ from sales_forecast.ray_offline_store.driver import (
 from sales_forecast.ray_offline_store.worker import NULL_TIME, arrow_nanoseconds, feast_types, read_arrow
 
 STORE_TYPE = "sales_forecast.ray_offline_store.RayPostgreSQLOfflineStore"
-
-
-class MultipleJoinKeysFallbackError(ValueError):
-    """A request the Ray join does not cover, on a view with several join keys: Feast's PostgreSQL join would
-    mix up their key pairs, so it is refused rather than silently delegated."""
-
-
-def multi_key_views(feature_views: list[FeatureView]) -> list[str]:
-    """Names of the views keyed by more than one join key."""
-    return [view.name for view in feature_views
-            if len([c.name for c in view.entity_columns] or view.entities) > 1]
+DATE_RANGE_CREATED = "created_timestamp"  # the created timestamp column of a one-view date-range retrieval
 
 
 class RayPostgreSQLOfflineStoreConfig(PostgreSQLOfflineStoreConfig):
@@ -113,26 +106,23 @@ class RayPostgreSQLOfflineStore(PostgreSQLOfflineStore):
         assert isinstance(config.offline_store, RayPostgreSQLOfflineStoreConfig)
         for view in feature_views:
             assert isinstance(view.batch_source, PostgreSQLSource)
-        if entity_df is None or (filter_by_created_timestamp and any(
-                view.batch_source.created_timestamp_column for view in feature_views)):
-            if multi := multi_key_views(feature_views):
-                case = ("a start/end date range (no entity set)" if entity_df is None
-                        else "filter_by_created_timestamp on a view with a created timestamp column")
-                raise MultipleJoinKeysFallbackError(
-                    f"{case} is not covered by the Ray point-in-time join, and Feast's PostgreSQL join that would "
-                    f"serve it glues several join keys together (store 1/dept 12 == store 11/dept 2); refused for "
-                    f"feature views with several join keys: {', '.join(multi)}. Pass an entity set (DataFrame or "
-                    "SQL) without filter_by_created_timestamp.")
-            return PostgreSQLOfflineStore.get_historical_features(
-                config, feature_views, feature_refs, entity_df, registry, project, full_feature_names,
-                filter_by_created_timestamp, **kwargs)
+        plans = plan_views(feature_refs, feature_views, registry, project, full_feature_names)
+        if filter_by_created_timestamp:
+            plans = [replace(plan, created_at_most_entity=True) for plan in plans]
+        date_range = None
+        if entity_df is None:  # a date range: the views' own rows are the entity set
+            date_range = compute_non_entity_date_range(feature_views, start_date=kwargs.get("start_date"),
+                                                       end_date=kwargs.get("end_date"))
+            if len(plans) == 1 and plans[0].has_created:  # Feast's single-view columns
+                plans = [replace(plans[0], created_output=DATE_RANGE_CREATED)]
         return RayPostgreSQLRetrievalJob(
             config=config,
-            plans=plan_views(feature_refs, feature_views, registry, project, full_feature_names),
+            plans=plans,
             entity_df=entity_df,
             feature_refs=feature_refs,
             full_feature_names=full_feature_names,
             on_demand_feature_views=OnDemandFeatureView.get_requested_odfvs(feature_refs, project, registry),
+            date_range=date_range,
         )
 
 
@@ -312,10 +302,14 @@ def load_entities(entity_df: pd.DataFrame | str, config: PostgreSQLConfig, zone:
 class RayPostgreSQLRetrievalJob(RetrievalJob):
     """The RetrievalJob of a Ray point-in-time join: runs on first use, like Feast's PostgreSQL job."""
 
-    def __init__(self, config: RepoConfig, plans: list[ViewPlan], entity_df: pd.DataFrame | str,
+    def __init__(self, config: RepoConfig, plans: list[ViewPlan], entity_df: pd.DataFrame | str | None,
                  feature_refs: list[str], full_feature_names: bool,
-                 on_demand_feature_views: list[OnDemandFeatureView]):
+                 on_demand_feature_views: list[OnDemandFeatureView],
+                 date_range: tuple[datetime, datetime] | None = None):
+        """``entity_df`` None: a date-range retrieval of ``date_range`` (start, end), whose entity set is the
+        views' rows in the range."""
         self.config = config
+        self._date_range = date_range
         self._plans = plans
         self._entity_df = entity_df
         self._feature_refs = feature_refs
@@ -341,7 +335,12 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
         """The entity set, read once (a SQL entity set is a query on the offline store)."""
         if self._entities is None:
             join_keys = {key for plan in self._plans for key in plan.join_keys}
-            self._entities = load_entities(self._entity_df, self.config.offline_store, self.time_zone(), join_keys)
+            entity_df = self._entity_df
+            if entity_df is None:
+                assert self._date_range is not None
+                start, end = (pd.Timestamp(moment).value for moment in self._date_range)
+                entity_df = date_range_query(self._plans, start, end)
+            self._entities = load_entities(entity_df, self.config.offline_store, self.time_zone(), join_keys)
         return self._entities
 
     def _to_arrow_internal(self, timeout: int | None = None) -> pa.Table:
@@ -357,7 +356,10 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
         result = entities.table
         for features in per_view:
             for name, column in zip(features.column_names, features.columns, strict=True):
-                result = result.append_column(name, column)
+                if name == DATE_RANGE_CREATED and self._entity_df is None:
+                    result = result.add_column(1, name, column)  # Feast's place for it
+                else:
+                    result = result.append_column(name, column)
         return result
 
     def _to_df_internal(self, timeout: int | None = None) -> pd.DataFrame:

@@ -174,6 +174,7 @@ def asof_match(
     feature_created: np.ndarray | None,
     ttl_ns: int | None,
     tie_break: TieBreak | None = None,
+    created_at_most_entity: bool = False,
 ) -> np.ndarray:
     """For each entity row, the index of the feature row it joins to, or NO_MATCH.
 
@@ -181,7 +182,8 @@ def asof_match(
     int64 (the key code times the number of distinct timestamps plus the timestamp's rank), so one searchsorted
     finds, for every entity row, the last feature row at or before it with the same key. ``tie_break`` ranks rows
     equal in (key, timestamp, created) so the pick never depends on the order PostgreSQL returned them in; it is
-    called only when there are such rows.
+    called only when there are such rows. ``created_at_most_entity`` (filter_by_created_timestamp) also requires
+    created <= the entity timestamp: a candidate created later steps back to the previous row of its key.
     """
     result = np.full(len(entity_codes), NO_MATCH, dtype=np.int64)
     usable = (feature_codes >= 0) & (feature_ts != NULL_TIME)
@@ -191,7 +193,7 @@ def asof_match(
             return result
         inner = asof_match(entity_codes, entity_ts, feature_codes[kept], feature_ts[kept],
                            None if feature_created is None else feature_created[kept], ttl_ns,
-                           None if tie_break is None else lambda rows: tie_break(kept[rows]))
+                           None if tie_break is None else lambda rows: tie_break(kept[rows]), created_at_most_entity)
         return np.where(inner >= 0, kept[np.maximum(inner, 0)], NO_MATCH)
     if len(feature_codes) == 0 or len(entity_codes) == 0:
         return result
@@ -216,12 +218,19 @@ def asof_match(
     sorted_packed = feature_packed[order]
 
     candidate = np.searchsorted(sorted_packed, entity_packed, side="right") - 1
-    found = candidate >= 0
-    picked = order[np.maximum(candidate, 0)]
-    found &= feature_codes[picked] == entity_codes
-    found &= (entity_codes >= 0) & (entity_ts != NULL_TIME)
-    if ttl_ns:
-        found &= feature_ts[picked] >= entity_ts - ttl_ns
+    usable_entity = (entity_codes >= 0) & (entity_ts != NULL_TIME)
+    while True:
+        found = (candidate >= 0) & usable_entity
+        picked = order[np.maximum(candidate, 0)]
+        found &= feature_codes[picked] == entity_codes
+        if ttl_ns:
+            found &= feature_ts[picked] >= entity_ts - ttl_ns
+        if not created_at_most_entity or feature_created is None:
+            break
+        created_late = found & (feature_created[picked] > entity_ts)
+        if not created_late.any():
+            break
+        candidate[created_late] -= 1  # rows of the same key, older or created earlier, one step at a time
     result[found] = picked[found]
     return result
 
@@ -237,6 +246,8 @@ class PartitionTask:
     output_names: tuple[str, ...]
     ttl_ns: int | None
     tie_order: tuple[int, ...]  # the features (by position) in the view's schema order: the tie-break's order
+    created_at_most_entity: bool = False  # filter_by_created_timestamp
+    created_output: str | None = None  # also return the picked row's created timestamp, as this column
 
 
 def entity_partition(positions: np.ndarray, timestamps_ns: np.ndarray, keys: list[pa.ChunkedArray]) -> pa.Table:
@@ -256,6 +267,10 @@ def join_partition(task: PartitionTask, entities: pa.Table) -> pa.Table:
     values = features.select([feature_column(i) for i in range(len(task.output_names))])
     picked = asof_match(entity_codes, entities.column(TS).to_numpy(), feature_codes,
                         arrow_nanoseconds(features.column(TS)), created, task.ttl_ns,
-                        tie_break=value_ranks(values.select([values.column_names[i] for i in task.tie_order])))
+                        tie_break=value_ranks(values.select([values.column_names[i] for i in task.tie_order])),
+                        created_at_most_entity=task.created_at_most_entity)
+    names = list(task.output_names)
+    if task.created_output:
+        values, names = values.append_column(CREATED, features.column(CREATED)), [*names, task.created_output]
     joined = feast_types(values.take(pa.array(picked, mask=picked < 0)))
-    return joined.rename_columns(list(task.output_names)).append_column(POSITION, entities.column(POSITION))
+    return joined.rename_columns(names).append_column(POSITION, entities.column(POSITION))
