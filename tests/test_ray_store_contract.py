@@ -321,3 +321,78 @@ def test_date_range_over_several_views_equals_feast(contract_db: Settings) -> No
     assert list(ours.columns) == list(theirs.columns)
     by = ["event_timestamp", "store"]
     pd.testing.assert_frame_equal(ours, theirs.sort_values(by).reset_index(drop=True), check_dtype=False)
+
+
+# --- 6. offline writes ------------------------------------------------------------------------------------------
+
+def visit_rows(stores: list[int], day: int, counts: list[int]) -> pd.DataFrame:
+    moment = T0 + day * DAY
+    return pd.DataFrame({"store": stores, "event_timestamp": [moment] * len(stores),
+                         "created": [moment] * len(stores), "visit_count": counts})
+
+
+def read_visits(settings: Settings) -> list[tuple]:
+    import psycopg
+
+    with psycopg.connect(settings.postgres.libpq_url()) as conn:
+        return conn.execute("SELECT store, event_timestamp, visit_count FROM visit_rows "
+                            "ORDER BY event_timestamp, store").fetchall()
+
+
+def test_offline_writes_append_to_the_source_table(contract_db: Settings) -> None:
+    """write_to_offline_store and a push with PushMode.OFFLINE append to a PostgreSQL table source: columns in
+    any order, a field-mapped column (visit_count -> visits), an int8 frame column into an int4 table column, one
+    write after another; the rows are then visible to the point-in-time join."""
+    import psycopg
+    from feast.data_source import PushMode
+
+    with psycopg.connect(contract_db.postgres.libpq_url(), autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS visit_rows")
+        conn.execute("CREATE TABLE visit_rows (store int, event_timestamp timestamptz, created timestamptz, "
+                     "visit_count int)")
+    store = feature_store(contract_db)
+    store.write_to_offline_store("store_visits", visit_rows([1, 2], 0, [10, 20]).iloc[:, ::-1])
+    store.write_to_offline_store("store_visits", visit_rows([1], 1, [11]), reorder_columns=False)
+    store.push("visits_push", visit_rows([2], 2, [22])[["visit_count", "store", "created", "event_timestamp"]],
+               to=PushMode.OFFLINE)
+    stamp = [(T0 + day * DAY).to_pydatetime() for day in range(3)]
+    assert read_visits(contract_db) == [(1, stamp[0], 10), (2, stamp[0], 20), (1, stamp[1], 11), (2, stamp[2], 22)]
+
+    entities = pd.DataFrame({"row_id": [0, 1], "store": [1, 2], "event_timestamp": [T0 + 3 * DAY] * 2})
+    ours, theirs = both(contract_db, entities, ["store_visits:visits"])
+    pd.testing.assert_frame_equal(ours, theirs)
+    assert ours["visits"].tolist() == [11, 22]
+
+
+def test_offline_writes_refuse_a_schema_mismatch(contract_db: Settings) -> None:
+    """A table that does not fit the source is refused, naming the columns, and nothing is written."""
+    import psycopg
+    import pyarrow as pa
+
+    from sales_forecast.ray_offline_store.store import OfflineWriteError, RayPostgreSQLOfflineStore
+
+    with psycopg.connect(contract_db.postgres.libpq_url(), autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS visit_rows")
+        conn.execute("CREATE TABLE visit_rows (store int, event_timestamp timestamptz, created timestamptz, "
+                     "visit_count int)")
+    store = feature_store(contract_db)
+    view = store.get_feature_view("store_visits")
+
+    def write(frame: pd.DataFrame, feature_view=view) -> None:
+        RayPostgreSQLOfflineStore.offline_write_batch(store.config, feature_view, pa.Table.from_pandas(frame), None)
+
+    good = visit_rows([1], 0, [10]).rename(columns={"visit_count": "visits"})  # as the provider hands it over
+    with pytest.raises(OfflineWriteError, match=r"missing.*created"):
+        write(good.drop(columns="created"))
+    with pytest.raises(OfflineWriteError, match=r"not in .*visit_rows.*: extra"):
+        write(good.assign(extra=1))
+    with pytest.raises(OfflineWriteError, match=r"visit_count"):
+        write(good.assign(visits=["many"]))
+    with pytest.raises(OfflineWriteError, match="integer out of range"):
+        write(good.assign(visits=[2**40]))
+    with pytest.raises(OfflineWriteError, match="query"):
+        write(pd.DataFrame({"region": ["B"], "event_timestamp": [T0], "score": [1.0]}),
+              store.get_feature_view("region_stats"))
+    assert read_visits(contract_db) == []
+    write(good)
+    assert read_visits(contract_db) == [(1, T0.to_pydatetime(), 10)]

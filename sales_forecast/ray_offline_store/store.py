@@ -14,11 +14,14 @@ PostgreSQLOfflineStore (materialization reads, pull_latest/pull_all, monitoring)
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import adbc_driver_postgresql.dbapi as adbc
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -53,6 +56,7 @@ from feast.utils import (
 from psycopg.conninfo import make_conninfo
 from pydantic import NonNegativeInt, PositiveInt, StrictStr
 
+from sales_forecast.errors import first_line
 from sales_forecast.ray_offline_store.driver import (
     EntityRows,
     Parallelism,
@@ -124,6 +128,53 @@ class RayPostgreSQLOfflineStore(PostgreSQLOfflineStore):
             on_demand_feature_views=OnDemandFeatureView.get_requested_odfvs(feature_refs, project, registry),
             date_range=date_range,
         )
+
+
+    @staticmethod
+    def offline_write_batch(config: RepoConfig, feature_view: FeatureView, table: pa.Table,
+                            progress: Callable[[int], Any] | None) -> None:
+        """Append ``table`` to the view's PostgreSQL table (write_to_offline_store, push with PushMode.OFFLINE).
+
+        Columns are matched by name, in any order (a field-mapped feature name is mapped back to its source
+        column); a missing or extra column is refused. The rows go to a temporary table with ADBC's bulk ingest
+        and then ``INSERT ... SELECT`` into the source in one transaction, so PostgreSQL applies its assignment
+        casts (int8 into int4, timestamptz into timestamp in the session's TimeZone) and refuses what does not fit,
+        and a refused batch writes nothing.
+        """
+        source = feature_view.batch_source
+        if not isinstance(source, PostgreSQLSource) or not source._postgres_options._table:
+            raise OfflineWriteError(f"feature view {feature_view.name!r} reads a query, not a table: offline writes "
+                                    "need a PostgreSQLSource with table=")
+        target = source._postgres_options._table
+        store = config.offline_store
+        zone = session_time_zone(store)
+        with _get_conn(store) as conn:
+            columns = [column.name for column in conn.execute(f"SELECT * FROM {target} LIMIT 0").description]
+        reverse = {mapped: original for original, mapped in source.field_mapping.items()}
+        names = [name if name in columns else reverse.get(name, name) for name in table.column_names]
+        missing, extra = [c for c in columns if c not in names], [n for n in names if n not in columns]
+        if missing or extra or len(set(names)) != len(names):
+            raise OfflineWriteError(f"cannot write to {target}: the table's columns are {', '.join(columns)}; "
+                                    f"missing: {', '.join(missing) or 'none'}; not in {target}: "
+                                    f"{', '.join(extra) or 'none'}")
+        data = table.rename_columns(names).select(columns)
+        staging = f"feast_offline_write_{uuid.uuid4().hex}"
+        listed = ", ".join(f'"{column}"' for column in columns)
+        with adbc.connect(conninfo(store, zone)) as conn:
+            try:
+                with conn.cursor() as cur:
+                    cur.adbc_ingest(staging, data, mode="create", temporary=True)
+                    cur.execute(f"INSERT INTO {target} ({listed}) SELECT {listed} FROM {staging}")
+                conn.commit()
+            except adbc.Error as exc:
+                conn.rollback()
+                raise OfflineWriteError(f"cannot write to {target}: {first_line(exc)}") from exc
+        if progress:
+            progress(data.num_rows)
+
+
+class OfflineWriteError(ValueError):
+    """A batch that does not fit the feature view's source table; nothing was written."""
 
 
 # --- the plan of each requested view ----------------------------------------------------------------------------
