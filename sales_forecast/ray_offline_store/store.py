@@ -42,7 +42,6 @@ from feast.infra.utils.postgres.connection_utils import (
     _get_conn,
     _get_conn_kwargs,
     _get_conninfo,
-    df_to_postgres_table,
 )
 from feast.infra.utils.postgres.postgres_config import PostgreSQLConfig
 from feast.on_demand_feature_view import OnDemandFeatureView
@@ -435,6 +434,16 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
 
     def persist(self, storage: SavedDatasetStorage, allow_overwrite: bool | None = False,
                 timeout: int | None = None) -> None:
+        """The result (on-demand features included) into the saved dataset's table, with ADBC's bulk ingest
+        (Feast's store inserts row by row); an existing table is replaced only with ``allow_overwrite``."""
         assert isinstance(storage, SavedDatasetPostgreSQLStorage)
-        df_to_postgres_table(config=self.config.offline_store, df=self.to_df(),
-                             table_name=storage.postgres_options._table)
+        table = self.to_arrow(timeout=timeout)
+        store = self.config.offline_store
+        with adbc.connect(conninfo(store, self.time_zone())) as conn:
+            try:
+                with conn.cursor() as cur:
+                    cur.adbc_ingest(storage.postgres_options._table, table,
+                                    mode="replace" if allow_overwrite else "create")
+                conn.commit()
+            except adbc.Error as exc:
+                raise ValueError(f"cannot persist to {storage.postgres_options._table}: {first_line(exc)}") from exc
