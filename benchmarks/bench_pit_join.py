@@ -1,224 +1,400 @@
 #!/usr/bin/env python
-"""Feast's PostgreSQL point-in-time join vs the Ray offline store's, on the project's feature service.
+"""Feast's PostgreSQL offline store against the Ray offline store: get_historical_features(...).to_df() in cold
+processes, side by side, plus warm calls and the whole machine's memory.
 
-Generates the default shape (143 stores x 81 depts x 52 weeks = 602,316 feature rows) times --scale (more
-stores), loads it into its own database (reused when already loaded), applies the project's definitions, and
-times get_historical_features(...).to_df() for the same SQL entity set (every feature row's key and time) with
-both stores. Ray start-up (ray.init plus one warm-up task per CPU) is timed separately. Results are compared;
-the feature view has two join keys (store, dept), which Feast's PostgreSQL join glues together, so it returns
-extra rows for colliding pairs such as (1, 12) / (11, 2): its timing is a reference, its result is not.
+Shape: the default 143 stores x 81 depts x 52 weeks = 602,316 feature rows, times --scale (more stores), loaded
+once into its own database and reused. The Ray store joins the project's feature service (two join keys, store
+and dept) and attaches to the stack's Ray head (RAY_ADDRESS, or a head this benchmark starts on its own ports);
+Feast's PostgreSQL store joins the single-key equivalent: the same rows keyed by store_dept = store * 1000 + dept,
+since its join is wrong on two keys. The entity set is SQL: every feature row's key and time (--entity features),
+or the training step's entity set with its labels (--entity training).
+
+Each cold measurement is a fresh Python process (python -m benchmarks.bench_pit_join --child ...). Its figures:
+- process: from just before the process is spawned to the DataFrame in hand: Python start-up, every import
+  (Feast, the store, Ray), FeatureStore and registry, then the call;
+- call: get_historical_features(...).to_df() alone in that fresh process: for Ray, importing Ray, attaching to
+  the head, the entity set, the join on the cluster's workers, the DataFrame;
+- exit: the process's shutdown after the DataFrame (Ray disconnect, interpreter teardown), not in the above.
+Warm: the same call repeated in one process that has made it once (imports done, Ray attached).
+Memory: in separate runs (sampling costs CPU), every process on the machine is sampled (PSS, so shared pages
+count once) every --memory-interval seconds; the peak is reported for the machine and for what this benchmark
+runs (the driver process, the Ray head's processes and workers, PostgreSQL), with the baseline before the call.
 
 Use a stack of its own so nothing else is touched, e.g.:
-    SALES_STACK_DIR=/tmp/pit-stack POSTGRES_PORT=54404 .venv/bin/python benchmarks/bench_pit_join.py --scale 10
+    SALES_STACK_DIR=/tmp/raybench-stack POSTGRES_PORT=54420 python -m benchmarks.bench_pit_join [--scale 10]
+and stop it afterwards with the same variables: python -m sales_forecast.stack down.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
+import json
 import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import pandas as pd
-import psutil
-import psycopg
-
-from sales_forecast.config import REPO_ROOT, Settings, load_settings
-from sales_forecast.contract import FEATURE_SERVICE, FEATURE_TABLE, RAW_TABLE
-from sales_forecast.features.derive import build_features
-from sales_forecast.features.generator import Shape, generate
-from sales_forecast.features.load import load_table
-from sales_forecast.features.store import repo_objects, repo_yaml
-from sales_forecast.stack import postgres
+if __name__ == "__main__" and "--child" in sys.argv:  # a cold process: nothing imported before the clock starts
+    CHILD_START = time.perf_counter()
 
 RAY_TYPE = "sales_forecast.ray_offline_store.RayPostgreSQLOfflineStore"
-ENTITY_SQL = f'SELECT store, dept, event_timestamp FROM "{FEATURE_TABLE}"'
+SINGLE_KEY_TABLE = "sales_features_by_series"
+SINGLE_KEY_VIEW = "sales_features_by_series"
+SINGLE_KEY_SERVICE = "sales_forecast_by_series"
+BENCH_RAY_PORT, BENCH_RAY_DASHBOARD_PORT = 24430, 24431  # below the ephemeral range, not the demo's 6389 / 8265
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=int, default=1, help="multiply the default shape's stores (rows)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of the Ray join")
-    parser.add_argument("--postgres-repeats", type=int, default=1, help="timed runs of the PostgreSQL join")
-    parser.add_argument("--skip-postgres", action="store_true", help="time the Ray join only")
+    parser.add_argument("--entity", choices=["features", "training"], default="features",
+                        help="the entity set: every feature row's key and time, or the training step's")
+    parser.add_argument("--cold", type=int, default=3, help="cold processes per store")
+    parser.add_argument("--warm", type=int, default=3, help="warm calls (after one cold call) per store")
+    parser.add_argument("--stores", default="ray,postgres", help="which stores to run (ray, postgres)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")
+    parser.add_argument("--memory-interval", type=float, default=0.25)
+    parser.add_argument("--check", action="store_true",
+                        help="also compare the Ray store's result with Feast's on the single-key view")
     parser.add_argument("--partitions", type=int, default=None, help="Ray tasks per view (default: auto)")
-    parser.add_argument("--entity-sql", default=ENTITY_SQL,
-                        help=f"the entity set (SQL over {FEATURE_TABLE} or {RAW_TABLE}), e.g. the training step's")
     parser.add_argument("--work-mem", default="64MB",
                         help="PostgreSQL work_mem for the bench database's sessions (ALTER DATABASE; PGOPTIONS "
                              "does not reach Feast's connections, which set their own options)")
+    parser.add_argument("--child", choices=["ray", "postgres"], help=argparse.SUPPRESS)
+    parser.add_argument("--repeat", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--single-key", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
-class PeakMemory:
-    """Peak memory of this process and its descendants (local Ray's raylet, workers, object store), sampled.
+# --- what a store is asked ----------------------------------------------------------------------------------------
 
-    PSS, not RSS: the object store's shared memory is mapped by every worker and would be counted each time.
-    """
+def entity_sql(kind: str, single_key: bool) -> str:
+    from sales_forecast.contract import FEATURE_TABLE
+    from sales_forecast.training.dataset import entity_sql as training_sql
 
-    def __init__(self, interval: float = 0.5):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    if kind == "training":
+        query = training_sql()
+        return f"SELECT store * 1000 + dept AS store_dept, * FROM ({query}) AS t" if single_key else query
+    if single_key:
+        return f'SELECT store_dept, event_timestamp FROM "{SINGLE_KEY_TABLE}"'
+    return f'SELECT store, dept, event_timestamp FROM "{FEATURE_TABLE}"'
 
-    def _total(self) -> int:
-        me = psutil.Process()
-        total = 0
-        for proc in [me, *me.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):  # a worker may exit while sampled
-                total += proc.memory_full_info().pss
-        return total
+
+def single_key_objects() -> list:
+    """The project's feature view keyed by one combined key (Feast's PostgreSQL join is right on one key)."""
+    from datetime import timedelta
+
+    from feast import Entity, FeatureService, FeatureView, Field, ValueType
+    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import PostgreSQLSource
+    from feast.types import Float64, Int64
+
+    from sales_forecast.features.derive import MODEL_FEATURES
+
+    series = Entity(name="store_dept", join_keys=["store_dept"], value_type=ValueType.INT64)
+    view = FeatureView(name=SINGLE_KEY_VIEW, entities=[series], ttl=timedelta(days=7),
+                       schema=[Field(name="store_dept", dtype=Int64)]
+                       + [Field(name=name, dtype=Float64) for name in MODEL_FEATURES],
+                       source=PostgreSQLSource(name=SINGLE_KEY_TABLE, table=SINGLE_KEY_TABLE,
+                                               timestamp_field="event_timestamp"))
+    return [series, view, FeatureService(name=SINGLE_KEY_SERVICE, features=[view])]
+
+
+def feature_store(settings, offline: dict):
+    """The project's feature_store.yaml for the bench database, with the given offline store keys."""
+    from feast import FeatureStore, RepoConfig
+
+    from sales_forecast.config import REPO_ROOT
+    from sales_forecast.features.store import repo_yaml
+
+    raw = repo_yaml(settings)
+    raw["offline_store"].update(offline)
+    raw["batch_engine"] = {"type": "local"}  # apply must not start Feast's Ray engine
+    return FeatureStore(config=RepoConfig(repo_path=REPO_ROOT / "feature_repo", **raw))
+
+
+def offline_keys(store: str, partitions: int | None) -> dict:
+    if store == "postgres":
+        return {"type": "postgres"}
+    return {"type": RAY_TYPE, **({"partitions": partitions} if partitions else {})}
+
+
+# --- the cold process ---------------------------------------------------------------------------------------------
+
+def child(args: argparse.Namespace) -> None:
+    """One fresh process: imports, FeatureStore, then ``--repeat`` calls; one JSON line on stdout."""
+    from sales_forecast.config import load_settings
+    from sales_forecast.contract import FEATURE_SERVICE
+
+    settings = load_settings()
+    store = feature_store(settings, offline_keys(args.child, args.partitions))
+    service = store.get_feature_service(SINGLE_KEY_SERVICE if args.single_key else FEATURE_SERVICE)
+    ready = time.perf_counter()
+    query = entity_sql(args.entity, args.single_key)
+    calls, rows = [], 0
+    for _ in range(args.repeat):
+        start = time.perf_counter()
+        frame = store.get_historical_features(entity_df=query, features=service).to_df()
+        calls.append(time.perf_counter() - start)
+        rows = len(frame)
+        del frame
+    print(json.dumps({"done_at": time.time(), "imports_and_store": ready - CHILD_START, "calls": calls,
+                      "rows": rows, "pid": os.getpid()}), flush=True)
+
+
+@dataclass
+class Cold:
+    process: float  # spawn to DataFrame
+    call: float
+    exit: float
+    imports_and_store: float
+    rows: int
+    warm: list[float] = field(default_factory=list)
+
+
+def run_child(store: str, args: argparse.Namespace, env: dict[str, str], repeat: int = 1,
+              memory: MachineMemory | None = None, single_key: bool | None = None) -> Cold:
+    command = [sys.executable, "-m", "benchmarks.bench_pit_join", "--child", store, "--entity", args.entity,
+               "--repeat", str(repeat)]
+    if args.partitions:
+        command += ["--partitions", str(args.partitions)]
+    if store == "postgres" if single_key is None else single_key:
+        command.append("--single-key")
+    spawned = time.time()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    if memory:
+        memory.watch(process.pid)
+    out, _ = process.communicate()
+    ended = time.time()
+    if process.returncode != 0:
+        raise SystemExit(f"the {store} child failed (exit {process.returncode})")
+    report = json.loads(out.strip().splitlines()[-1])
+    return Cold(process=report["done_at"] - spawned, call=report["calls"][0], exit=ended - report["done_at"],
+                imports_and_store=report["imports_and_store"], rows=report["rows"], warm=report["calls"][1:])
+
+
+# --- the whole machine's memory -----------------------------------------------------------------------------------
+
+class MachineMemory:
+    """Samples every process's PSS (shared pages counted once, split among the processes mapping them), grouped:
+    the benchmark's driver process (and its children), the Ray head's processes (raylet, GCS, workers...),
+    PostgreSQL's, and everything else; plus /dev/shm (Ray's object store) and the machine's used memory."""
+
+    def __init__(self, ray_head_pid: int | None, postgres_pid: int | None, interval: float):
+        self.roots = {"ray head": ray_head_pid, "postgresql": postgres_pid}
+        self.interval, self.driver_pid = interval, None
+        self.baseline: dict[str, float] = {}
+        self.peak: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, pid: int) -> None:
+        self.driver_pid = pid
+
+    def sample(self) -> dict[str, float]:
+        import psutil
+
+        groups: dict[int, str] = {}
+        for name, pid in [*self.roots.items(), ("driver", self.driver_pid)]:
+            if pid is None:
+                continue
+            try:
+                root = psutil.Process(pid)
+                for proc in [root, *root.children(recursive=True)]:
+                    groups[proc.pid] = name
+            except psutil.Error:
+                continue
+        totals = dict.fromkeys(["driver", "ray head", "postgresql", "other"], 0.0)
+        for proc in psutil.process_iter():
+            try:
+                pss = proc.memory_full_info().pss
+            except psutil.Error:
+                continue
+            totals[groups.get(proc.pid, "other")] += pss
+        totals["machine (all PSS)"] = sum(totals.values())
+        totals["benchmark (driver + Ray + PostgreSQL)"] = totals["driver"] + totals["ray head"] + totals["postgresql"]
+        memory = psutil.virtual_memory()
+        totals["machine used (total - available)"] = memory.total - memory.available
+        totals["/dev/shm"] = psutil.disk_usage("/dev/shm").used
+        return totals
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self._total())
+            for name, value in self.sample().items():
+                self.peak[name] = max(self.peak.get(name, 0.0), value)
 
-    def __enter__(self) -> PeakMemory:
-        self.peak = self._total()
+    def __enter__(self) -> MachineMemory:
+        self.baseline = self.sample()
+        self.peak = dict(self.baseline)
+        self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *_: object) -> None:
         self._stop.set()
+        assert self._thread is not None
         self._thread.join()
 
-
-def timed(run: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    value = run()
-    return time.perf_counter() - start, value
-
-
-def load_shape(settings: Settings, shape: Shape) -> None:
-    raw = generate(shape)
-    seconds, features = timed(lambda: build_features(raw))
-    print(f"generated {len(features):,} feature rows in {seconds:.1f} s")
-    start = time.perf_counter()
-    load_table(settings.postgres, RAW_TABLE, raw, ["store", "dept", "date"])
-    load_table(settings.postgres, FEATURE_TABLE, features, ["store", "dept", "event_timestamp"])
-    print(f"loaded {RAW_TABLE} and {FEATURE_TABLE} in {time.perf_counter() - start:.1f} s")
+    def report(self, title: str) -> None:
+        print(f"  memory, {title}: peak (baseline before the call) in GiB")
+        for name in self.peak:
+            print(f"    {name:<40} {self.peak[name] / 2**30:6.2f}  ({self.baseline.get(name, 0) / 2**30:.2f})")
 
 
-def prepare_database(settings: Settings, shape: Shape) -> Settings:
-    """A database holding this shape's raw and feature tables (loaded once, then reused)."""
-    name = f"pit_bench_{shape.stores}x{shape.depts}x{shape.weeks}"
+# --- set-up -------------------------------------------------------------------------------------------------------
+
+def prepare(args: argparse.Namespace):
+    """The bench database (loaded once per shape), the single-key table, the definitions, the Ray head."""
+    import dataclasses
+
+    import psycopg
+
+    from sales_forecast.config import REPO_ROOT, load_settings
+    from sales_forecast.contract import FEATURE_TABLE, RAW_TABLE
+    from sales_forecast.features.derive import build_features
+    from sales_forecast.features.generator import Shape, generate
+    from sales_forecast.features.load import load_table
+    from sales_forecast.features.store import repo_objects
+    from sales_forecast.stack import postgres, ray_head
+
+    base = Shape()
+    shape = Shape(stores=base.stores * args.scale, depts=base.depts, weeks=base.weeks, seed=base.seed)
+    settings = load_settings()
     postgres.start(settings.postgres, settings.stack_dir / "postgres")
+    name = f"pit_bench_{shape.stores}x{shape.depts}x{shape.weeks}"
     with psycopg.connect(settings.postgres.libpq_url("postgres"), autocommit=True) as conn:
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
             conn.execute(f'CREATE DATABASE "{name}"')
-    bench = dataclasses.replace(settings, postgres=dataclasses.replace(settings.postgres, database=name))
-    with psycopg.connect(bench.postgres.libpq_url()) as conn:
-        exists = all(conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0]
-                     for table in (RAW_TABLE, FEATURE_TABLE))
-        rows = conn.execute(f'SELECT count(*) FROM "{FEATURE_TABLE}"').fetchone()[0] if exists else 0
-    if rows != shape.rows:
-        load_shape(bench, shape)
-    return bench
+        conn.execute(f'ALTER DATABASE "{name}" SET work_mem = {psycopg.sql.quote(args.work_mem)}')
+    settings = settings.with_database(name)
+    with psycopg.connect(settings.postgres.libpq_url(), autocommit=True) as conn:
+        def rows(table: str) -> int:
+            if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is None:
+                return 0
+            return conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
+
+        if rows(FEATURE_TABLE) != shape.rows or rows(RAW_TABLE) != shape.rows:
+            raw = generate(shape)
+            features = build_features(raw)
+            load_table(settings.postgres, RAW_TABLE, raw, ["store", "dept", "date"])
+            load_table(settings.postgres, FEATURE_TABLE, features, ["store", "dept", "event_timestamp"])
+            print(f"loaded {shape.rows:,} rows into {RAW_TABLE} and {FEATURE_TABLE}")
+            conn.execute(f'DROP TABLE IF EXISTS "{SINGLE_KEY_TABLE}"')
+        if rows(SINGLE_KEY_TABLE) != shape.rows:
+            conn.execute(f'DROP TABLE IF EXISTS "{SINGLE_KEY_TABLE}"')
+            conn.execute(f'CREATE TABLE "{SINGLE_KEY_TABLE}" AS SELECT store * 1000 + dept AS store_dept, * '
+                         f'FROM "{FEATURE_TABLE}"')
+            conn.execute(f'CREATE INDEX ON "{SINGLE_KEY_TABLE}" (store_dept, event_timestamp)')
+            conn.execute(f'ANALYZE "{SINGLE_KEY_TABLE}"')
+    feature_store(settings, offline_keys("ray", None)).apply(
+        [*repo_objects(REPO_ROOT / "feature_repo"), *single_key_objects()])
+
+    if not settings.ray_address:
+        head = ray_head.start(settings.stack_dir, BENCH_RAY_PORT, BENCH_RAY_DASHBOARD_PORT)
+        settings = dataclasses.replace(settings, ray_address=head)
+    return shape, settings
 
 
-def feature_store(settings: Settings, offline: dict[str, Any]):
-    """The project's feature_store.yaml for the bench database, with the given offline store keys."""
-    from feast import FeatureStore, RepoConfig
-
-    raw = repo_yaml(settings)
-    raw["offline_store"].update(offline)
-    raw["batch_engine"] = {"type": "local"}  # apply must not start Feast's Ray engine: Ray start-up is timed below
-    return FeatureStore(config=RepoConfig(repo_path=REPO_ROOT / "feature_repo", **raw))
-
-
-def start_ray() -> tuple[float, float]:
-    """(ray.init seconds, warm-up seconds): the warm-up runs one task per CPU importing the worker modules."""
-    import ray
-
-    from sales_forecast.ray_offline_store.driver import cluster_cpus, ensure_ray
-
-    init, _ = timed(lambda: ensure_ray(None, None))
-
-    def warm() -> None:
-        @ray.remote
-        def touch() -> None:
-            import sales_forecast.ray_offline_store.worker  # noqa: F401
-
-        ray.get([touch.remote() for _ in range(cluster_cpus())])
-
-    warm_up, _ = timed(warm)
-    return init, warm_up
-
-
-def retrieve(store, entity_sql: str) -> pd.DataFrame:
-    service = store.get_feature_service(FEATURE_SERVICE)
-    return store.get_historical_features(entity_df=entity_sql, features=service).to_df()
-
-
-def same_result(ours: pd.DataFrame, theirs: pd.DataFrame) -> bool:
-    by = ["store", "dept", "event_timestamp"]
-    if len(theirs) != len(ours):
-        print(f"Feast's PostgreSQL join returned {len(theirs):,} rows for {len(ours):,} entity rows "
-              "(it glues the two join keys together)")
-        return False
+def pid_from(path: Path) -> int | None:
     try:
-        pd.testing.assert_frame_equal(ours.sort_values(by).reset_index(drop=True),
-                                      theirs.sort_values(by).reset_index(drop=True))
-    except AssertionError as exc:
-        print(f"results differ: {exc}")
-        return False
-    return True
+        return int(path.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+
+
+# --- the run ------------------------------------------------------------------------------------------------------
+
+def describe(seconds: list[float]) -> str:
+    if not seconds:
+        return "-"
+    return f"{min(seconds):.2f} / {statistics.median(seconds):.2f}"
 
 
 def main() -> None:
     args = parse_args()
-    os.environ.setdefault("FEAST_RAY_EXECUTION_MODE", "local")
-    os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
-    base = Shape()
-    shape = Shape(stores=base.stores * args.scale, depts=base.depts, weeks=base.weeks, seed=base.seed)
-    settings = prepare_database(load_settings(), shape)
-    with psycopg.connect(settings.postgres.libpq_url(), autocommit=True) as conn:
-        conn.execute(f'ALTER DATABASE "{settings.postgres.database}" SET work_mem = {psycopg.sql.quote(args.work_mem)}')
-    connection = {"type": "postgres"}
-    ray_offline = {"type": RAY_TYPE, **({"partitions": args.partitions} if args.partitions else {})}
-    ray_store = feature_store(settings, ray_offline)
-    ray_store.apply(repo_objects(REPO_ROOT / "feature_repo"))
-    print(f"shape {shape.stores} x {shape.depts} x {shape.weeks} = {shape.rows:,} feature rows; "
-          f"entity set: {args.entity_sql}; work_mem {args.work_mem}; "
-          f"load average {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
+    if args.child:
+        child(args)
+        return
+    from sales_forecast.config import process_environment
 
-    pg_times: list[float] = []
-    theirs = None
-    if not args.skip_postgres:
-        pg_store = feature_store(settings, connection)
-        with PeakMemory() as pg_memory:
-            for _ in range(args.postgres_repeats):
-                seconds, theirs = timed(lambda: retrieve(pg_store, args.entity_sql))
-                pg_times.append(seconds)
-                print(f"Feast PostgreSQL join: {seconds:.2f} s ({len(theirs):,} rows)")
-        print(f"  peak memory (this process): {pg_memory.peak / 2**30:.2f} GiB")
+    shape, settings = prepare(args)
+    env = {**os.environ, **process_environment(), **settings.environment(), "RAY_DISABLE_USAGE_STATS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH")]))}
+    env.pop("FEAST_RAY_EXECUTION_MODE", None)
+    stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    print(f"shape {shape.stores} x {shape.depts} x {shape.weeks} = {shape.rows:,} feature rows; entity set: "
+          f"{args.entity}; Ray head {settings.ray_address}; load average {os.getloadavg()[0]:.1f} "
+          f"({os.cpu_count()} CPUs)")
 
-    init, warm_up = start_ray()
-    print(f"Ray start-up: ray.init {init:.2f} s + worker warm-up {warm_up:.2f} s")
-    ray_times: list[float] = []
-    for _ in range(args.repeats):
-        seconds, ours = timed(lambda: retrieve(ray_store, args.entity_sql))
-        ray_times.append(seconds)
-        print(f"Ray join: {seconds:.2f} s ({len(ours):,} rows)")
-    del ours
-    with PeakMemory() as ray_memory:  # a separate run: sampling the workers costs CPU
-        seconds, ours = timed(lambda: retrieve(ray_store, args.entity_sql))
-    print(f"  peak memory (this process + local Ray, PSS), in one more run ({seconds:.2f} s): "
-          f"{ray_memory.peak / 2**30:.2f} GiB")
+    cold: dict[str, list[Cold]] = {store: [] for store in stores}
+    warm: dict[str, list[float]] = {store: [] for store in stores}
+    for round_ in range(args.cold):
+        for store in stores:
+            result = run_child(store, args, env)
+            cold[store].append(result)
+            print(f"cold {store:<8} #{round_ + 1}: process {result.process:6.2f} s = imports and FeatureStore "
+                  f"{result.imports_and_store:5.2f} s + call {result.call:6.2f} s (+ exit {result.exit:.2f} s); "
+                  f"{result.rows:,} rows; load {os.getloadavg()[0]:.1f}")
+    for store in stores if args.warm else []:
+        result = run_child(store, args, env, repeat=args.warm + 1)
+        warm[store] = result.warm
+        print(f"warm {store:<8}: {', '.join(f'{s:.2f}' for s in result.warm)} s (after a cold call of "
+              f"{result.call:.2f} s); load {os.getloadavg()[0]:.1f}")
 
-    print(f"load average after: {os.getloadavg()[0]:.1f}")
-    best, median = min(ray_times), statistics.median(ray_times)
-    print("\n| rows | PostgreSQL join | Ray join best / median | speedup (best / median) | Ray start-up |")
-    print("|---:|---:|---:|---:|---:|")
-    pg = f"{min(pg_times):.2f} s" if pg_times else "skipped"
-    speedup = f"{min(pg_times) / best:.1f}x / {min(pg_times) / median:.1f}x" if pg_times else "-"
-    print(f"| {shape.rows:,} | {pg} | {best:.2f} / {median:.2f} s | {speedup} | {init + warm_up:.1f} s |")
-    if theirs is not None:
-        print("results identical: " + ("yes" if same_result(ours, theirs) else "NO"))
+    if not args.no_memory:
+        head_pid = pid_from(settings.stack_dir / "ray" / "head.pid")
+        postmaster = pid_from(settings.stack_dir / "postgres" / "postmaster.pid")
+        for store in stores:
+            with MachineMemory(head_pid, postmaster, args.memory_interval) as memory:
+                result = run_child(store, args, env, memory=memory)
+            memory.report(f"{store}, one cold process ({result.process:.2f} s while sampled)")
+
+    if args.check and "ray" in stores and "postgres" in stores:
+        check(args, env)
+
+    print(f"\nload average after: {os.getloadavg()[0]:.1f}")
+    print(f"\n| {shape.rows:,} rows, min / median | cold process | cold call | warm call |")
+    print("|---|---:|---:|---:|")
+    for store in stores:
+        label = "Ray store, two keys" if store == "ray" else "Feast PostgreSQL, one key"
+        print(f"| {label} | {describe([c.process for c in cold[store]])} s | "
+              f"{describe([c.call for c in cold[store]])} s | {describe(warm[store])} s |")
+    if "ray" in stores and "postgres" in stores and cold["ray"] and cold["postgres"]:
+        def ratio(pick) -> str:
+            ours, theirs = [pick(c) for c in cold["ray"]], [pick(c) for c in cold["postgres"]]
+            return f"{min(theirs) / min(ours):.1f}x / {statistics.median(theirs) / statistics.median(ours):.1f}x"
+        warm_ratio = (f"{min(warm['postgres']) / min(warm['ray']):.1f}x / "
+                      f"{statistics.median(warm['postgres']) / statistics.median(warm['ray']):.1f}x"
+                      if warm["ray"] and warm["postgres"] else "-")
+        print(f"| speed-up | {ratio(lambda c: c.process)} | {ratio(lambda c: c.call)} | {warm_ratio} |")
+
+
+def check(args: argparse.Namespace, env: dict[str, str]) -> None:
+    """The Ray store and Feast's on the single-key view must return the same frame."""
+    import pandas as pd
+
+    code = ("import sys, pandas as pd\n"
+            "from benchmarks.bench_pit_join import feature_store, offline_keys, entity_sql, SINGLE_KEY_SERVICE\n"
+            "from sales_forecast.config import load_settings\n"
+            "store = feature_store(load_settings(), offline_keys(sys.argv[1], None))\n"
+            "store.get_historical_features(entity_df=entity_sql(sys.argv[2], True), features=store."
+            "get_feature_service(SINGLE_KEY_SERVICE)).to_df().to_parquet(sys.argv[3])\n")
+    frames = []
+    for store in ("ray", "postgres"):
+        path = Path(f"/tmp/bench_pit_check_{store}.parquet")
+        subprocess.run([sys.executable, "-c", code, store, args.entity, str(path)], env=env, check=True,
+                       cwd=Path(__file__).parents[1])
+        frames.append(pd.read_parquet(path).sort_values(["store_dept", "event_timestamp"]).reset_index(drop=True))
+        path.unlink()
+    try:
+        pd.testing.assert_frame_equal(*frames)
+        print("check: the Ray store's result equals Feast's on the single-key view")
+    except AssertionError as exc:
+        print(f"check: results DIFFER: {exc}")
 
 
 if __name__ == "__main__":

@@ -10,13 +10,13 @@ import pytest
 from sales_forecast.config import load_settings
 from sales_forecast.errors import ConfigError
 from sales_forecast.ray_offline_store.driver import (
+    InEntityOrder,
     KeyRange,
     Parallelism,
     RayConnectionError,
     TimeWindow,
     ViewPlan,
     feature_query,
-    in_entity_order,
     partition_by_key,
     ray_target,
 )
@@ -210,10 +210,26 @@ def test_partition_counts() -> None:
 
 
 def test_in_entity_order() -> None:
-    def part(positions: list[int]) -> pa.Table:
-        return pa.table({"x": [float(p) for p in positions], POSITION: pa.array(positions, pa.int64())})
+    """Partitions arrive in any order; each row lands at its entity position; rows no partition holds, and
+    NULLs within a partition, stay NULL; fixed-width and other columns alike."""
+    def part(positions: list[int], nulls: tuple[int, ...] = ()) -> pa.Table:
+        values = [None if p in nulls else float(p) for p in positions]
+        return pa.table({"x": values, "n": pa.array([None if p in nulls else p for p in positions], pa.int32()),
+                         "when": pa.array([None if p in nulls else p for p in positions], pa.timestamp("us")),
+                         "flag": [None if p in nulls else p % 2 == 0 for p in positions],
+                         "s": [None if p in nulls else str(p) for p in positions],
+                         POSITION: pa.array(positions, pa.int64())})
 
-    in_place = in_entity_order([part([0, 1]), part([2, 3])], 4)  # partitions already in entity order
-    assert in_place.column_names == ["x"] and in_place["x"].to_pylist() == [0.0, 1.0, 2.0, 3.0]
-    scattered = in_entity_order([part([3, 0]), part([4, 1])], 5)  # row 2 is in no partition (a NULL key)
-    assert scattered["x"].to_pylist() == [0.0, 1.0, None, 3.0, 4.0]
+    order = InEntityOrder(5)
+    order.add(part([4, 1], nulls=(1,)))
+    order.add(part([3, 0]))  # row 2 is in no partition (a NULL key)
+    got = order.finish()
+    assert got.column_names == ["x", "n", "when", "flag", "s"]
+    assert got["x"].to_pylist() == [0.0, None, None, 3.0, 4.0]
+    assert got["n"].type == pa.int32() and got["n"].to_pylist() == [0, None, None, 3, 4]
+    assert got["when"].type == pa.timestamp("us") and got["when"].cast(pa.int64()).to_pylist() == [0, None, None, 3, 4]
+    assert got["flag"].to_pylist() == [True, None, None, False, True]
+    assert got["s"].to_pylist() == ["0", None, None, "3", "4"]
+    empty = InEntityOrder(0)
+    empty.add(part([]))
+    assert empty.finish().num_rows == 0

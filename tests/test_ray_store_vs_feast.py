@@ -243,13 +243,41 @@ def test_equals_feast_postgres_join_on_single_key_views(random_data, full_featur
 
 
 def test_partitioning_does_not_change_the_result(random_data) -> None:
-    """1, 3 or 16 key ranges on Ray, or the whole join in this process (small entity sets skip Ray)."""
+    """1, 3 or 16 key ranges on Ray (warm join workers, or plain tasks), or the whole join in this process (small
+    entity sets skip Ray)."""
     settings, _, entities = random_data
-    options = [{"partitions": n} for n in (1, 3, 16)] + [{"ray_min_entity_rows": len(entities) + 1}]
+    options = [{"partitions": n} for n in (1, 3, 16)] + [{"ray_min_entity_rows": len(entities) + 1},
+                                                          {"warm_workers": 0, "partitions": 3}]
     results = [ray_store(settings, **option).get_historical_features(
         entity_df=entities, features=features_of(ALL_VIEWS)).to_df() for option in options]
     for other in results[1:]:
         pd.testing.assert_frame_equal(results[0], other)
+
+
+def test_join_workers_stay_warm_between_requests(random_data) -> None:
+    """Attached to a Ray head that outlives the process, the join runs on named detached workers, created once and
+    reused by the next request; a pool of another code version is removed."""
+    import ray
+
+    from sales_forecast.ray_offline_store.driver import POOL_NAMESPACE, _actor_class, code_version
+
+    settings, _, entities = random_data
+    stale = _actor_class().options(name="pit-join-000000000000-0", namespace=POOL_NAMESPACE, lifetime="detached",
+                                   get_if_exists=True, num_cpus=0).remote()
+    ray.get(stale.__ray_ready__.remote())
+
+    def pool() -> dict[str, str]:
+        named = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == POOL_NAMESPACE]
+        return {name: ray.get_actor(name, namespace=POOL_NAMESPACE)._actor_id.hex() for name in named}
+
+    store = ray_store(settings, warm_workers=2)
+    first = store.get_historical_features(entity_df=entities, features=features_of(ALL_VIEWS)).to_df()
+    workers = pool()
+    assert set(workers) == {f"pit-join-{code_version()}-{i}" for i in range(2)}
+    second = store.get_historical_features(entity_df=entities, features=features_of(ALL_VIEWS)).to_df()
+    assert pool() == workers  # the same actors
+    pd.testing.assert_frame_equal(first, second)
 
 
 def test_on_demand_view_is_applied(random_data) -> None:

@@ -9,11 +9,15 @@ the one task that holds that key's entity rows.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import hashlib
+import itertools
 import logging
 import math
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +26,7 @@ from psycopg import sql
 
 from sales_forecast.config import Settings, load_settings
 from sales_forecast.errors import PipelineError
+from sales_forecast.ray_offline_store import worker
 from sales_forecast.ray_offline_store.worker import (
     CREATED,
     NULL_TIME,
@@ -268,30 +273,77 @@ def ray_target(ray_address: str | None, settings: Settings | None = None) -> str
     return address
 
 
-def ensure_ray(ray_address: str | None, ray_conf: dict[str, Any] | None) -> None:
+def ensure_ray(ray_address: str | None, ray_conf: dict[str, Any] | None) -> bool:
     """An already-initialized Ray is used as is (a Ray job's driver, or Feast's engine in the same process);
-    otherwise attach to the cluster, or start a local Ray."""
+    otherwise attach to the cluster, or start a local Ray. True when the cluster outlives this process (it was
+    not started by it), so join workers can stay warm on it between requests."""
     import ray
     from ray.util.client import ray as ray_client
 
     if ray_client.is_connected():
         raise RayConnectionError("this process is connected through Ray Client (ray://), which the Ray offline "
                                  "store does not support: run the step as a Ray job on the cluster")
-    if ray.is_initialized():
-        return
-    target = ray_target(ray_address)
-    options: dict[str, Any] = {"address": target, "include_dashboard": False, "logging_level": logging.WARNING,
-                               "ignore_reinit_error": True}
-    if target != "local":  # a local Ray counts the CPUs itself, within a container's CPU quota
-        options.pop("include_dashboard")
-    options.update(ray_conf or {})
-    ray.init(**options)
+    if not ray.is_initialized():
+        target = ray_target(ray_address)
+        options: dict[str, Any] = {"address": target, "include_dashboard": False,
+                                   "logging_level": logging.WARNING, "ignore_reinit_error": True}
+        if target != "local":  # a local Ray counts the CPUs itself, within a container's CPU quota
+            options.pop("include_dashboard")
+        options.update(ray_conf or {})
+        ray.init(**options)
+    node = getattr(ray._private.worker, "_global_node", None)
+    return not getattr(node, "head", False)
 
 
 def cluster_cpus() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+POOL_NAMESPACE = "sales_forecast_ray_offline_store"
+POOL_PREFIX = "pit-join-"
+
+
+@cache
+def code_version() -> str:
+    """The join workers' code: a pool started by other code is replaced, never used."""
+    return hashlib.sha1(Path(worker.__file__).read_bytes()).hexdigest()[:12]
+
+
+def join_workers(count: int) -> list[Any]:
+    """``count`` named, detached join workers on the cluster (worker.JoinWorker), created on first use and then
+    reused by every later request, from any process: a request pays no worker start-up (a Python process
+    importing Ray, NumPy, Arrow and ADBC, seconds on a busy machine). They reserve no CPU (num_cpus=0), are
+    restarted if they die, and a pool of another code version is removed."""
+    import ray
+
+    version = code_version()
+    actor = _actor_class()
+    workers = [actor.options(name=f"{POOL_PREFIX}{version}-{index}", namespace=POOL_NAMESPACE, lifetime="detached",
+                             get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=2,
+                             scheduling_strategy="SPREAD").remote() for index in range(count)]
+    for named in ray.util.list_named_actors(all_namespaces=True):
+        name = named.get("name", "") if isinstance(named, dict) else str(named)
+        if (isinstance(named, dict) and named.get("namespace") == POOL_NAMESPACE and name.startswith(POOL_PREFIX)
+                and not name.startswith(f"{POOL_PREFIX}{version}-")):
+            with contextlib.suppress(ValueError):
+                ray.kill(ray.get_actor(name, namespace=POOL_NAMESPACE))
+    return workers
+
+
+@cache
+def _actor_class() -> Any:
+    import ray
+
+    return ray.remote(worker.JoinWorker)
+
+
+@cache
+def _remote_join() -> Any:
+    import ray
+
+    return ray.remote(join_partition)
 
 
 # --- running a request ------------------------------------------------------------------------------------------
@@ -324,41 +376,93 @@ def view_tasks(plan: ViewPlan, entities: EntityRows, connection: str, partitions
     return tasks
 
 
-def in_entity_order(parts: list[pa.Table], rows: int) -> pa.Table:
-    """Scatter the partitions' rows back to their entity positions; rows no partition holds get NULLs."""
-    joined = pa.concat_tables(parts)
-    positions = joined.column(POSITION).to_numpy()
-    features = joined.drop_columns([POSITION])
-    if joined.num_rows == rows and (rows == 0 or (positions[0] == 0 and (np.diff(positions) == 1).all())):
-        return features  # an entity set in key order: the partitions are already in place
-    slot = np.full(rows, -1, dtype=np.int64)
-    slot[positions] = np.arange(joined.num_rows)
-    return features.take(pa.array(slot, mask=slot < 0))
+def _fixed_width(type_: pa.DataType) -> bool:
+    return (pa.types.is_integer(type_) or pa.types.is_floating(type_) or pa.types.is_boolean(type_)
+            or pa.types.is_timestamp(type_))
 
 
-@cache
-def _remote_join() -> Any:
+class InEntityOrder:
+    """One view's features put back in the entity set's row order as its partitions arrive, so no partition's
+    result is kept once copied: fixed-width columns go straight into one buffer per column (with a validity
+    mask); other columns (text, lists...) are gathered at the end. Rows no partition holds stay NULL."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.types: dict[str, pa.DataType] = {}
+        self.values: dict[str, np.ndarray] = {}
+        self.valid: dict[str, np.ndarray] = {}
+        self.pieces: dict[str, list[tuple[np.ndarray, pa.ChunkedArray]]] = {}
+
+    def add(self, part: pa.Table) -> None:
+        positions = part.column(POSITION).to_numpy()
+        for name in part.column_names:
+            if name == POSITION:
+                continue
+            column = part.column(name)
+            type_ = self.types.setdefault(name, column.type)
+            if column.type != type_:
+                column = column.cast(type_)
+            if not _fixed_width(type_):
+                self.pieces.setdefault(name, []).append((positions, column))
+                continue
+            storage = pa.int64() if pa.types.is_timestamp(type_) else type_
+            if name not in self.values:
+                self.values[name] = np.zeros(self.rows, dtype=storage.to_pandas_dtype())
+                self.valid[name] = np.zeros(self.rows, dtype=bool)
+            filled = column.cast(storage).fill_null(False if pa.types.is_boolean(type_) else 0)
+            self.values[name][positions] = filled.to_numpy()
+            self.valid[name][positions] = column.is_valid().to_numpy(zero_copy_only=False) if column.null_count \
+                else True
+
+    def finish(self) -> pa.Table:
+        arrays = {}
+        for name, type_ in self.types.items():
+            if name in self.values:
+                valid = self.valid.pop(name)
+                array = pa.array(self.values.pop(name), mask=None if valid.all() else ~valid)
+                arrays[name] = array.view(type_) if pa.types.is_timestamp(type_) else array
+            else:
+                pieces = self.pieces.pop(name)
+                slot = np.full(self.rows, -1, dtype=np.int64)
+                offset = 0
+                for positions, _ in pieces:
+                    slot[positions] = np.arange(offset, offset + len(positions))
+                    offset += len(positions)
+                gathered = pa.chunked_array([c for _, piece in pieces for c in piece.chunks], type_)
+                arrays[name] = gathered.take(pa.array(slot, mask=slot < 0))
+        return pa.table(arrays)
+
+
+def run_on_ray(plans: list[ViewPlan], entities: EntityRows, connection: str, partitions: int,
+               workers: list[Any] | None = None) -> list[pa.Table]:
+    """Each view's features, one row per entity row, in the entity set's order: one Ray call per (view, key
+    range), on the warm ``workers`` (round robin) or as plain tasks; each result is copied into place as soon as
+    it arrives and then released."""
     import ray
 
-    return ray.remote(join_partition)
-
-
-def _features(rows: int, per_view: list[list[pa.Table]]) -> list[pa.Table]:
-    return [in_entity_order(parts, rows) for parts in per_view]
-
-
-def run_on_ray(plans: list[ViewPlan], entities: EntityRows, connection: str, partitions: int) -> list[pa.Table]:
-    """Each view's features, one row per entity row, in the entity set's order."""
-    import ray
-
-    remote_join = _remote_join()
-    submitted = [[remote_join.remote(task, part) for task, part in view_tasks(plan, entities, connection, partitions)]
-                 for plan in plans]
-    return _features(entities.num_rows, [ray.get(refs) for refs in submitted])
+    outputs = [InEntityOrder(entities.num_rows) for _ in plans]
+    pending: dict[Any, int] = {}
+    calls = itertools.count()
+    for view, plan in enumerate(plans):
+        for task, part in view_tasks(plan, entities, connection, partitions):
+            if workers:
+                ref = workers[next(calls) % len(workers)].join.remote(task, part)
+            else:
+                ref = _remote_join().remote(task, part)
+            pending[ref] = view
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            outputs[pending.pop(ref)].add(ray.get(ref))
+    return [output.finish() for output in outputs]
 
 
 def run_in_process(plans: list[ViewPlan], entities: EntityRows, connection: str) -> list[pa.Table]:
     """The same join in this process, one partition per view: for entity sets too small to pay Ray's start-up."""
-    per_view = [[join_partition(task, part) for task, part in view_tasks(plan, entities, connection, 1)]
-                for plan in plans]
-    return _features(entities.num_rows, per_view)
+    results = []
+    for plan in plans:
+        output = InEntityOrder(entities.num_rows)
+        for task, part in view_tasks(plan, entities, connection, 1):
+            output.add(join_partition(task, part))
+        results.append(output.finish())
+    return results

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -63,6 +64,7 @@ from sales_forecast.ray_offline_store.driver import (
     cluster_cpus,
     date_range_query,
     ensure_ray,
+    join_workers,
     run_in_process,
     run_on_ray,
 )
@@ -91,6 +93,10 @@ class RayPostgreSQLOfflineStoreConfig(PostgreSQLOfflineStoreConfig):
     """Without ``partitions``: do not split below this many entity rows per task (Ray's per-task overhead)."""
     ray_min_entity_rows: NonNegativeInt = 0
     """Smaller entity sets are joined in this process, without starting or using Ray (same join code)."""
+    warm_workers: NonNegativeInt | None = None
+    """Join workers kept alive on the Ray cluster between requests (named detached actors, created on first use):
+    default one per CPU of a cluster this process attaches to, none with a Ray this process starts itself; 0 runs
+    plain Ray tasks, whose worker processes start with every job."""
 
 
 class RayPostgreSQLOfflineStore(PostgreSQLOfflineStore):
@@ -395,14 +401,23 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
 
     def _to_arrow_internal(self, timeout: int | None = None) -> pa.Table:
         store = self.config.offline_store
-        entities, connection = self.entities(), conninfo(store, self.time_zone(), parallel_query=False)
-        if entities.num_rows < store.ray_min_entity_rows:
-            per_view = run_in_process(self._plans, entities.rows, connection)
+        small = isinstance(self._entity_df, pd.DataFrame) and len(self._entity_df) < store.ray_min_entity_rows
+        if small or (store.ray_min_entity_rows and self._entities is None and isinstance(self._entity_df, str)):
+            self.entities()  # whether Ray is needed depends on the entity set's size
+        entities = self._entities
+        if entities is not None and entities.num_rows < store.ray_min_entity_rows:
+            per_view = run_in_process(self._plans, entities.rows, self._partition_connection())
         else:
-            ensure_ray(store.ray_address, store.ray_conf)
+            with ThreadPoolExecutor(1) as loader:  # read the entity set while attaching to Ray
+                loading = loader.submit(self.entities)
+                persistent = ensure_ray(store.ray_address, store.ray_conf)
+                cpus = cluster_cpus()
+                count = store.warm_workers if store.warm_workers is not None else (cpus if persistent else 0)
+                workers = join_workers(count) if count else None
+                entities = loading.result()
             parallelism = Parallelism(store.partitions, store.rows_per_partition, store.min_rows_per_partition)
-            per_view = run_on_ray(self._plans, entities.rows, connection,
-                                  parallelism.partitions_for(entities.num_rows, cluster_cpus()))
+            per_view = run_on_ray(self._plans, entities.rows, self._partition_connection(),
+                                  parallelism.partitions_for(entities.num_rows, cpus), workers)
         result = entities.table
         for features in per_view:
             for name, column in zip(features.column_names, features.columns, strict=True):
@@ -412,14 +427,18 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
                     result = result.append_column(name, column)
         return result
 
+    def _partition_connection(self) -> str:
+        return conninfo(self.config.offline_store, self.time_zone(), parallel_query=False)
+
     def _to_df_internal(self, timeout: int | None = None) -> pd.DataFrame:
         return self._to_arrow_internal(timeout).to_pandas()
 
     def to_df(self, validation_reference: ValidationReference | None = None,
               timeout: int | None = None) -> pd.DataFrame:
         """Feast's to_df without its trailing reset_index(drop=True): to_pandas already gives a RangeIndex, and
-        the reset copies every column (2 s at 6M rows)."""
-        return self.to_arrow(validation_reference=validation_reference, timeout=timeout).to_pandas()
+        the reset copies every column (2 s at 6M rows); each Arrow column is released once converted."""
+        table = self.to_arrow(validation_reference=validation_reference, timeout=timeout)
+        return table.to_pandas(split_blocks=True, self_destruct=True)
 
     @property
     def metadata(self) -> RetrievalMetadata:
