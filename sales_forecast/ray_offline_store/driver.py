@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from psycopg import sql
 
 from sales_forecast.config import Settings, load_settings
@@ -106,7 +107,8 @@ def range_safe(keys: pa.Table) -> bool:
 
 
 def partition_by_key(keys: pa.Table, usable: np.ndarray, count: int) -> Partitioning:
-    """Split the usable rows into at most ``count`` key ranges of about equal row counts."""
+    """Split the usable rows into at most ``count`` key ranges of about equal row counts (hashing and small sorts:
+    no sort of the rows themselves)."""
     usable = usable & _non_null(keys)
     assignment = np.full(keys.num_rows, -1, dtype=np.int64)
     if count <= 1 or not range_safe(keys) or not usable.any():
@@ -114,21 +116,37 @@ def partition_by_key(keys: pa.Table, usable: np.ndarray, count: int) -> Partitio
         return Partitioning(assignment, [None])
 
     rows = np.flatnonzero(usable)
-    frame = keys.take(rows).to_pandas()
-    grouped = frame.groupby(list(frame.columns), sort=True)
-    group_of_row = grouped.ngroup().to_numpy()
-    sizes = grouped.size()
-    rows_before = np.cumsum(sizes.to_numpy()) - sizes.to_numpy()
+    columns = [(column if len(rows) == keys.num_rows else column.take(pa.array(rows))).combine_chunks()
+               for column in keys.columns]
+    group = None  # each row's key tuple as a dense code, in key order
+    for column in columns:
+        codes, cardinality = _ordered_codes(column)
+        group = codes if group is None else _ordered_codes(pa.array(group * cardinality + codes))[0]
+    assert group is not None
+    sizes = np.bincount(group)
+    rows_before = np.cumsum(sizes) - sizes
     part_of_group = rows_before * count // len(rows)
     # a huge group can leave a partition empty: renumber the non-empty ones 0..n-1
     used, part_of_group = np.unique(part_of_group, return_inverse=True)
-    assignment[rows] = part_of_group[group_of_row]
+    assignment[rows] = part_of_group[group]
 
     first = np.searchsorted(part_of_group, np.arange(len(used)), side="left")
     last = np.searchsorted(part_of_group, np.arange(len(used)), side="right") - 1
-    ranges: list[KeyRange | None] = [KeyRange(_as_tuple(sizes.index[lo]), _as_tuple(sizes.index[hi]))
-                                     for lo, hi in zip(first, last, strict=True)]
+
+    def key_of(group_code: int) -> tuple[Any, ...]:
+        row = int(np.argmax(group == group_code))
+        return tuple(column[row].as_py() for column in columns)
+
+    ranges: list[KeyRange | None] = [KeyRange(key_of(lo), key_of(hi)) for lo, hi in zip(first, last, strict=True)]
     return Partitioning(assignment, ranges)
+
+
+def _ordered_codes(column: pa.Array) -> tuple[np.ndarray, int]:
+    """Dense codes of the values in their sort order (Python's, and PostgreSQL's for range-safe types)."""
+    encoded = column.dictionary_encode()
+    rank = np.empty(len(encoded.dictionary), dtype=np.int64)
+    rank[pc.sort_indices(encoded.dictionary).to_numpy()] = np.arange(len(encoded.dictionary))
+    return rank[encoded.indices.to_numpy()], len(encoded.dictionary)
 
 
 def _non_null(keys: pa.Table) -> np.ndarray:
@@ -137,11 +155,6 @@ def _non_null(keys: pa.Table) -> np.ndarray:
         if column.null_count:
             mask &= column.is_valid().to_numpy(zero_copy_only=False)
     return mask
-
-
-def _as_tuple(key: Any) -> tuple[Any, ...]:
-    values = key if isinstance(key, tuple) else (key,)
-    return tuple(value.item() if isinstance(value, np.generic) else value for value in values)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ nanoseconds since the epoch (UTC); ``NULL_TIME`` marks a missing one.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -287,5 +289,11 @@ class JoinWorker:
     def join(self, task: PartitionTask, entities: pa.Table) -> pa.Table:
         try:
             return join_partition(task, entities)
-        finally:
-            pa.default_memory_pool().release_unused()  # an idle worker keeps no partition's memory
+        finally:  # an idle worker keeps no partition's memory: Arrow's pool and the C heap (NumPy's arrays)
+            pa.default_memory_pool().release_unused()
+            _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
