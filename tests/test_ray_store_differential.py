@@ -361,12 +361,16 @@ def fetch(job, output: str, repo: Repo, name: str) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_ray_store_equals_feast_and_the_oracle(stack_settings: Settings, seed: int) -> None:
+def test_ray_store_equals_feast_and_the_oracle(stack_settings: Settings, seed: int,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from sales_forecast.ray_offline_store import store as store_module
+
+    monkeypatch.setattr(store_module, "STREAM_BATCH_BYTES", 2048)  # SQL entity sets arrive in several batches
     repo = build_repo(stack_settings, seed)
     rng = np.random.default_rng(seed + 7)
     kinds = ["frame aware", "frame naive", "sql naive", "sql aware"]
     outputs = ["to_df", "to_arrow", "persist"]
-    runtimes = [{}, {"partitions": 3}, {"ray_min_entity_rows": 10_000}]
+    runtimes = [{"partitions": None, "min_rows_per_partition": 20}, {"partitions": 3}, {"ray_min_entity_rows": 10_000}]
     for number in range(3):
         kind = kinds[(seed + number) % len(kinds)]
         entities = random_entities(rng, repo.tables)

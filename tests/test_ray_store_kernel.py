@@ -14,6 +14,7 @@ from sales_forecast.ray_offline_store.driver import (
     KeyRange,
     Parallelism,
     RayConnectionError,
+    StreamCutter,
     TimeWindow,
     ViewPlan,
     feature_query,
@@ -233,3 +234,50 @@ def test_in_entity_order() -> None:
     empty = InEntityOrder(0)
     empty.add(part([]))
     assert empty.finish().num_rows == 0
+
+
+def _stream(keys: pa.Table, stamps: np.ndarray, batch: int, cutter) -> list:
+    parts = []
+    for start in range(0, keys.num_rows, batch):
+        positions = np.arange(start, min(start + batch, keys.num_rows))
+        parts += cutter.add(positions, keys.slice(start, batch), stamps[positions])
+    return parts + cutter.finish()
+
+
+def test_stream_cutter_cuts_ordered_streams_at_key_boundaries() -> None:
+    """An entity stream in key order is cut into disjoint key ranges while it arrives (never inside a key); every
+    usable row is in exactly one partition; rows with a NULL key or time in none."""
+    rng = np.random.default_rng(3)
+    stores = np.sort(rng.integers(1, 40, 5_000))
+    depts = np.concatenate([np.sort(rng.integers(1, 9, n)) for n in np.bincount(stores)[1:] if n] or [[]])
+    keys = pa.table({"dept": pa.array(depts, pa.int64()), "store": pa.array(stores, pa.int64())})
+    stamps = rng.integers(0, 100, 5_000) * SECOND
+    stamps[rng.random(5_000) < 0.02] = NULL_TIME
+    plan = _plan(("store", "dept"))
+    parts = _stream(keys, stamps, 700, StreamCutter(plan, cpus=2, min_rows=300, max_rows=2_000))
+    assert len(parts) > 4
+    seen = np.concatenate([part.positions for part in parts])
+    assert sorted(seen.tolist()) == np.flatnonzero(stamps != NULL_TIME).tolist()
+    ranges = [part.key_range for part in parts]
+    assert all(a.high < b.low for a, b in zip(ranges, ranges[1:], strict=False))  # disjoint, in order
+    for part in parts:
+        pairs = list(zip(part.keys[0].to_pylist(), part.keys[1].to_pylist(), strict=True))
+        assert min(pairs) == part.key_range.low and max(pairs) == part.key_range.high
+
+
+def test_stream_cutter_falls_back_when_out_of_order() -> None:
+    """Out of key order, the rest is partitioned at the end; every usable row is still in one partition and
+    inside its partition's key range. Views without keys get one partition, an empty stream one empty one."""
+    rng = np.random.default_rng(4)
+    keys = pa.table({"store": pa.array(rng.integers(1, 50, 3_000), pa.int64()),
+                     "dept": pa.array(rng.integers(1, 5, 3_000), pa.int64())})
+    stamps = np.arange(3_000) * SECOND
+    parts = _stream(keys, stamps, 500, StreamCutter(_plan(("store",)), cpus=2, min_rows=200, max_rows=1_000))
+    assert sorted(np.concatenate([p.positions for p in parts]).tolist()) == list(range(3_000))
+    for part in parts:
+        values = part.keys[0].to_pylist()
+        assert part.key_range is None or (min(values),) >= part.key_range.low and (max(values),) <= part.key_range.high
+    timeless = _stream(keys, stamps, 500, StreamCutter(_plan(()), cpus=2, min_rows=200, max_rows=1_000))
+    assert len(timeless) == 1 and timeless[0].key_range is None and len(timeless[0].positions) == 3_000
+    empty = StreamCutter(_plan(("store",)), cpus=2, min_rows=200, max_rows=1_000).finish()
+    assert len(empty) == 1 and len(empty[0].positions) == 0

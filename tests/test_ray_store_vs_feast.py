@@ -222,6 +222,26 @@ def test_sql_entity_set_keeps_the_query_order(random_data) -> None:
     pd.testing.assert_frame_equal(comparable(result), comparable(expected(entities, tables, ALL_VIEWS)))
 
 
+def test_sql_entity_set_is_joined_while_it_streams(random_data, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SQL entity set arrives in batches; in key order, partitions are cut and joined while the rest arrives,
+    out of order the rest is partitioned at the end: the same result as the oracle either way."""
+    from sales_forecast.ray_offline_store import driver
+    from sales_forecast.ray_offline_store import store as store_module
+
+    settings, tables, entities = random_data
+    load_table(settings.postgres, "entity_rows", entities, ["row_id"])
+    monkeypatch.setattr(store_module, "STREAM_BATCH_BYTES", 4096)  # batches of about a hundred rows
+    cut = []
+    original = driver.StreamCutter.add
+    monkeypatch.setattr(driver.StreamCutter, "add", lambda self, *a: cut.extend(parts := original(self, *a)) or parts)
+    for order in ("store, dept, event_timestamp", "row_id"):
+        cut.clear()
+        result = ray_store(settings, partitions=None, min_rows_per_partition=100).get_historical_features(
+            entity_df=f"SELECT * FROM entity_rows ORDER BY {order}", features=features_of(ALL_VIEWS)).to_df()
+        pd.testing.assert_frame_equal(comparable(result), comparable(expected(entities, tables, ALL_VIEWS)))
+        assert (len(cut) > 5) == order.startswith("store")  # cut while streaming only in key order
+
+
 @pytest.mark.parametrize("full_feature_names", [False, True])
 @pytest.mark.parametrize("entity_kind", ["frame", "sql"])
 def test_equals_feast_postgres_join_on_single_key_views(random_data, full_feature_names: bool,

@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -34,7 +35,6 @@ from sales_forecast.ray_offline_store.worker import (
     POSITION,
     TS,
     PartitionTask,
-    entity_partition,
     feature_column,
     join_partition,
     key_column,
@@ -370,23 +370,150 @@ def _window(plan: ViewPlan, timestamps_ns: np.ndarray) -> TimeWindow | None:
     return TimeWindow(low_ns=None if plan.ttl_ns is None else low - plan.ttl_ns, high_ns=high)
 
 
+@dataclass(frozen=True)
+class Partition:
+    """Entity rows of one view that one Ray call joins: their positions in the entity set, the view's key columns
+    and UTC nanoseconds for those rows, and the key range whose feature rows the call reads (None: all keys)."""
+
+    positions: np.ndarray
+    keys: list[pa.Array | pa.ChunkedArray]
+    timestamps_ns: np.ndarray
+    key_range: KeyRange | None
+
+
+def partition_task(plan: ViewPlan, connection: str, part: Partition) -> tuple[PartitionTask, pa.Table]:
+    text_keys = tuple(pa.types.is_string(k.type) or pa.types.is_large_string(k.type) for k in part.keys)
+    window = _window(plan, part.timestamps_ns)
+    task = PartitionTask(connection=connection, query=feature_query(plan, window, part.key_range, text_keys),
+                         key_count=len(plan.join_keys), has_created=plan.has_created,
+                         output_names=plan.output_names, ttl_ns=plan.ttl_ns,
+                         tie_order=plan.tie_order or tuple(range(len(plan.features))),
+                         created_at_most_entity=plan.created_at_most_entity and plan.has_created,
+                         created_output=plan.created_output if plan.has_created else None)
+    columns = {POSITION: pa.array(part.positions, pa.int64()), TS: pa.array(part.timestamps_ns, pa.int64())}
+    columns.update({key_column(i): key for i, key in enumerate(part.keys)})
+    return task, pa.table(columns)
+
+
+def key_partitions(keys: pa.Table, timestamps_ns: np.ndarray, count: int) -> list[Partition]:
+    """The rows in at most ``count`` key ranges (positions: row numbers in ``keys``); rows that can match
+    nothing (a NULL key or time) are in none."""
+    partitioning = partition_by_key(keys, timestamps_ns != NULL_TIME, count)
+    order = np.argsort(partitioning.assignment, kind="stable")
+    bounds = np.searchsorted(partitioning.assignment[order], np.arange(partitioning.count + 1))
+    result = []
+    for index, key_range in enumerate(partitioning.ranges):
+        rows = order[bounds[index]:bounds[index + 1]]
+        result.append(Partition(positions=rows, keys=[key.take(pa.array(rows)) for key in keys.columns],
+                                timestamps_ns=timestamps_ns[rows], key_range=key_range))
+    return result
+
+
 def view_tasks(plan: ViewPlan, entities: EntityRows, connection: str, partitions: int,
                ) -> list[tuple[PartitionTask, pa.Table]]:
     keys = entities.keys.select(list(plan.join_keys))
-    partitioning = partition_by_key(keys, entities.timestamps_ns != NULL_TIME, partitions)
-    text_keys = tuple(pa.types.is_string(f.type) or pa.types.is_large_string(f.type) for f in keys.schema)
-    tasks = []
-    for index, key_range in enumerate(partitioning.ranges):
-        positions = np.flatnonzero(partitioning.assignment == index)
-        window = _window(plan, entities.timestamps_ns[positions])
-        task = PartitionTask(connection=connection, query=feature_query(plan, window, key_range, text_keys),
-                             key_count=len(plan.join_keys), has_created=plan.has_created,
-                             output_names=plan.output_names, ttl_ns=plan.ttl_ns,
-                             tie_order=plan.tie_order or tuple(range(len(plan.features))),
-                             created_at_most_entity=plan.created_at_most_entity and plan.has_created,
-                             created_output=plan.created_output if plan.has_created else None)
-        tasks.append((task, entity_partition(positions, entities.timestamps_ns, keys.columns)))
-    return tasks
+    return [partition_task(plan, connection, part) for part in key_partitions(keys, entities.timestamps_ns, partitions)]
+
+
+class StreamCutter:
+    """Cuts one view's partitions from an entity set that arrives in batches, so joins start while the rest is
+    still being read (a SQL entity set's query can take seconds in PostgreSQL).
+
+    While the arriving keys are in key order (a query ordered by the view's keys, or reading a table stored in
+    that order), a key-range partition is cut whenever ``target`` rows are pending, at a key boundary, so the
+    partitions' ranges are disjoint; the target grows with the rows seen (a few partitions per CPU), from
+    ``min_rows`` up to ``max_rows``. As soon as a batch is out of order, the rest is partitioned at the end like an
+    entity set read at once (partitions cut before stay correct: each reads its own range). Views whose keys have
+    no PostgreSQL-compatible order, or no keys, are partitioned at the end.
+    """
+
+    def __init__(self, plan: ViewPlan, cpus: int, min_rows: int, max_rows: int):
+        self.plan, self.cpus, self.min_rows, self.max_rows = plan, cpus, min_rows, max_rows
+        self.ordered: bool | None = None
+        self.pending: list[tuple[np.ndarray, pa.Table, np.ndarray]] = []
+        self.pending_rows = self.seen = 0
+        self.emitted = False
+        self.last: pa.Table | None = None  # the last usable row's key
+
+    def add(self, positions: np.ndarray, keys: pa.Table, timestamps_ns: np.ndarray) -> list[Partition]:
+        if not self.plan.join_keys:  # joined on time alone: one partition at the end
+            usable = timestamps_ns != NULL_TIME
+            self.pending.append((positions[usable], keys.select([]), timestamps_ns[usable]))
+            return []
+        keys = keys.select(list(self.plan.join_keys))
+        usable = (timestamps_ns != NULL_TIME) & _non_null(keys)
+        if not usable.all():
+            rows = np.flatnonzero(usable)
+            positions, keys, timestamps_ns = positions[rows], keys.take(pa.array(rows)), timestamps_ns[rows]
+        if self.ordered is None:
+            self.ordered = range_safe(keys)
+        if self.ordered and keys.num_rows:
+            self.ordered = _non_decreasing(keys if self.last is None else pa.concat_tables([self.last, keys]))
+            self.last = keys.slice(keys.num_rows - 1)
+        self.pending.append((positions, keys, timestamps_ns))
+        self.pending_rows += len(positions)
+        self.seen += len(positions)
+        target = min(self.max_rows, max(self.min_rows, self.seen // (2 * self.cpus)))
+        if not self.ordered or self.pending_rows < target:
+            return []
+        positions, keys, stamps = self._take_pending()
+        last_key = _equal_to_last(keys)
+        cut = int(np.argmax(last_key)) if not last_key.all() else len(positions)
+        self.pending = [(positions[cut:], keys.slice(cut), stamps[cut:])] if cut < len(positions) else []
+        self.pending_rows = len(positions) - cut
+        self.emitted = True
+        return [_ordered_partition(positions[:cut], keys.slice(0, cut), stamps[:cut])]
+
+    def finish(self) -> list[Partition]:
+        """The partitions of the rows still pending (cut in up to one per CPU, by key); one empty partition when
+        there were no rows at all (it gives the features' columns their types)."""
+        if not self.plan.join_keys:
+            positions = np.concatenate([p for p, _, _ in self.pending] or [np.zeros(0, np.int64)])
+            stamps = np.concatenate([t for _, _, t in self.pending] or [np.zeros(0, np.int64)])
+            self.pending = []
+            return [Partition(positions=positions, keys=[], timestamps_ns=stamps, key_range=None)]
+        if not self.pending:
+            if self.emitted:
+                return []
+            empty = [pa.array([], pa.null()) for _ in self.plan.join_keys]
+            return [Partition(np.zeros(0, np.int64), empty, np.zeros(0, np.int64), None)]
+        positions, keys, stamps = self._take_pending()
+        count = max(1, min(self.cpus, len(positions) // self.min_rows))
+        return [Partition(positions=positions[part.positions], keys=part.keys, timestamps_ns=part.timestamps_ns,
+                          key_range=part.key_range) for part in key_partitions(keys, stamps, count)]
+
+    def _take_pending(self) -> tuple[np.ndarray, pa.Table, np.ndarray]:
+        positions = np.concatenate([p for p, _, _ in self.pending])
+        keys = pa.concat_tables([k for _, k, _ in self.pending])
+        stamps = np.concatenate([t for _, _, t in self.pending])
+        self.pending, self.pending_rows = [], 0
+        return positions, keys, stamps
+
+
+def _non_decreasing(keys: pa.Table) -> bool:
+    """Whether the rows' key tuples are in (lexicographic) non-decreasing order."""
+    if keys.num_rows < 2:
+        return True
+    before, after = keys.slice(0, keys.num_rows - 1), keys.slice(1)
+    less = np.zeros(keys.num_rows - 1, dtype=bool)
+    equal = np.ones(keys.num_rows - 1, dtype=bool)
+    for a, b in zip(before.columns, after.columns, strict=True):
+        less |= equal & pc.less(a, b).to_numpy(zero_copy_only=False)
+        equal &= pc.equal(a, b).to_numpy(zero_copy_only=False)
+    return bool((less | equal).all())
+
+
+def _equal_to_last(keys: pa.Table) -> np.ndarray:
+    equal = np.ones(keys.num_rows, dtype=bool)
+    for column in keys.columns:
+        equal &= pc.equal(column, column[keys.num_rows - 1]).to_numpy(zero_copy_only=False)
+    return equal
+
+
+def _ordered_partition(positions: np.ndarray, keys: pa.Table, stamps: np.ndarray) -> Partition:
+    last = keys.num_rows - 1
+    key_range = KeyRange(tuple(c[0].as_py() for c in keys.columns), tuple(c[last].as_py() for c in keys.columns))
+    return Partition(positions=positions, keys=list(keys.columns), timestamps_ns=stamps, key_range=key_range)
 
 
 def _fixed_width(type_: pa.DataType) -> bool:
@@ -396,11 +523,12 @@ def _fixed_width(type_: pa.DataType) -> bool:
 
 class InEntityOrder:
     """One view's features put back in the entity set's row order as its partitions arrive, so no partition's
-    result is kept once copied: fixed-width columns go straight into one buffer per column (with a validity
-    mask); other columns (text, lists...) are gathered at the end. Rows no partition holds stay NULL."""
+    result is kept once copied: fixed-width columns go straight into one buffer per column (with a validity mask,
+    grown while the entity set is still arriving); other columns (text, lists...) are gathered at the end. Rows no
+    partition holds stay NULL."""
 
-    def __init__(self, rows: int):
-        self.rows = rows
+    def __init__(self, rows: int = 0):
+        self.capacity = rows
         self.types: dict[str, pa.DataType] = {}
         self.values: dict[str, np.ndarray] = {}
         self.valid: dict[str, np.ndarray] = {}
@@ -408,6 +536,8 @@ class InEntityOrder:
 
     def add(self, part: pa.Table) -> None:
         positions = part.column(POSITION).to_numpy()
+        if len(positions) and positions.max() >= self.capacity:
+            self._grow(max(int(positions.max()) + 1, 2 * self.capacity))
         for name in part.column_names:
             if name == POSITION:
                 continue
@@ -420,23 +550,34 @@ class InEntityOrder:
                 continue
             storage = pa.int64() if pa.types.is_timestamp(type_) else type_
             if name not in self.values:
-                self.values[name] = np.zeros(self.rows, dtype=storage.to_pandas_dtype())
-                self.valid[name] = np.zeros(self.rows, dtype=bool)
+                self.values[name] = np.zeros(self.capacity, dtype=storage.to_pandas_dtype())
+                self.valid[name] = np.zeros(self.capacity, dtype=bool)
             filled = column.cast(storage).fill_null(False if pa.types.is_boolean(type_) else 0)
             self.values[name][positions] = filled.to_numpy()
             self.valid[name][positions] = column.is_valid().to_numpy(zero_copy_only=False) if column.null_count \
                 else True
 
-    def finish(self) -> pa.Table:
+    def _grow(self, capacity: int) -> None:
+        for buffers in (self.values, self.valid):
+            for name, old in buffers.items():
+                grown = np.zeros(capacity, dtype=old.dtype)
+                grown[: len(old)] = old
+                buffers[name] = grown
+        self.capacity = capacity
+
+    def finish(self, rows: int | None = None) -> pa.Table:
+        rows = self.capacity if rows is None else rows
+        if rows > self.capacity:
+            self._grow(rows)
         arrays = {}
         for name, type_ in self.types.items():
             if name in self.values:
-                valid = self.valid.pop(name)
-                array = pa.array(self.values.pop(name), mask=None if valid.all() else ~valid)
+                values, valid = self.values.pop(name)[:rows], self.valid.pop(name)[:rows]
+                array = pa.array(values, mask=None if valid.all() else ~valid)
                 arrays[name] = array.view(type_) if pa.types.is_timestamp(type_) else array
             else:
                 pieces = self.pieces.pop(name)
-                slot = np.full(self.rows, -1, dtype=np.int64)
+                slot = np.full(rows, -1, dtype=np.int64)
                 offset = 0
                 for positions, _ in pieces:
                     slot[positions] = np.arange(offset, offset + len(positions))
@@ -446,28 +587,70 @@ class InEntityOrder:
         return pa.table(arrays)
 
 
+class Calls:
+    """The Ray calls of one request: submitted on the warm ``workers`` (round robin) or as plain tasks, each
+    result copied into its view's output as soon as it arrives and then released."""
+
+    def __init__(self, plans: list[ViewPlan], workers: list[Any] | None, rows: int = 0):
+        self.outputs = [InEntityOrder(rows) for _ in plans]
+        self.workers = workers
+        self.pending: dict[Any, int] = {}
+        self.count = itertools.count()
+
+    def submit(self, view: int, task: PartitionTask, part: pa.Table) -> None:
+        if self.workers:
+            ref = self.workers[next(self.count) % len(self.workers)].join.remote(task, part)
+        else:
+            ref = _remote_join().remote(task, part)
+        self.pending[ref] = view
+
+    def collect(self, wait: bool) -> None:
+        """Copy the results that are ready (all of them, waiting, with ``wait``)."""
+        import ray
+
+        while self.pending:
+            done, _ = ray.wait(list(self.pending), num_returns=1, timeout=None if wait else 0)
+            if not done:
+                return
+            for ref in done:
+                self.outputs[self.pending.pop(ref)].add(ray.get(ref))
+
+    def finish(self, rows: int) -> list[pa.Table]:
+        self.collect(wait=True)
+        return [output.finish(rows) for output in self.outputs]
+
+
 def run_on_ray(plans: list[ViewPlan], entities: EntityRows, connection: str, partitions: int,
                workers: list[Any] | None = None) -> list[pa.Table]:
     """Each view's features, one row per entity row, in the entity set's order: one Ray call per (view, key
-    range), on the warm ``workers`` (round robin) or as plain tasks; each result is copied into place as soon as
-    it arrives and then released."""
-    import ray
-
-    outputs = [InEntityOrder(entities.num_rows) for _ in plans]
-    pending: dict[Any, int] = {}
-    calls = itertools.count()
+    range)."""
+    calls = Calls(plans, workers, entities.num_rows)
     for view, plan in enumerate(plans):
         for task, part in view_tasks(plan, entities, connection, partitions):
-            if workers:
-                ref = workers[next(calls) % len(workers)].join.remote(task, part)
-            else:
-                ref = _remote_join().remote(task, part)
-            pending[ref] = view
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
-            outputs[pending.pop(ref)].add(ray.get(ref))
-    return [output.finish() for output in outputs]
+            calls.submit(view, task, part)
+            calls.collect(wait=False)
+    return calls.finish(entities.num_rows)
+
+
+def run_streaming(plans: list[ViewPlan], batches: Iterator[tuple[pa.Table, np.ndarray]], connection: str,
+                  cpus: int, parallelism: Parallelism, workers: list[Any] | None = None) -> list[pa.Table]:
+    """run_on_ray for an entity set that arrives in batches (each: the join key columns and UTC nanoseconds):
+    partitions are cut and joined while later batches are still being read (StreamCutter)."""
+    calls = Calls(plans, workers)
+    cutters = [StreamCutter(plan, cpus, parallelism.min_rows_per_partition, parallelism.rows_per_partition)
+               for plan in plans]
+    rows = 0
+    for keys, stamps in batches:
+        positions = np.arange(rows, rows + len(stamps))
+        rows += len(stamps)
+        for view, cutter in enumerate(cutters):
+            for part in cutter.add(positions, keys, stamps):
+                calls.submit(view, *partition_task(plans[view], connection, part))
+        calls.collect(wait=False)
+    for view, cutter in enumerate(cutters):
+        for part in cutter.finish():
+            calls.submit(view, *partition_task(plans[view], connection, part))
+    return calls.finish(rows)
 
 
 def run_in_process(plans: list[ViewPlan], entities: EntityRows, connection: str) -> list[pa.Table]:
@@ -477,5 +660,5 @@ def run_in_process(plans: list[ViewPlan], entities: EntityRows, connection: str)
         output = InEntityOrder(entities.num_rows)
         for task, part in view_tasks(plan, entities, connection, 1):
             output.add(join_partition(task, part))
-        results.append(output.finish())
+        results.append(output.finish(entities.num_rows))
     return results

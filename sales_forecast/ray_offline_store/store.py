@@ -15,10 +15,11 @@ PostgreSQLOfflineStore (materialization reads, pull_latest/pull_all, monitoring)
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from queue import Queue
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -67,11 +68,14 @@ from sales_forecast.ray_offline_store.driver import (
     join_workers,
     run_in_process,
     run_on_ray,
+    run_streaming,
 )
 from sales_forecast.ray_offline_store.worker import NULL_TIME, arrow_nanoseconds, feast_types, read_arrow
 
 STORE_TYPE = "sales_forecast.ray_offline_store.RayPostgreSQLOfflineStore"
 DATE_RANGE_CREATED = "created_timestamp"  # the created timestamp column of a one-view date-range retrieval
+STREAM_BATCH_OPTION = "adbc.postgresql.batch_size_hint_bytes"
+STREAM_BATCH_BYTES = 2 << 20  # a SQL entity set arrives in batches of about this size (ADBC's default: 16 MB)
 
 
 class RayPostgreSQLOfflineStoreConfig(PostgreSQLOfflineStoreConfig):
@@ -387,37 +391,32 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
             self._time_zone = session_time_zone(self.config.offline_store)
         return self._time_zone
 
+    def _entity_query(self) -> pd.DataFrame | str:
+        if self._entity_df is not None:
+            return self._entity_df
+        assert self._date_range is not None
+        start, end = (pd.Timestamp(moment).value for moment in self._date_range)
+        return date_range_query(self._plans, start, end)
+
+    def _join_keys(self) -> set[str]:
+        return {key for plan in self._plans for key in plan.join_keys}
+
     def entities(self) -> EntitySet:
         """The entity set, read once (a SQL entity set is a query on the offline store)."""
         if self._entities is None:
-            join_keys = {key for plan in self._plans for key in plan.join_keys}
-            entity_df = self._entity_df
-            if entity_df is None:
-                assert self._date_range is not None
-                start, end = (pd.Timestamp(moment).value for moment in self._date_range)
-                entity_df = date_range_query(self._plans, start, end)
-            self._entities = load_entities(entity_df, self.config.offline_store, self.time_zone(), join_keys)
+            self._entities = load_entities(self._entity_query(), self.config.offline_store, self.time_zone(),
+                                           self._join_keys())
         return self._entities
 
     def _to_arrow_internal(self, timeout: int | None = None) -> pa.Table:
         store = self.config.offline_store
-        small = isinstance(self._entity_df, pd.DataFrame) and len(self._entity_df) < store.ray_min_entity_rows
-        if small or (store.ray_min_entity_rows and self._entities is None and isinstance(self._entity_df, str)):
-            self.entities()  # whether Ray is needed depends on the entity set's size
-        entities = self._entities
-        if entities is not None and entities.num_rows < store.ray_min_entity_rows:
-            per_view = run_in_process(self._plans, entities.rows, self._partition_connection())
+        query = self._entity_query()
+        if isinstance(query, str) and store.partitions is None and not store.ray_min_entity_rows \
+                and self._entities is None:
+            per_view = self._join_streamed(query)
         else:
-            with ThreadPoolExecutor(1) as loader:  # read the entity set while attaching to Ray
-                loading = loader.submit(self.entities)
-                persistent = ensure_ray(store.ray_address, store.ray_conf)
-                cpus = cluster_cpus()
-                count = store.warm_workers if store.warm_workers is not None else (cpus if persistent else 0)
-                workers = join_workers(count) if count else None
-                entities = loading.result()
-            parallelism = Parallelism(store.partitions, store.rows_per_partition, store.min_rows_per_partition)
-            per_view = run_on_ray(self._plans, entities.rows, self._partition_connection(),
-                                  parallelism.partitions_for(entities.num_rows, cpus), workers)
+            per_view = self._join_loaded()
+        entities = self.entities()
         result = entities.table
         for features in per_view:
             for name, column in zip(features.column_names, features.columns, strict=True):
@@ -426,6 +425,88 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
                 else:
                     result = result.append_column(name, column)
         return result
+
+    def _attach(self) -> tuple[int, list[Any] | None]:
+        """Ray attached (or started); the cluster's CPUs and the warm join workers, if any."""
+        store = self.config.offline_store
+        persistent = ensure_ray(store.ray_address, store.ray_conf)
+        cpus = cluster_cpus()
+        count = store.warm_workers if store.warm_workers is not None else (cpus if persistent else 0)
+        return cpus, join_workers(count) if count else None
+
+    def _parallelism(self) -> Parallelism:
+        store = self.config.offline_store
+        return Parallelism(store.partitions, store.rows_per_partition, store.min_rows_per_partition)
+
+    def _join_loaded(self) -> list[pa.Table]:
+        """The join of an entity set read at once (a DataFrame; a SQL set with a fixed partition count or a size
+        threshold): in this process when smaller than ray_min_entity_rows, else on Ray."""
+        store = self.config.offline_store
+        small = isinstance(self._entity_df, pd.DataFrame) and len(self._entity_df) < store.ray_min_entity_rows
+        if small or (store.ray_min_entity_rows and self._entities is None):
+            self.entities()  # whether Ray is needed depends on the entity set's size
+        if self._entities is not None and self._entities.num_rows < store.ray_min_entity_rows:
+            return run_in_process(self._plans, self._entities.rows, self._partition_connection())
+        with ThreadPoolExecutor(1) as loader:  # read the entity set while attaching to Ray
+            loading = loader.submit(self.entities)
+            cpus, workers = self._attach()
+            entities = loading.result()
+        return run_on_ray(self._plans, entities.rows, self._partition_connection(),
+                          self._parallelism().partitions_for(entities.num_rows, cpus), workers)
+
+    def _join_streamed(self, query: str) -> list[pa.Table]:
+        """The join of a SQL entity set read as a stream of batches (in a thread, while Ray attaches): partitions
+        are joined while PostgreSQL is still producing the rest (driver.StreamCutter)."""
+        config = self.config.offline_store
+        arrived: Queue = Queue()
+        raw: list[pa.RecordBatch] = []
+        stamps: list[np.ndarray] = []
+
+        def read() -> pa.Schema:
+            try:
+                with adbc.connect(conninfo(config, self.time_zone())) as conn, conn.cursor() as cur:
+                    cur.adbc_statement.set_options(**{STREAM_BATCH_OPTION: str(STREAM_BATCH_BYTES)})
+                    cur.execute(query)
+                    reader = cur.fetch_record_batch()
+                    arrived.put(reader.schema)
+                    for batch in reader:
+                        arrived.put(batch)
+                    return reader.schema
+            except BaseException as exc:
+                arrived.put(exc)
+                raise
+            finally:
+                arrived.put(None)
+
+        def batches(schema: pa.Schema) -> Iterator[tuple[pa.Table, np.ndarray]]:
+            while (item := arrived.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                raw.append(item)
+                table = pa.Table.from_batches([item], schema)
+                stamps.append(entity_nanoseconds(table.column(column), self.time_zone(), config))
+                yield table.select(sorted(self._join_keys())), stamps[-1]
+
+        with ThreadPoolExecutor(1) as reader:
+            reading = reader.submit(read)
+            cpus, workers = self._attach()
+            schema = arrived.get()
+            if isinstance(schema, BaseException) or schema is None:
+                reading.result()  # raises the reader's error
+            missing = self._join_keys() - set(schema.names)
+            if missing:
+                raise FeastEntityDFMissingColumnsError(self._join_keys(), missing)
+            column = timestamp_column(schema)
+            per_view = run_streaming(self._plans, batches(schema), self._partition_connection(), cpus,
+                                     self._parallelism(), workers)
+            reading.result()
+        table = pa.Table.from_batches(raw, schema)
+        self._entities = EntitySet(
+            table=feast_types(table),
+            rows=EntityRows(keys=table.select(sorted(self._join_keys())),
+                            timestamps_ns=np.concatenate(stamps) if stamps else np.zeros(0, np.int64)),
+            timestamp_column=column)
+        return per_view
 
     def _partition_connection(self) -> str:
         return conninfo(self.config.offline_store, self.time_zone(), parallel_query=False)

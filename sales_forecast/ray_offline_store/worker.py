@@ -256,13 +256,6 @@ class PartitionTask:
     created_output: str | None = None  # also return the picked row's created timestamp, as this column
 
 
-def entity_partition(positions: np.ndarray, timestamps_ns: np.ndarray, keys: list[pa.ChunkedArray]) -> pa.Table:
-    """The entity rows a task needs: position, UTC nanoseconds and the view's keys (as __k0, __k1...)."""
-    columns = {POSITION: pa.array(positions, pa.int64()), TS: pa.array(timestamps_ns[positions], pa.int64())}
-    columns.update({key_column(i): key.take(positions) for i, key in enumerate(keys)})
-    return pa.table(columns)
-
-
 def join_partition(task: PartitionTask, entities: pa.Table) -> pa.Table:
     """The features of each entity row of the partition (NULL where no row qualifies), with its position."""
     features = read_arrow(task.connection, task.query)
