@@ -134,15 +134,17 @@ def child(args: argparse.Namespace) -> None:
     service = store.get_feature_service(SINGLE_KEY_SERVICE if args.single_key else FEATURE_SERVICE)
     ready = time.perf_counter()
     query = entity_sql(args.entity, args.single_key)
-    calls, rows = [], 0
+    calls, rows, phases = [], 0, []
     for _ in range(args.repeat):
         start = time.perf_counter()
-        frame = store.get_historical_features(entity_df=query, features=service).to_df()
+        job = store.get_historical_features(entity_df=query, features=service)
+        frame = job.to_df()
         calls.append(time.perf_counter() - start)
         rows = len(frame)
-        del frame
+        phases.append(dict(getattr(job, "timings", {})))
+        del frame, job
     print(json.dumps({"done_at": time.time(), "imports_and_store": ready - CHILD_START, "calls": calls,
-                      "rows": rows, "pid": os.getpid()}), flush=True)
+                      "rows": rows, "pid": os.getpid(), "phases": phases}), flush=True)
 
 
 @dataclass
@@ -153,6 +155,7 @@ class Cold:
     imports_and_store: float
     rows: int
     warm: list[float] = field(default_factory=list)
+    phases: list[dict[str, float]] = field(default_factory=list)  # the Ray job's timings, per call
 
 
 def run_child(store: str, args: argparse.Namespace, env: dict[str, str], repeat: int = 1,
@@ -173,7 +176,8 @@ def run_child(store: str, args: argparse.Namespace, env: dict[str, str], repeat:
         raise SystemExit(f"the {store} child failed (exit {process.returncode})")
     report = json.loads(out.strip().splitlines()[-1])
     return Cold(process=report["done_at"] - spawned, call=report["calls"][0], exit=ended - report["done_at"],
-                imports_and_store=report["imports_and_store"], rows=report["rows"], warm=report["calls"][1:])
+                imports_and_store=report["imports_and_store"], rows=report["rows"], warm=report["calls"][1:],
+                phases=report["phases"])
 
 
 # --- the whole machine's memory -----------------------------------------------------------------------------------
@@ -307,6 +311,12 @@ def pid_from(path: Path) -> int | None:
 
 # --- the run ------------------------------------------------------------------------------------------------------
 
+def phases(timings: dict[str, float]) -> str:
+    """The Ray job's phases (seconds from the start of the join), when it reports them."""
+    return ("\n    Ray call: " + ", ".join(f"{phase} at {seconds:.2f} s" for phase, seconds in timings.items())
+            if timings else "")
+
+
 def describe(seconds: list[float]) -> str:
     if not seconds:
         return "-"
@@ -338,12 +348,12 @@ def main() -> None:
             cold[store].append(result)
             print(f"cold {store:<8} #{round_ + 1}: process {result.process:6.2f} s = imports and FeatureStore "
                   f"{result.imports_and_store:5.2f} s + call {result.call:6.2f} s (+ exit {result.exit:.2f} s); "
-                  f"{result.rows:,} rows; load {os.getloadavg()[0]:.1f}")
+                  f"{result.rows:,} rows; load {os.getloadavg()[0]:.1f}{phases(result.phases[0])}")
     for store in stores if args.warm else []:
         result = run_child(store, args, env, repeat=args.warm + 1)
         warm[store] = result.warm
         print(f"warm {store:<8}: {', '.join(f'{s:.2f}' for s in result.warm)} s (after a cold call of "
-              f"{result.call:.2f} s); load {os.getloadavg()[0]:.1f}")
+              f"{result.call:.2f} s); load {os.getloadavg()[0]:.1f}{phases(result.phases[-1])}")
 
     if not args.no_memory:
         head_pid = pid_from(settings.stack_dir / "ray" / "head.pid")

@@ -153,7 +153,7 @@ def test_partitions_are_balanced_disjoint_key_ranges() -> None:
 def test_partitioning_falls_back_to_one_unbounded_partition() -> None:
     keys = pa.table({"store": pa.array([1, None, 3])})
     single = partition_by_key(keys, np.array([True, True, True]), 1)
-    assert single.ranges == [None] and single.assignment.tolist() == [0, -1, 0]
+    assert single.ranges == [KeyRange((1,), (3,))] and single.assignment.tolist() == [0, -1, 0]
     timestamps = pa.table({"when": pa.array([1, 2], pa.timestamp("us"))})  # no known PostgreSQL order
     assert partition_by_key(timestamps, np.array([True, True]), 4).ranges == [None]
     huge_key = pa.table({"store": [1] * 90 + [2] * 10})
@@ -263,6 +263,19 @@ def test_stream_cutter_cuts_ordered_streams_at_key_boundaries() -> None:
     for part in parts:
         pairs = list(zip(part.keys[0].to_pylist(), part.keys[1].to_pylist(), strict=True))
         assert min(pairs) == part.key_range.low and max(pairs) == part.key_range.high
+
+
+def test_stream_cutter_follows_a_scan_that_wraps_around() -> None:
+    """A sequential scan PostgreSQL started mid-table (synchronized scans): keys in order from the middle, then again
+    from the start. Both runs are cut while they arrive, into key ranges that share at most the key the scan
+    started in."""
+    stores = np.repeat(np.arange(1, 101), 40)
+    keys = pa.table({"store": pa.array(np.roll(stores, -1_700), pa.int64())})  # starts at store 43
+    parts = _stream(keys, np.zeros(4_000, np.int64), 250, StreamCutter(_plan(("store",)), cpus=2, min_rows=300,
+                                                                        max_rows=600))
+    assert len(parts) >= 6 and sorted(np.concatenate([p.positions for p in parts]).tolist()) == list(range(4_000))
+    ranges = sorted(part.key_range.low + part.key_range.high for part in parts)
+    assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:], strict=False))
 
 
 def test_stream_cutter_falls_back_when_out_of_order() -> None:

@@ -239,7 +239,8 @@ def test_sql_entity_set_is_joined_while_it_streams(random_data, monkeypatch: pyt
         result = ray_store(settings, partitions=None, min_rows_per_partition=100).get_historical_features(
             entity_df=f"SELECT * FROM entity_rows ORDER BY {order}", features=features_of(ALL_VIEWS)).to_df()
         pd.testing.assert_frame_equal(comparable(result), comparable(expected(entities, tables, ALL_VIEWS)))
-        assert (len(cut) > 5) == order.startswith("store")  # cut while streaming only in key order
+        big = [part for part in cut if len(part.positions) >= 100]
+        assert (len(big) >= 5) == order.startswith("store")  # cut while streaming only in key order
 
 
 @pytest.mark.parametrize("full_feature_names", [False, True])

@@ -15,7 +15,7 @@ import hashlib
 import itertools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -108,10 +108,11 @@ def range_safe(keys: pa.Table) -> bool:
 
 def partition_by_key(keys: pa.Table, usable: np.ndarray, count: int) -> Partitioning:
     """Split the usable rows into at most ``count`` key ranges of about equal row counts (hashing and small sorts:
-    no sort of the rows themselves)."""
+    no sort of the rows themselves); one range is still bounded by the lowest and highest key."""
     usable = usable & _non_null(keys)
     assignment = np.full(keys.num_rows, -1, dtype=np.int64)
-    if count <= 1 or not range_safe(keys) or not usable.any():
+    count = max(count, 1)
+    if not range_safe(keys) or not usable.any():
         assignment[usable] = 0
         return Partitioning(assignment, [None])
 
@@ -356,7 +357,7 @@ def _actor_class() -> Any:
 def _remote_join() -> Any:
     import ray
 
-    return ray.remote(join_partition)
+    return ray.remote(worker.join_in_worker)
 
 
 # --- running a request ------------------------------------------------------------------------------------------
@@ -422,23 +423,27 @@ class StreamCutter:
     While the arriving keys are in key order (a query ordered by the view's keys, or reading a table stored in
     that order), a key-range partition is cut whenever ``target`` rows are pending, at a key boundary, so the
     partitions' ranges are disjoint; the target grows with the rows seen (a few partitions per CPU), from
-    ``min_rows`` up to ``max_rows``. As soon as a batch is out of order, the rest is partitioned at the end like an
-    entity set read at once (partitions cut before stay correct: each reads its own range). Views whose keys have
-    no PostgreSQL-compatible order, or no keys, are partitioned at the end.
+    ``min_rows`` up to ``max_rows``. Where the keys start again lower, the run ends: a long run's last rows become a
+    partition, a run shorter than ``min_rows`` is left for the end (a sequential scan that PostgreSQL started
+    near the table's end to share it with another scan, then wrapped around). At the second short run (an order by
+    time, or none) the streaming stops. Rows left for the end are partitioned like an entity set read at once.
+    Order only decides how narrow the key ranges are: every partition reads its own range, so the result never
+    depends on it. Views whose keys have no PostgreSQL-compatible order, or no keys, are partitioned at the end.
     """
 
     def __init__(self, plan: ViewPlan, cpus: int, min_rows: int, max_rows: int):
         self.plan, self.cpus, self.min_rows, self.max_rows = plan, cpus, min_rows, max_rows
         self.ordered: bool | None = None
-        self.pending: list[tuple[np.ndarray, pa.Table, np.ndarray]] = []
-        self.pending_rows = self.seen = 0
+        self.run: list[tuple[np.ndarray, pa.Table, np.ndarray]] = []  # the current run's rows not yet cut
+        self.left: list[tuple[np.ndarray, pa.Table, np.ndarray]] = []  # rows for the end
+        self.run_pending = self.run_rows = self.seen = self.short_runs = 0
         self.emitted = False
-        self.last: pa.Table | None = None  # the last usable row's key
+        self.last: pa.Table | None = None  # the last key of the current run
 
     def add(self, positions: np.ndarray, keys: pa.Table, timestamps_ns: np.ndarray) -> list[Partition]:
         if not self.plan.join_keys:  # joined on time alone: one partition at the end
             usable = timestamps_ns != NULL_TIME
-            self.pending.append((positions[usable], keys.select([]), timestamps_ns[usable]))
+            self.left.append((positions[usable], keys.select([]), timestamps_ns[usable]))
             return []
         keys = keys.select(list(self.plan.join_keys))
         usable = (timestamps_ns != NULL_TIME) & _non_null(keys)
@@ -447,60 +452,93 @@ class StreamCutter:
             positions, keys, timestamps_ns = positions[rows], keys.take(pa.array(rows)), timestamps_ns[rows]
         if self.ordered is None:
             self.ordered = range_safe(keys)
-        if self.ordered and keys.num_rows:
-            self.ordered = _non_decreasing(keys if self.last is None else pa.concat_tables([self.last, keys]))
-            self.last = keys.slice(keys.num_rows - 1)
-        self.pending.append((positions, keys, timestamps_ns))
-        self.pending_rows += len(positions)
-        self.seen += len(positions)
+        parts: list[Partition] = []
+        while self.ordered and len(positions):
+            lower = _first_lower(keys, self.last)  # where the keys start again lower, if they do
+            end = len(positions) if lower is None else lower
+            if end:
+                self.run.append((positions[:end], keys.slice(0, end), timestamps_ns[:end]))
+                self.run_pending, self.run_rows, self.seen = self.run_pending + end, self.run_rows + end, \
+                    self.seen + end
+                self.last = keys.slice(end - 1, 1)
+            if lower is None:
+                return parts + self._cut()
+            parts += self._end_run()
+            positions, keys, timestamps_ns = positions[lower:], keys.slice(lower), timestamps_ns[lower:]
+        if len(positions):
+            self.left.append((positions, keys, timestamps_ns))
+        return parts
+
+    def _cut(self) -> list[Partition]:
+        """A partition of the current run's pending rows, up to the last complete key, once enough are pending."""
         target = min(self.max_rows, max(self.min_rows, self.seen // (2 * self.cpus)))
-        if not self.ordered or self.pending_rows < target:
+        if self.run_pending < target:
             return []
-        positions, keys, stamps = self._take_pending()
+        positions, keys, stamps = _joined(self.run)
         last_key = _equal_to_last(keys)
         cut = int(np.argmax(last_key)) if not last_key.all() else len(positions)
-        self.pending = [(positions[cut:], keys.slice(cut), stamps[cut:])] if cut < len(positions) else []
-        self.pending_rows = len(positions) - cut
+        self.run = [(positions[cut:], keys.slice(cut), stamps[cut:])] if cut < len(positions) else []
+        self.run_pending = len(positions) - cut
         self.emitted = True
         return [_ordered_partition(positions[:cut], keys.slice(0, cut), stamps[:cut])]
 
+    def _end_run(self) -> list[Partition]:
+        parts: list[Partition] = []
+        if self.run_rows >= self.min_rows:
+            if self.run:
+                parts, self.emitted = [_ordered_partition(*_joined(self.run))], True
+        else:
+            self.left += self.run
+            self.short_runs += 1
+            self.ordered = self.short_runs < 2
+        self.run, self.run_pending, self.run_rows, self.last = [], 0, 0, None
+        return parts
+
     def finish(self) -> list[Partition]:
-        """The partitions of the rows still pending (cut in up to one per CPU, by key); one empty partition when
-        there were no rows at all (it gives the features' columns their types)."""
+        """The partitions of the rows still pending, the current run's and those left for the end (each cut in up
+        to one per CPU, by key); one empty partition when there were no rows at all (it gives the features'
+        columns their types)."""
         if not self.plan.join_keys:
-            positions = np.concatenate([p for p, _, _ in self.pending] or [np.zeros(0, np.int64)])
-            stamps = np.concatenate([t for _, _, t in self.pending] or [np.zeros(0, np.int64)])
-            self.pending = []
+            positions, _, stamps = _joined(self.left, keyless=True)
             return [Partition(positions=positions, keys=[], timestamps_ns=stamps, key_range=None)]
-        if not self.pending:
-            if self.emitted:
-                return []
+        parts = []
+        for rows in (self.run, self.left):
+            if rows:
+                positions, keys, stamps = _joined(rows)
+                count = max(1, min(self.cpus, len(positions) // self.min_rows))
+                parts += [Partition(positions=positions[part.positions], keys=part.keys,
+                                    timestamps_ns=part.timestamps_ns, key_range=part.key_range)
+                          for part in key_partitions(keys, stamps, count) if len(part.positions)]
+        if not parts and not self.emitted:
             empty = [pa.array([], pa.null()) for _ in self.plan.join_keys]
-            return [Partition(np.zeros(0, np.int64), empty, np.zeros(0, np.int64), None)]
-        positions, keys, stamps = self._take_pending()
-        count = max(1, min(self.cpus, len(positions) // self.min_rows))
-        return [Partition(positions=positions[part.positions], keys=part.keys, timestamps_ns=part.timestamps_ns,
-                          key_range=part.key_range) for part in key_partitions(keys, stamps, count)]
-
-    def _take_pending(self) -> tuple[np.ndarray, pa.Table, np.ndarray]:
-        positions = np.concatenate([p for p, _, _ in self.pending])
-        keys = pa.concat_tables([k for _, k, _ in self.pending])
-        stamps = np.concatenate([t for _, _, t in self.pending])
-        self.pending, self.pending_rows = [], 0
-        return positions, keys, stamps
+            parts.append(Partition(np.zeros(0, np.int64), empty, np.zeros(0, np.int64), None))
+        self.run, self.left = [], []
+        return parts
 
 
-def _non_decreasing(keys: pa.Table) -> bool:
-    """Whether the rows' key tuples are in (lexicographic) non-decreasing order."""
-    if keys.num_rows < 2:
-        return True
-    before, after = keys.slice(0, keys.num_rows - 1), keys.slice(1)
-    less = np.zeros(keys.num_rows - 1, dtype=bool)
-    equal = np.ones(keys.num_rows - 1, dtype=bool)
+def _joined(rows: list[tuple[np.ndarray, pa.Table, np.ndarray]], keyless: bool = False,
+            ) -> tuple[np.ndarray, pa.Table, np.ndarray]:
+    positions = np.concatenate([p for p, _, _ in rows] or [np.zeros(0, np.int64)])
+    stamps = np.concatenate([t for _, _, t in rows] or [np.zeros(0, np.int64)])
+    keys = pa.table({}) if keyless or not rows else pa.concat_tables([k for _, k, _ in rows])
+    return positions, keys, stamps
+
+
+def _first_lower(keys: pa.Table, last: pa.Table | None) -> int | None:
+    """The first row whose key tuple is lower than the one before it (``last`` before the first row), if any."""
+    rows = keys if last is None else pa.concat_tables([last, keys])
+    if rows.num_rows < 2:
+        return None
+    before, after = rows.slice(0, rows.num_rows - 1), rows.slice(1)
+    less = np.zeros(rows.num_rows - 1, dtype=bool)
+    equal = np.ones(rows.num_rows - 1, dtype=bool)
     for a, b in zip(before.columns, after.columns, strict=True):
         less |= equal & pc.less(a, b).to_numpy(zero_copy_only=False)
         equal &= pc.equal(a, b).to_numpy(zero_copy_only=False)
-    return bool((less | equal).all())
+    lower = np.flatnonzero(~(less | equal))
+    if not lower.size:
+        return None
+    return int(lower[0]) + (0 if last is not None else 1)
 
 
 def _equal_to_last(keys: pa.Table) -> np.ndarray:
@@ -633,7 +671,8 @@ def run_on_ray(plans: list[ViewPlan], entities: EntityRows, connection: str, par
 
 
 def run_streaming(plans: list[ViewPlan], batches: Iterator[tuple[pa.Table, np.ndarray]], connection: str,
-                  cpus: int, parallelism: Parallelism, workers: list[Any] | None = None) -> list[pa.Table]:
+                  cpus: int, parallelism: Parallelism, workers: list[Any] | None = None,
+                  on_read: Callable[[], None] = lambda: None) -> list[pa.Table]:
     """run_on_ray for an entity set that arrives in batches (each: the join key columns and UTC nanoseconds):
     partitions are cut and joined while later batches are still being read (StreamCutter)."""
     calls = Calls(plans, workers)
@@ -647,6 +686,7 @@ def run_streaming(plans: list[ViewPlan], batches: Iterator[tuple[pa.Table, np.nd
             for part in cutter.add(positions, keys, stamps):
                 calls.submit(view, *partition_task(plans[view], connection, part))
         calls.collect(wait=False)
+    on_read()
     for view, cutter in enumerate(cutters):
         for part in cutter.finish():
             calls.submit(view, *partition_task(plans[view], connection, part))

@@ -14,6 +14,8 @@ PostgreSQLOfflineStore (materialization reads, pull_latest/pull_all, monitoring)
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +73,8 @@ from sales_forecast.ray_offline_store.driver import (
     run_streaming,
 )
 from sales_forecast.ray_offline_store.worker import NULL_TIME, arrow_nanoseconds, feast_types, read_arrow
+
+logger = logging.getLogger(__name__)
 
 STORE_TYPE = "sales_forecast.ray_offline_store.RayPostgreSQLOfflineStore"
 DATE_RANGE_CREATED = "created_timestamp"  # the created timestamp column of a one-view date-range retrieval
@@ -377,6 +381,12 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
         self._on_demand_feature_views = on_demand_feature_views
         self._entities: EntitySet | None = None
         self._time_zone: str | None = None
+        self.timings: dict[str, float] = {}
+        """Seconds from the start of the join to the end of each phase (logged at DEBUG; for benchmarks)."""
+        self._started = 0.0
+
+    def _mark(self, phase: str) -> None:
+        self.timings[phase] = time.perf_counter() - self._started
 
     @property
     def full_feature_names(self) -> bool:
@@ -409,6 +419,7 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
         return self._entities
 
     def _to_arrow_internal(self, timeout: int | None = None) -> pa.Table:
+        self._started, self.timings = time.perf_counter(), {}
         store = self.config.offline_store
         query = self._entity_query()
         if isinstance(query, str) and store.partitions is None and not store.ray_min_entity_rows \
@@ -424,15 +435,21 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
                     result = result.add_column(1, name, column)  # Feast's place for it
                 else:
                     result = result.append_column(name, column)
+        self._mark("result table")
+        logger.debug("Ray join of %s entity rows: %s", result.num_rows,
+                     ", ".join(f"{phase} at {seconds:.2f} s" for phase, seconds in self.timings.items()))
         return result
 
     def _attach(self) -> tuple[int, list[Any] | None]:
         """Ray attached (or started); the cluster's CPUs and the warm join workers, if any."""
         store = self.config.offline_store
         persistent = ensure_ray(store.ray_address, store.ray_conf)
+        self._mark("ray attached")
         cpus = cluster_cpus()
         count = store.warm_workers if store.warm_workers is not None else (cpus if persistent else 0)
-        return cpus, join_workers(count) if count else None
+        workers = join_workers(count) if count else None
+        self._mark("join workers")
+        return cpus, workers
 
     def _parallelism(self) -> Parallelism:
         store = self.config.offline_store
@@ -451,8 +468,11 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
             loading = loader.submit(self.entities)
             cpus, workers = self._attach()
             entities = loading.result()
-        return run_on_ray(self._plans, entities.rows, self._partition_connection(),
-                          self._parallelism().partitions_for(entities.num_rows, cpus), workers)
+        self._mark("entity set read")
+        per_view = run_on_ray(self._plans, entities.rows, self._partition_connection(),
+                              self._parallelism().partitions_for(entities.num_rows, cpus), workers)
+        self._mark("joins")
+        return per_view
 
     def _join_streamed(self, query: str) -> list[pa.Table]:
         """The join of a SQL entity set read as a stream of batches (in a thread, while Ray attaches): partitions
@@ -498,8 +518,9 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
                 raise FeastEntityDFMissingColumnsError(self._join_keys(), missing)
             column = timestamp_column(schema)
             per_view = run_streaming(self._plans, batches(schema), self._partition_connection(), cpus,
-                                     self._parallelism(), workers)
+                                     self._parallelism(), workers, on_read=lambda: self._mark("entity set read"))
             reading.result()
+        self._mark("joins")
         table = pa.Table.from_batches(raw, schema)
         self._entities = EntitySet(
             table=feast_types(table),

@@ -50,10 +50,36 @@ def read_arrow(connection: str, query: str) -> pa.Table:
     """Run ``query`` with ADBC (binary COPY, no Python object per value), through the driver manager's low-level
     API: its DB-API module imports pyarrow.dataset and pandas, half a second more for every fresh worker."""
     with adbc_driver_postgresql.connect(connection) as database, \
-            adbc_driver_manager.AdbcConnection(database) as conn, adbc_driver_manager.AdbcStatement(conn) as stmt:
+            adbc_driver_manager.AdbcConnection(database) as conn:
+        return _run(conn, query)
+
+
+def _run(conn: adbc_driver_manager.AdbcConnection, query: str) -> pa.Table:
+    with adbc_driver_manager.AdbcStatement(conn) as stmt:
         stmt.set_sql_query(query)
         stream, _ = stmt.execute_query()
         return pa.RecordBatchReader._import_from_c(stream.address).read_all()
+
+
+_OPEN: dict[str, tuple[adbc_driver_manager.AdbcDatabase, adbc_driver_manager.AdbcConnection]] = {}
+
+
+def read_reusing(connection: str, query: str) -> pa.Table:
+    """read_arrow on a connection this worker process keeps open between partitions and requests: a new one costs
+    a backend start and ADBC's type catalogue query (about 0.1 s). A failed read is retried once on a new one."""
+    for attempt in (1, 2):
+        if connection not in _OPEN:
+            database = adbc_driver_postgresql.connect(connection)
+            _OPEN[connection] = (database, adbc_driver_manager.AdbcConnection(database))
+        try:
+            return _run(_OPEN[connection][1], query)
+        except adbc_driver_manager.Error:
+            for handle in reversed(_OPEN.pop(connection)):
+                with contextlib.suppress(adbc_driver_manager.Error):
+                    handle.close()
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def feast_types(table: pa.Table) -> pa.Table:
@@ -256,9 +282,10 @@ class PartitionTask:
     created_output: str | None = None  # also return the picked row's created timestamp, as this column
 
 
-def join_partition(task: PartitionTask, entities: pa.Table) -> pa.Table:
-    """The features of each entity row of the partition (NULL where no row qualifies), with its position."""
-    features = read_arrow(task.connection, task.query)
+def join_partition(task: PartitionTask, entities: pa.Table, reuse_connection: bool = False) -> pa.Table:
+    """The features of each entity row of the partition (NULL where no row qualifies), with its position.
+    ``reuse_connection``: in a Ray worker, keep the PostgreSQL connection for the next partition."""
+    features = (read_reusing if reuse_connection else read_arrow)(task.connection, task.query)
     entity_keys = [entities.column(key_column(i)) for i in range(task.key_count)]
     feature_keys = feast_types(features.select([key_column(i) for i in range(task.key_count)])).columns
     entity_codes, feature_codes = key_codes(entity_keys, feature_keys, entities.num_rows, features.num_rows)
@@ -275,13 +302,18 @@ def join_partition(task: PartitionTask, entities: pa.Table) -> pa.Table:
     return joined.rename_columns(names).append_column(POSITION, entities.column(POSITION))
 
 
+def join_in_worker(task: PartitionTask, entities: pa.Table) -> pa.Table:
+    """join_partition as a plain Ray task (a worker process of this job, kept for its other partitions)."""
+    return join_partition(task, entities, reuse_connection=True)
+
+
 class JoinWorker:
     """A Ray actor running join_partition, kept alive on the cluster between requests (driver.join_workers), so
     a request does not wait for worker processes to start and import this module."""
 
     def join(self, task: PartitionTask, entities: pa.Table) -> pa.Table:
         try:
-            return join_partition(task, entities)
+            return join_partition(task, entities, reuse_connection=True)
         finally:  # an idle worker keeps no partition's memory: Arrow's pool and the C heap (NumPy's arrays)
             pa.default_memory_pool().release_unused()
             _malloc_trim()
