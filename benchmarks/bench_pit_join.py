@@ -14,7 +14,9 @@ Each cold measurement is a fresh Python process (python -m benchmarks.bench_pit_
   (Feast, the store, Ray), FeatureStore and registry, then the call;
 - call: get_historical_features(...).to_df() alone in that fresh process: for Ray, importing Ray, attaching to
   the head, the entity set, the join on the cluster's workers, the DataFrame;
-- exit: the process's shutdown after the DataFrame (Ray disconnect, interpreter teardown), not in the above.
+- exit: the process's shutdown after the DataFrame (Ray disconnect, interpreter teardown), not in the above;
+- CPU seconds of the whole child process's run, by group: the driver process, the Ray head's processes and
+  workers, PostgreSQL's (a busy machine stretches the wall times, much less these).
 Warm: the same call repeated in one process that has made it once (imports done, Ray attached).
 Memory: in separate runs (sampling costs CPU), every process on the machine is sampled (PSS, so shared pages
 count once) every --memory-interval seconds; the peak is reported for the machine and for what this benchmark
@@ -147,6 +149,35 @@ def child(args: argparse.Namespace) -> None:
                       "rows": rows, "pid": os.getpid(), "phases": phases}), flush=True)
 
 
+def tree_cpu(pid: int | None) -> float:
+    """CPU seconds of a process tree: every live process's own time plus what it reaped from exited children (a
+    PostgreSQL backend whose connection closed, a Ray worker that exited)."""
+    import psutil
+
+    if pid is None:
+        return 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+        except psutil.Error:
+            continue
+    return total
+
+
+def cpu_snapshot(roots: dict[str, int | None]) -> dict[str, float]:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the benchmark's finished child processes
+    return {"driver": usage.ru_utime + usage.ru_stime, **{name: tree_cpu(pid) for name, pid in roots.items()}}
+
+
 @dataclass
 class Cold:
     process: float  # spawn to DataFrame
@@ -156,6 +187,10 @@ class Cold:
     rows: int
     warm: list[float] = field(default_factory=list)
     phases: list[dict[str, float]] = field(default_factory=list)  # the Ray job's timings, per call
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per group, the whole child process
+
+
+CPU_ROOTS: dict[str, int | None] = {}  # "ray head" and "postgresql" pids, set by main
 
 
 def run_child(store: str, args: argparse.Namespace, env: dict[str, str], repeat: int = 1,
@@ -166,18 +201,20 @@ def run_child(store: str, args: argparse.Namespace, env: dict[str, str], repeat:
         command += ["--partitions", str(args.partitions)]
     if store == "postgres" if single_key is None else single_key:
         command.append("--single-key")
+    before = cpu_snapshot(CPU_ROOTS)
     spawned = time.time()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
     if memory:
         memory.watch(process.pid)
     out, _ = process.communicate()
     ended = time.time()
+    after = cpu_snapshot(CPU_ROOTS)
     if process.returncode != 0:
         raise SystemExit(f"the {store} child failed (exit {process.returncode})")
     report = json.loads(out.strip().splitlines()[-1])
     return Cold(process=report["done_at"] - spawned, call=report["calls"][0], exit=ended - report["done_at"],
                 imports_and_store=report["imports_and_store"], rows=report["rows"], warm=report["calls"][1:],
-                phases=report["phases"])
+                phases=report["phases"], cpu={name: after[name] - before[name] for name in after})
 
 
 # --- the whole machine's memory -----------------------------------------------------------------------------------
@@ -336,6 +373,8 @@ def main() -> None:
                                                        os.environ.get("PYTHONPATH")]))}
     env.pop("FEAST_RAY_EXECUTION_MODE", None)
     stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    CPU_ROOTS.update({"ray head": pid_from(settings.stack_dir / "ray" / "head.pid"),
+                      "postgresql": pid_from(settings.stack_dir / "postgres" / "postmaster.pid")})
     print(f"shape {shape.stores} x {shape.depts} x {shape.weeks} = {shape.rows:,} feature rows; entity set: "
           f"{args.entity}; Ray head {settings.ray_address}; load average {os.getloadavg()[0]:.1f} "
           f"({os.cpu_count()} CPUs)")
@@ -348,7 +387,9 @@ def main() -> None:
             cold[store].append(result)
             print(f"cold {store:<8} #{round_ + 1}: process {result.process:6.2f} s = imports and FeatureStore "
                   f"{result.imports_and_store:5.2f} s + call {result.call:6.2f} s (+ exit {result.exit:.2f} s); "
-                  f"{result.rows:,} rows; load {os.getloadavg()[0]:.1f}{phases(result.phases[0])}")
+                  f"{result.rows:,} rows; load {os.getloadavg()[0]:.1f}\n    CPU seconds (whole process): "
+                  + ", ".join(f"{name} {seconds:.1f}" for name, seconds in result.cpu.items())
+                  + phases(result.phases[0]))
     for store in stores if args.warm else []:
         result = run_child(store, args, env, repeat=args.warm + 1)
         warm[store] = result.warm
