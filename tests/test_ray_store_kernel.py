@@ -210,9 +210,14 @@ def test_partition_counts() -> None:
     assert Parallelism(3, 500_000, 50_000).partitions_for(10, cpus=2) == 3
 
 
-def test_in_entity_order() -> None:
-    """Partitions arrive in any order; each row lands at its entity position; rows no partition holds, and
-    NULLs within a partition, stay NULL; fixed-width and other columns alike."""
+@pytest.mark.parametrize("block_rows", [2, 1 << 20])
+def test_in_entity_order(block_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Partitions arrive in any order, their rows in any order; each row lands at its entity position; rows no
+    partition holds, and NULLs within a partition, stay NULL; fixed-width and other columns alike; buffers made of
+    several blocks or one."""
+    from sales_forecast.ray_offline_store import driver
+
+    monkeypatch.setattr(driver, "BLOCK_ROWS", block_rows)
     def part(positions: list[int], nulls: tuple[int, ...] = ()) -> pa.Table:
         values = [None if p in nulls else float(p) for p in positions]
         return pa.table({"x": values, "n": pa.array([None if p in nulls else p for p in positions], pa.int32()),
@@ -224,7 +229,7 @@ def test_in_entity_order() -> None:
     order = InEntityOrder(5)
     order.add(part([4, 1], nulls=(1,)))
     order.add(part([3, 0]))  # row 2 is in no partition (a NULL key)
-    got = order.finish()
+    got = order.finish(5)
     assert got.column_names == ["x", "n", "when", "flag", "s"]
     assert got["x"].to_pylist() == [0.0, None, None, 3.0, 4.0]
     assert got["n"].type == pa.int32() and got["n"].to_pylist() == [0, None, None, 3, 4]
@@ -233,7 +238,7 @@ def test_in_entity_order() -> None:
     assert got["s"].to_pylist() == ["0", None, None, "3", "4"]
     empty = InEntityOrder(0)
     empty.add(part([]))
-    assert empty.finish().num_rows == 0
+    assert empty.finish(0).num_rows == 0
 
 
 def _stream(keys: pa.Table, stamps: np.ndarray, batch: int, cutter) -> list:

@@ -559,23 +559,28 @@ def _fixed_width(type_: pa.DataType) -> bool:
             or pa.types.is_timestamp(type_))
 
 
+BLOCK_ROWS = 1 << 20  # the output buffers' block size: they grow by blocks while the entity set arrives
+
+
 class InEntityOrder:
     """One view's features put back in the entity set's row order as its partitions arrive, so no partition's
-    result is kept once copied: fixed-width columns go straight into one buffer per column (with a validity mask,
-    grown while the entity set is still arriving); other columns (text, lists...) are gathered at the end. Rows no
-    partition holds stay NULL."""
+    result is kept once copied: fixed-width columns go straight into buffers of BLOCK_ROWS rows per column (with
+    a validity mask; blocks are added while the entity set is still arriving, never copied); other columns (text,
+    lists...) are gathered at the end. Rows no partition holds stay NULL."""
 
     def __init__(self, rows: int = 0):
-        self.capacity = rows
         self.types: dict[str, pa.DataType] = {}
-        self.values: dict[str, np.ndarray] = {}
-        self.valid: dict[str, np.ndarray] = {}
+        self.values: dict[str, list[np.ndarray]] = {}
+        self.valid: dict[str, list[np.ndarray]] = {}
         self.pieces: dict[str, list[tuple[np.ndarray, pa.ChunkedArray]]] = {}
 
     def add(self, part: pa.Table) -> None:
         positions = part.column(POSITION).to_numpy()
-        if len(positions) and positions.max() >= self.capacity:
-            self._grow(max(int(positions.max()) + 1, 2 * self.capacity))
+        order = None if len(positions) < 2 or (np.diff(positions) > 0).all() else np.argsort(positions)
+        if order is not None:
+            positions = positions[order]
+        blocks = np.searchsorted(positions, np.arange(0, (int(positions[-1]) if len(positions) else 0) + 2
+                                                      * BLOCK_ROWS, BLOCK_ROWS))
         for name in part.column_names:
             if name == POSITION:
                 continue
@@ -583,36 +588,43 @@ class InEntityOrder:
             type_ = self.types.setdefault(name, column.type)
             if column.type != type_:
                 column = column.cast(type_)
+            if order is not None:
+                column = column.take(pa.array(order))
             if not _fixed_width(type_):
                 self.pieces.setdefault(name, []).append((positions, column))
                 continue
             storage = pa.int64() if pa.types.is_timestamp(type_) else type_
-            if name not in self.values:
-                self.values[name] = np.zeros(self.capacity, dtype=storage.to_pandas_dtype())
-                self.valid[name] = np.zeros(self.capacity, dtype=bool)
-            filled = column.cast(storage).fill_null(False if pa.types.is_boolean(type_) else 0)
-            self.values[name][positions] = filled.to_numpy()
-            self.valid[name][positions] = column.is_valid().to_numpy(zero_copy_only=False) if column.null_count \
-                else True
+            values = column.cast(storage).fill_null(False if pa.types.is_boolean(type_) else 0).to_numpy()
+            valid = column.is_valid().to_numpy(zero_copy_only=False) if column.null_count else None
+            value_blocks = self.values.setdefault(name, [])
+            valid_blocks = self.valid.setdefault(name, [])
+            for block in range(len(blocks) - 1):
+                low, high = blocks[block], blocks[block + 1]
+                if low == high:
+                    continue
+                while len(value_blocks) <= block:
+                    value_blocks.append(np.zeros(BLOCK_ROWS, dtype=values.dtype))
+                    valid_blocks.append(np.zeros(BLOCK_ROWS, dtype=bool))
+                offsets = positions[low:high] - block * BLOCK_ROWS
+                value_blocks[block][offsets] = values[low:high]
+                valid_blocks[block][offsets] = True if valid is None else valid[low:high]
 
-    def _grow(self, capacity: int) -> None:
-        for buffers in (self.values, self.valid):
-            for name, old in buffers.items():
-                grown = np.zeros(capacity, dtype=old.dtype)
-                grown[: len(old)] = old
-                buffers[name] = grown
-        self.capacity = capacity
-
-    def finish(self, rows: int | None = None) -> pa.Table:
-        rows = self.capacity if rows is None else rows
-        if rows > self.capacity:
-            self._grow(rows)
+    def finish(self, rows: int) -> pa.Table:
         arrays = {}
         for name, type_ in self.types.items():
             if name in self.values:
-                values, valid = self.values.pop(name)[:rows], self.valid.pop(name)[:rows]
-                array = pa.array(values, mask=None if valid.all() else ~valid)
-                arrays[name] = array.view(type_) if pa.types.is_timestamp(type_) else array
+                chunks = []
+                value_blocks, valid_blocks = self.values.pop(name), self.valid.pop(name)
+                storage = pa.int64() if pa.types.is_timestamp(type_) else type_
+                for block in range(-(-rows // BLOCK_ROWS)):
+                    size = min(BLOCK_ROWS, rows - block * BLOCK_ROWS)
+                    if block < len(value_blocks):
+                        values, valid = value_blocks[block][:size], valid_blocks[block][:size]
+                        array = pa.array(values, mask=None if valid.all() else ~valid)
+                    else:
+                        array = pa.nulls(size, storage)
+                    chunks.append(array.view(type_) if pa.types.is_timestamp(type_) else array)
+                arrays[name] = pa.chunked_array(chunks, type_)
             else:
                 pieces = self.pieces.pop(name)
                 slot = np.full(rows, -1, dtype=np.int64)
@@ -685,7 +697,7 @@ def run_streaming(plans: list[ViewPlan], batches: Iterator[tuple[pa.Table, np.nd
         for view, cutter in enumerate(cutters):
             for part in cutter.add(positions, keys, stamps):
                 calls.submit(view, *partition_task(plans[view], connection, part))
-        calls.collect(wait=False)
+                calls.collect(wait=False)
     on_read()
     for view, cutter in enumerate(cutters):
         for part in cutter.finish():
