@@ -31,6 +31,8 @@ EMBEDDED_RAY_PORT = 6389
 EMBEDDED_MODEL_SERVER_PORT = 8085
 DEFAULT_POSTGRES_USER = DEFAULT_POSTGRES_PASSWORD = "postgres"
 DEFAULT_MAX_INSTANCES = 1000
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_RELOAD_SECONDS = 30
 RAY_MODES = ("local", "remote")
 INFERENCE_BACKENDS = ("local", "kubernetes")
 # Characters a value may not hold because feature_store.yaml embeds it in YAML or in the registry's URL.
@@ -114,7 +116,9 @@ class Settings:
     model_dir: Path
     image: str
     namespace: str
-    max_instances: int
+    max_instances: int  # SERVING_MAX_INSTANCES: larger requests get 413
+    max_body_bytes: int  # SERVING_MAX_BODY_BYTES: larger bodies get 413 before they are parsed
+    reload_seconds: int  # SERVING_RELOAD_SECONDS: how often the server looks for a new champion; 0: never
     inference_backend: str
 
     @property
@@ -141,13 +145,16 @@ class Settings:
             "POSTGRES_DB": pg.database,
             "SALES_STACK_DIR": str(self.stack_dir),
             "FEAST_REPO_PATH": str(self.feast_repo_path),
-            "MLFLOW_TRACKING_URI": self.tracking_uri,
             "MLFLOW_EXPERIMENT_NAME": self.mlflow_experiment,
             "MODEL_DIR": str(self.model_dir),
             "PIPELINE_IMAGE": self.image,
             "K8S_NAMESPACE": self.namespace,
             "SERVING_MAX_INSTANCES": str(self.max_instances),
+            "SERVING_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "SERVING_RELOAD_SECONDS": str(self.reload_seconds),
         }
+        if self.mlflow_tracking_uri:
+            env["MLFLOW_TRACKING_URI"] = self.mlflow_tracking_uri
         if self.ray_address:
             env["RAY_ADDRESS"] = self.ray_address
         if self.ray_mode:
@@ -198,6 +205,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         image=_env(env, "PIPELINE_IMAGE", contract.PROJECT_IMAGE),
         namespace=_env(env, "K8S_NAMESPACE", contract.NAMESPACE),
         max_instances=_int(env, "SERVING_MAX_INSTANCES", DEFAULT_MAX_INSTANCES),
+        max_body_bytes=_int(env, "SERVING_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, minimum=1024),
+        reload_seconds=_int(env, "SERVING_RELOAD_SECONDS", DEFAULT_RELOAD_SECONDS, minimum=0),
         inference_backend=_choice(env, "INFERENCE_BACKEND", INFERENCE_BACKENDS, "local"),
     )
 
@@ -236,6 +245,11 @@ def set_library_defaults(values: Mapping[str, str]) -> None:
         os.environ.setdefault(name, value)
 
 
+FEAST_VARIABLES = ("POSTGRES_HOST", "POSTGRES_PORT", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB",
+                   "RAY_ADDRESS", "FEAST_RAY_EXECUTION_MODE")
+
+
 def apply_to_environment(settings: Settings) -> None:
-    """Put ``settings`` into os.environ: Feast expands feature_store.yaml and picks its Ray mode from there."""
-    os.environ.update(settings.environment())
+    """Put what Feast reads from os.environ into it: feature_store.yaml's ${VAR}s and the Ray to attach to."""
+    env = settings.environment()
+    os.environ.update({name: env[name] for name in FEAST_VARIABLES if name in env})

@@ -33,7 +33,7 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
     saved = dict(os.environ)
     for name in ("POSTGRES_HOST", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "MLFLOW_TRACKING_URI",
                  "RAY_JOBS_ADDRESS", "RAY_ADDRESS", "MODEL_DIR", "FEAST_REPO_PATH", "FEAST_RAY_EXECUTION_MODE",
-                 "SERVING_MAX_INSTANCES", "INFERENCE_BACKEND"):
+                 "SERVING_MAX_INSTANCES", "SERVING_MAX_BODY_BYTES", "SERVING_RELOAD_SECONDS", "INFERENCE_BACKEND"):
         os.environ.pop(name, None)
     os.environ.update({"SALES_STACK_DIR": str(stack_dir), "POSTGRES_PORT": str(free_port()),
                        "RAY_DISABLE_USAGE_STATS": "1"})

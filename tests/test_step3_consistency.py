@@ -78,7 +78,7 @@ def test_server_feeds_the_network_the_training_matrix(sales_model, all_series: p
     training_matrix = forecaster.inputs(training_rows)
     assert served_matrix.dtype == np.float32 and served_matrix.shape == (len(all_series), forecaster.model.n_inputs)
     np.testing.assert_array_equal(served_matrix, training_matrix)
-    scaled = (design_matrix(training_rows) - forecaster.scaler.mean_) / forecaster.scaler.scale_
+    scaled = (design_matrix(training_rows) - forecaster.scaler.mean) / forecaster.scaler.scale
     np.testing.assert_allclose(served_matrix, scaled.astype(np.float32), rtol=1e-5, atol=1e-6)
 
 

@@ -12,9 +12,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from sales_forecast import model_dir
 from sales_forecast.contract import CHAMPION_URI, FORECASTER_ARTIFACT
 from sales_forecast.errors import PipelineError, first_line
-from sales_forecast.forecaster import META_FILE, Forecaster
+from sales_forecast.forecaster import Forecaster
 
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
 
@@ -34,15 +35,9 @@ class LoadedModel:
 
 def load_forecaster(source: ModelSource) -> LoadedModel:
     if source.model_dir is not None:
-        return LoadedModel(load_bundle(source.model_dir), str(source.model_dir))
+        bundle = model_dir.load(source.model_dir)
+        return LoadedModel(bundle.forecaster, str(bundle.folder))
     return load_registered(source.model_uri, source.tracking_uri)
-
-
-def load_bundle(directory: Path) -> Forecaster:
-    if not (directory / META_FILE).is_file():
-        raise PipelineError(f"{directory} holds no model bundle ({META_FILE} is missing); "
-                            "run 02_training.py or pass the folder Forecaster.save wrote")
-    return Forecaster.load(directory)
 
 
 def parse_alias_uri(model_uri: str) -> tuple[str, str]:
@@ -72,7 +67,7 @@ def load_registered(model_uri: str, tracking_uri: str | None) -> LoadedModel:
         except MlflowException as exc:
             raise PipelineError(f"run {version.run_id} of {model_uri} (version {version.version}) has no "
                                 f"'{FORECASTER_ARTIFACT}' artifacts: {first_line(exc)}") from exc
-        forecaster = load_bundle(Path(local))
+        forecaster = model_dir.load(Path(local)).forecaster
     return LoadedModel(forecaster, f"{model_uri} = version {version.version} (run {version.run_id})")
 
 

@@ -87,7 +87,7 @@ def custom_trainer(params: TrainingParams, settings: Settings, num_nodes: int, r
     from kubeflow.trainer import CustomTrainer
 
     return CustomTrainer(
-        func=train_sales_model, func_args=params.as_literal(), image=settings.image, num_nodes=num_nodes,
+        func=train_sales_model, func_args=params.as_func_args(), image=settings.image, num_nodes=num_nodes,
         resources_per_node=resources,
         env={"MLFLOW_EXPERIMENT_NAME": params.experiment or settings.mlflow_experiment, "PYTHONUNBUFFERED": "1",
              # the point-in-time join runs on a Ray inside the pod (a TrainJob is no Ray job on feast-ray)
@@ -101,6 +101,7 @@ def submit(client, params: TrainingParams, settings: Settings, num_nodes: int = 
 
     if not params.trainjob:
         raise ValueError("params.trainjob must name the TrainJob (see new_job_name)")
+    params.check()  # refused here, before anything reaches the cluster
 
     trainer = custom_trainer(params, settings, num_nodes, resources or DEFAULT_RESOURCES)
     return client.train(runtime=TRAINING_RUNTIME, trainer=trainer,

@@ -1,6 +1,6 @@
 """A small Forecaster fitted in seconds on the offline feature table, for the serving benchmark and tests.
 
-It goes through the real training preprocessing (``design_matrix``, a StandardScaler, the relative target) so
+It goes through the real training preprocessing (``design_matrix``, a Standardizer, the relative target) so
 what it serves has the production shape; its accuracy is beside the point.
 """
 
@@ -10,12 +10,11 @@ import numpy as np
 import pandas as pd
 import psycopg
 import torch
-from sklearn.preprocessing import StandardScaler
 
 from sales_forecast.config import Settings
 from sales_forecast.contract import FEATURE_TABLE
 from sales_forecast.features.derive import MODEL_FEATURES
-from sales_forecast.forecaster import Forecaster, SalesForecastModel, design_matrix, relative_target
+from sales_forecast.forecaster import Forecaster, SalesForecastModel, Standardizer, design_matrix, relative_target
 
 
 def labelled_rows(settings: Settings) -> pd.DataFrame:
@@ -30,8 +29,8 @@ def labelled_rows(settings: Settings) -> pd.DataFrame:
 
 def fit_quick_forecaster(rows: pd.DataFrame, epochs: int = 20, seed: int = 0) -> Forecaster:
     torch.manual_seed(seed)
-    scaler = StandardScaler().fit(design_matrix(rows))
-    model = SalesForecastModel(n_inputs=scaler.n_features_in_, hidden=(32, 16))
+    scaler = Standardizer.fit(design_matrix(rows))
+    model = SalesForecastModel(n_inputs=len(scaler.mean), hidden=(32, 16))
     forecaster = Forecaster(model=model, scaler=scaler, features=list(MODEL_FEATURES))
     x = torch.from_numpy(forecaster.inputs(rows))
     y = torch.from_numpy(relative_target(rows, rows["label"].to_numpy()).astype(np.float32))
@@ -39,7 +38,7 @@ def fit_quick_forecaster(rows: pd.DataFrame, epochs: int = 20, seed: int = 0) ->
     model.train()
     for _ in range(epochs):
         optimizer.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss = torch.nn.functional.mse_loss(model(x)[:, 0], y)
         loss.backward()
         optimizer.step()
     model.eval()
