@@ -26,8 +26,6 @@ from sales_forecast.errors import ConfigError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 EMBEDDED_POSTGRES_PORT = 54329
-EMBEDDED_MLFLOW_PORT = 5050
-EMBEDDED_RAY_PORT = 6389
 EMBEDDED_MODEL_SERVER_PORT = 8085
 DEFAULT_POSTGRES_USER = DEFAULT_POSTGRES_PASSWORD = "postgres"
 DEFAULT_MAX_INSTANCES = 1000
@@ -94,6 +92,15 @@ class PostgresSettings:
 
 
 @dataclass(frozen=True)
+class StackPorts:
+    """Loopback ports of the embedded services (a second stack, e.g. a benchmark's, picks others)."""
+
+    mlflow: int = 5050  # SALES_MLFLOW_PORT
+    ray: int = 6389  # SALES_RAY_PORT: the Ray head's GCS
+    ray_dashboard: int = 8265  # SALES_RAY_DASHBOARD_PORT: dashboard and job-submission API
+
+
+@dataclass(frozen=True)
 class ShapeDefaults:
     """Step 1's data shape from SALES_STORES, SALES_DEPTS, SALES_WEEKS, SALES_SEED (flags override them)."""
 
@@ -107,6 +114,7 @@ class ShapeDefaults:
 class Settings:
     postgres: PostgresSettings
     stack_dir: Path
+    stack_ports: StackPorts
     feast_repo_path: Path
     ray_address: str | None  # RAY_ADDRESS: a Ray cluster to attach to as a driver (never ray://)
     ray_mode: str | None  # FEAST_RAY_EXECUTION_MODE: "local" runs Ray inside the process (a TrainJob pod)
@@ -123,7 +131,7 @@ class Settings:
 
     @property
     def embedded_mlflow_uri(self) -> str:
-        return f"http://127.0.0.1:{EMBEDDED_MLFLOW_PORT}"
+        return f"http://127.0.0.1:{self.stack_ports.mlflow}"
 
     @property
     def tracking_uri(self) -> str:
@@ -144,6 +152,9 @@ class Settings:
             "POSTGRES_PASSWORD": pg.password,
             "POSTGRES_DB": pg.database,
             "SALES_STACK_DIR": str(self.stack_dir),
+            "SALES_MLFLOW_PORT": str(self.stack_ports.mlflow),
+            "SALES_RAY_PORT": str(self.stack_ports.ray),
+            "SALES_RAY_DASHBOARD_PORT": str(self.stack_ports.ray_dashboard),
             "FEAST_REPO_PATH": str(self.feast_repo_path),
             "MLFLOW_EXPERIMENT_NAME": self.mlflow_experiment,
             "MODEL_DIR": str(self.model_dir),
@@ -195,6 +206,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         postgres=postgres,
         stack_dir=stack_dir,
+        stack_ports=StackPorts(
+            mlflow=_int(env, "SALES_MLFLOW_PORT", StackPorts.mlflow, maximum=65535),
+            ray=_int(env, "SALES_RAY_PORT", StackPorts.ray, maximum=65535),
+            ray_dashboard=_int(env, "SALES_RAY_DASHBOARD_PORT", StackPorts.ray_dashboard, maximum=65535)),
         feast_repo_path=Path(_env(env, "FEAST_REPO_PATH", str(REPO_ROOT / "feature_repo"))).resolve(),
         ray_address=ray_address,
         ray_mode=_choice(env, "FEAST_RAY_EXECUTION_MODE", RAY_MODES, None),
