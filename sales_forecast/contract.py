@@ -13,6 +13,7 @@ FEATURE_SERVICE = "sales_forecast_v1"
 ENTITY_KEYS = ("store", "dept")  # the two Feast entities, each a single INT64 join key
 RAW_TABLE = "weekly_sales"  # the raw history (labels, seasonal-naive baseline)
 FEATURE_TABLE = "sales_features"  # the feature view's source
+DATASET_TABLE = "sales_dataset"  # the generator's seed and shape of the loaded history (read by appends)
 FORECASTS_TABLE = "sales_forecasts"  # batch forecasts: every series' next week, with model version and as-of week
 ACCURACY_TABLE = "forecast_accuracy"  # realized accuracy of each week's forecasts, scored when its actuals arrive
 OFFLINE_STORE_TYPE = "sales_forecast.ray_offline_store.RayPostgreSQLOfflineStore"
