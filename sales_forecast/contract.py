@@ -16,6 +16,7 @@ FEATURE_TABLE = "sales_features"  # the feature view's source
 DATASET_TABLE = "sales_dataset"  # the generator's seed and shape of the loaded history (read by appends)
 FORECASTS_TABLE = "sales_forecasts"  # batch forecasts: every series' next week, with model version and as-of week
 ACCURACY_TABLE = "forecast_accuracy"  # realized accuracy of each week's forecasts, scored when its actuals arrive
+DRIFT_TABLE = "feature_drift"  # PSI of each week's features against the champion's training window
 OFFLINE_STORE_TYPE = "sales_forecast.ray_offline_store.RayPostgreSQLOfflineStore"
 
 # ---------------------------------------------------------------- MLflow and the served model

@@ -106,12 +106,12 @@ def _run_content(params: TrainingParams, frame: pd.DataFrame, split: Split, retu
 
 
 def _promote(fit: FitResult, run: tracking.LoggedRun, holdout: _Holdout, uri: str, params: TrainingParams,
-             settings: Settings) -> Path:
+             settings: Settings, split: Split) -> Path:
     """Point ``champion`` at the new version and put its bundle in the shared model directory."""
     registry.promote(uri, params.registered_model, run.model_version)
     return model_dir.publish(fit.forecaster, settings.model_dir, {
         "registered_model": params.registered_model, "version": run.model_version, "run_id": run.run_id,
-        "tracking_uri": uri, "test_wmae": f"{holdout.evaluation.model.wmae:.4f}"})
+        "tracking_uri": uri, "test_wmae": f"{holdout.evaluation.model.wmae:.4f}", **split.describe()})
 
 
 def _train(params: TrainingParams, settings: Settings, dist: Distributed) -> TrainingResult | None:
@@ -141,7 +141,7 @@ def _train(params: TrainingParams, settings: Settings, dist: Distributed) -> Tra
     published: Path | None = None
     if holdout.decision.promote:
         with timer.phase("promote to champion"):
-            published = _promote(fit, run, holdout, uri, params, settings)
+            published = _promote(fit, run, holdout, uri, params, settings, split)
     return TrainingResult(
         run=run, evaluation=holdout.evaluation, champion=holdout.champion, decision=holdout.decision, fit=fit,
         rows={"entity": returned, "train": len(split.train), "validation": len(split.validation),
