@@ -260,6 +260,46 @@ def test_credentials_are_overridable_without_editing_the_repo(tmp_path: Path) ->
     assert v.validate(objs) == []
 
 
+# --------------------------------------------------------------------------- MLflow basic auth
+
+
+def test_mlflow_basic_auth_overlay(rendered: list[Obj], steps: list[Obj]) -> None:
+    overlay = v.render("manifests/overlays/mlflow-basic-auth")
+    assert v.validate(overlay + steps) == []
+    assert kinds_and_names(overlay) - kinds_and_names(rendered) == {
+        ("ConfigMap", "mlflow-auth-config"), ("Secret", "mlflow-admin"), ("Secret", v.MLFLOW_CREDENTIALS_SECRET)}
+    server = find(overlay, "Deployment", contract.MLFLOW_SERVICE)["spec"]["template"]["spec"]["containers"][0]
+    assert "--app-name=basic-auth" in server["args"]
+    env = {e["name"]: e for e in server["env"]}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-admin"
+    ini = find(overlay, "ConfigMap", "mlflow-auth-config")["data"]["basic_auth.ini"]
+    assert f"{env['MLFLOW_AUTH_CONFIG_PATH']['value'].rsplit('/', 1)[0]}" in {
+        m["mountPath"] for m in server["volumeMounts"]}
+    assert "admin_password" not in ini and "database_uri = postgresql+psycopg2://postgres:5432/mlflow" in ini
+    clients = find(overlay, "Secret", v.MLFLOW_CREDENTIALS_SECRET)["data"]
+    assert set(clients) == set(v.MLFLOW_CREDENTIAL_KEYS)
+    # The step Jobs authenticate when the Secret exists and need nothing without it.
+    for job in steps:
+        env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+        refs = {e["name"]: e["valueFrom"].get("secretKeyRef") for e in env}
+        for key in v.MLFLOW_CREDENTIAL_KEYS:
+            assert refs[key] == {"name": v.MLFLOW_CREDENTIALS_SECRET, "key": key, "optional": True}
+
+
+def test_mlflow_basic_auth_combines_with_single_node(tmp_path: Path) -> None:
+    component = os.path.relpath(ROOT / "manifests" / "components" / "mlflow-basic-auth", tmp_path)
+    objs = _local_overlay(tmp_path, ["manifests/overlays/single-node"], f"components:\n  - {component}\n")
+    assert find(objs, "PersistentVolumeClaim", contract.SHARED_PVC)["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert ("Secret", "mlflow-admin") in kinds_and_names(objs)
+    assert v.validate(objs) == []
+
+
+def test_mlflow_basic_auth_refuses_a_weak_admin_password() -> None:
+    overlay = copy.deepcopy(v.render("manifests/overlays/mlflow-basic-auth"))
+    find(overlay, "Secret", "mlflow-admin")["data"]["MLFLOW_AUTH_ADMIN_PASSWORD"] = base64.b64encode(b"short").decode()
+    assert any("MLflow refuses an admin password shorter than 12" in e for e in v.validate(overlay))
+
+
 # --------------------------------------------------------------------------- NetworkPolicies
 
 
