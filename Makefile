@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint stack-up stack-down stack-status bench-features bench-serving bench-pit-join bench-training train features clean-stack
+.PHONY: demo test lint validate-manifests stack-up stack-down stack-status bench-features bench-serving bench-pit-join bench-training train features clean-stack
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# manifests/ and every overlay, each with manifests/steps: strict schemas, CEL rules, NetworkPolicies, the contract.
+validate-manifests: $(STAMP)
+	$(PY) -m tools.manifests.validate
 
 stack-up: $(STAMP)
 	$(PY) -m sales_forecast.stack up
