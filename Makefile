@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint validate-manifests stack-up stack-down stack-status bench-features bench-serving bench-pit-join bench-training train features clean-stack
+.PHONY: demo test lint validate-manifests check-crd-schemas stack-up stack-down stack-status bench-features bench-serving bench-pit-join bench-training train features clean-stack
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ lint: $(STAMP)
 # manifests/ and every overlay, each with manifests/steps: strict schemas, CEL rules, NetworkPolicies, the contract.
 validate-manifests: $(STAMP)
 	$(PY) -m tools.manifests.validate
+
+# Regenerating the committed CRD schemas changes nothing (needs the pinned CRDs: CRDS=path, default ../shared/crds).
+CRDS ?= ../shared/crds
+check-crd-schemas: $(STAMP)
+	$(PY) -m tools.manifests.crd_schemas --check $(CRDS)
 
 stack-up: $(STAMP)
 	$(PY) -m sales_forecast.stack up

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from sales_forecast import contract
 from sales_forecast.config import REPO_ROOT, load_settings
 from sales_forecast.errors import ConfigError
 from sales_forecast.training.params import TrainingParams
@@ -66,7 +67,8 @@ def test_body_runs_the_project_image_on_the_torch_runtime(body) -> None:
 
 def test_patch_mounts_the_pvc_and_wires_config_secret_and_label(body) -> None:
     template = node_patch(body)
-    assert template["metadata"]["labels"] == {"sales-forecast/postgres-client": "true"}
+    labels = {contract.POSTGRES_CLIENT_LABEL: "true", contract.MLFLOW_CLIENT_LABEL: "true"}
+    assert template["metadata"]["labels"] == labels
     pod = template["spec"]
     assert pod["volumes"] == [{"name": "shared", "persistentVolumeClaim": {"claimName": "mlops-shared"}},
                               {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}]
@@ -79,6 +81,9 @@ def test_patch_mounts_the_pvc_and_wires_config_secret_and_label(body) -> None:
         assert refs[key] == {"configMapKeyRef": {"name": "pipeline-config", "key": key}}
     for key in ("POSTGRES_USER", "POSTGRES_PASSWORD"):
         assert refs[key] == {"secretKeyRef": {"name": "postgres-credentials", "key": key}}
+    for key in contract.MLFLOW_CREDENTIAL_KEYS:  # only the basic-auth overlay has the Secret
+        secret = {"name": contract.MLFLOW_CREDENTIALS_SECRET, "key": key, "optional": True}
+        assert refs[key] == {"secretKeyRef": secret}
 
 
 def test_function_source_survives_the_unquoted_heredoc() -> None:

@@ -19,6 +19,9 @@ from sales_forecast.contract import (
     CLUSTER_CONFIG,
     IMAGE_GID,
     IMAGE_UID,
+    MLFLOW_CLIENT_LABEL,
+    MLFLOW_CREDENTIAL_KEYS,
+    MLFLOW_CREDENTIALS_SECRET,
     PART_OF_LABEL,
     PIPELINE_CONFIG,
     POSTGRES_CLIENT_LABEL,
@@ -42,11 +45,15 @@ JOB_LABELS = {**PART_OF_LABEL, "app.kubernetes.io/name": "sales-training"}
 CONFIG_KEYS = tuple(key for key in CLUSTER_CONFIG if key != "RAY_JOBS_ADDRESS")
 
 def _pod_env() -> list[dict[str, Any]]:
+    """The ConfigMap's settings, the PostgreSQL credentials, and MLflow's (only under the basic-auth overlay)."""
     config = [{"name": key, "valueFrom": {"configMapKeyRef": {"name": PIPELINE_CONFIG, "key": key}}}
               for key in CONFIG_KEYS]
     secret = [{"name": key, "valueFrom": {"secretKeyRef": {"name": POSTGRES_SECRET, "key": key}}}
               for key in POSTGRES_SECRET_KEYS]
-    return config + secret
+    mlflow = [{"name": key, "valueFrom": {"secretKeyRef": {"name": MLFLOW_CREDENTIALS_SECRET, "key": key,
+                                                            "optional": True}}}
+              for key in MLFLOW_CREDENTIAL_KEYS]
+    return config + secret + mlflow
 
 
 def runtime_patch():
@@ -71,7 +78,7 @@ def runtime_patch():
         security_context={"runAsNonRoot": True, "allowPrivilegeEscalation": False,
                           "capabilities": {"drop": ["ALL"]}})
     pod = PodTemplatePatch(
-        metadata={"labels": {POSTGRES_CLIENT_LABEL: "true"}},
+        metadata={"labels": {POSTGRES_CLIENT_LABEL: "true", MLFLOW_CLIENT_LABEL: "true"}},
         spec=PodSpecPatch(
             security_context={"runAsNonRoot": True, "runAsUser": IMAGE_UID, "fsGroup": IMAGE_GID,
                               "seccompProfile": {"type": "RuntimeDefault"}},

@@ -62,12 +62,9 @@ DEFAULT_TARGETS = (
 )
 DEFAULT_ADDITIONS = ("manifests/steps",)
 
-# Names sales_forecast/contract.py does not hold yet (requested there); local until it does.
-MLFLOW_CLIENT_LABEL = "sales-forecast/mlflow-client"  # the MLflow NetworkPolicy admits pods with it
-RAY_CLIENT_LABEL = "sales-forecast/ray-client"  # the Ray job-submission NetworkPolicy admits pods with it
-MLFLOW_CREDENTIALS_SECRET = "mlflow-credentials"  # basic-auth overlay: what clients authenticate with
-MLFLOW_CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-RAY_WORKER_REPLICAS = 2
+MLFLOW_CLIENT_LABEL, RAY_CLIENT_LABEL = contract.MLFLOW_CLIENT_LABEL, contract.RAY_CLIENT_LABEL
+MLFLOW_CREDENTIALS_SECRET, MLFLOW_CREDENTIAL_KEYS = contract.MLFLOW_CREDENTIALS_SECRET, contract.MLFLOW_CREDENTIAL_KEYS
+RAY_WORKER_REPLICAS = contract.RAY_WORKER_REPLICAS
 MLFLOW_MIN_PASSWORD, MLFLOW_LEGACY_PASSWORD = 12, "password1234"  # mlflow.utils.validation, mlflow.server.auth
 RAY_JOBS_KEY = "RAY_JOBS_ADDRESS"  # the CLUSTER_CONFIG key only step 1 reads: only taking it by name counts
 FEATURE_STORE_FILE = "feature_store.yaml"
