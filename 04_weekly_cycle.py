@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
-from rich.table import Table
 
 from sales_forecast.cli import from_environment, positive_float, positive_int, run_cli
 from sales_forecast.config import load_settings, load_shape_defaults
@@ -43,27 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def report_table(reports) -> Table:
-    table = Table(title="weekly cycle")
-    for column in ("week", "served WMAE", "naive WMAE", "coverage", "drift (max PSI)", "retrained", "promoted",
-                   "champion", "online", "seconds"):
-        table.add_column(column, justify="left" if column in ("week", "drift (max PSI)") else "right")
-    for report in reports:
-        accuracy = report.accuracy
-        table.add_row(
-            str(report.week), f"{accuracy.wmae:,.0f}" if accuracy else "-",
-            f"{accuracy.naive_wmae:,.0f}" if accuracy else "-",
-            f"{accuracy.coverage:.0%}" if accuracy and accuracy.coverage is not None else "-",
-            f"{report.psi_max:.3f} ({report.psi_feature})", "yes" if report.retrained else "no",
-            "yes" if report.promoted else "no", f"v{report.champion_version}", "yes" if report.online else "no",
-            f"{report.seconds:.1f}")
-    return table
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from sales_forecast.features.generator import Shape
-    from sales_forecast.operations.cycle import RetrainPolicy, WeeklyCycle
+    from sales_forecast.operations.cycle import RetrainPolicy, WeeklyCycle, report_table
     from sales_forecast.timing import PhaseTimer
     from sales_forecast.training.params import TrainingParams
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
+from rich.table import Table
 
 from sales_forecast import model_dir, stack
 from sales_forecast.config import Settings
@@ -194,3 +195,21 @@ class WeeklyCycle:
             last += WEEK
             weeks.append(self.run_week(last))
         return weeks
+
+
+def report_table(reports: list[WeekReport]) -> Table:
+    """week, the served model's realized WMAE, the naive WMAE, drift, retrained?, promoted?, champion version."""
+    table = Table(title="weekly cycle")
+    for column in ("week", "served WMAE", "naive WMAE", "coverage", "drift (max PSI)", "retrained", "promoted",
+                   "champion", "online", "seconds"):
+        table.add_column(column, justify="left" if column in ("week", "drift (max PSI)") else "right")
+    for report in reports:
+        accuracy = report.accuracy
+        table.add_row(
+            str(report.week), f"{accuracy.wmae:,.0f}" if accuracy else "-",
+            f"{accuracy.naive_wmae:,.0f}" if accuracy else "-",
+            f"{accuracy.coverage:.0%}" if accuracy and accuracy.coverage is not None else "-",
+            f"{report.psi_max:.3f} ({report.psi_feature})", "yes" if report.retrained else "no",
+            "yes" if report.promoted else "no", f"v{report.champion_version}", "yes" if report.online else "no",
+            f"{report.seconds:.1f}")
+    return table
