@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint validate-manifests check-crd-schemas stack-up stack-down stack-status bench-features bench-serving bench-pit-join bench-cycle bench-training train features clean-stack
+.PHONY: demo test lint validate-manifests check-crd-schemas stack-up stack-down stack-status bench-features bench-serving bench-pit-join bench-cycle bench-stack bench-training train features clean-stack
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,9 @@ bench-training: $(STAMP)
 
 bench-serving: $(STAMP)
 	$(PY) -m benchmarks.bench_serving
+
+bench-stack: $(STAMP)
+	$(PY) -m benchmarks.bench_stack
 
 bench-cycle: $(STAMP)
 	$(PY) -m benchmarks.bench_cycle
