@@ -53,6 +53,8 @@ EXPECTED_OBJECTS = {
     ("RoleBinding", "pipeline"),
     ("ClusterRole", "sales-forecast-pipeline-runtime-reader"),
     ("ClusterRoleBinding", "sales-forecast-pipeline-runtime-reader"),
+    ("Secret", v.MLFLOW_DB_SECRET),
+    ("Secret", v.POSTGRES_SUPERUSER_SECRET),
     ("CronJob", v.WEEKLY_CYCLE),
     ("ServiceAccount", v.WEEKLY_CYCLE),
     ("Role", v.WEEKLY_CYCLE),
@@ -154,8 +156,11 @@ def test_base_renders_the_contract(rendered: list[Obj]) -> None:
     assert set(secret["data"]) == set(contract.POSTGRES_SECRET_KEYS)
     files = find(rendered, "ConfigMap", contract.FEATURE_REPO_CONFIGMAP)["data"]
     assert set(files) >= set(contract.FEATURE_REPO_FILES)
+    assert set(find(rendered, "Secret", v.MLFLOW_DB_SECRET)["data"]) == set(v.MLFLOW_DB_SECRET_KEYS)
+    assert set(find(rendered, "Secret", v.POSTGRES_SUPERUSER_SECRET)["data"]) == {"POSTGRES_USER", "POSTGRES_PASSWORD"}
     init = find(rendered, "ConfigMap", "postgres-init")["data"]
-    assert any("CREATE DATABASE mlflow" in sql for sql in init.values())
+    assert list(init) == ["10-roles.sh"]
+    assert "CREATE DATABASE mlflow OWNER" in init["10-roles.sh"]
 
 
 def test_base_is_valid(rendered: list[Obj]) -> None:
@@ -371,6 +376,9 @@ CYCLE_MUTATIONS: dict[str, tuple[Callable[[list[Obj]], Any], str]] = {
     "restart-always": (lambda o: _cycle_pod(o)["spec"].update(restartPolicy="Always"), "need Never or OnFailure"),
     "renamed-image": (lambda o: _cycle_container(o).update(image="registry.example.com/sales-forecast:0.1.0"),
                       "sets PIPELINE_IMAGE=sales-forecast:0.1.0 but runs registry.example.com/sales-forecast:0.1.0"),
+    "mlflow-database": (
+        lambda o: _add_env(o, "PGPASSWORD", secretKeyRef={"name": v.MLFLOW_DB_SECRET, "key": "MLFLOW_DB_PASSWORD"}),
+        "takes Secret mlflow-db-credentials, MLflow's database role"),
 }
 
 
@@ -396,6 +404,130 @@ def test_cron_schedules() -> None:
     assert jobs.quantity_bytes("1Gi") == 2**30 and jobs.quantity_bytes("512M") == 512e6
     assert jobs.quantity_bytes("1e9") == 1e9 and jobs.quantity_bytes("1.5Gi") == 1.5 * 2**30
     assert jobs.quantity_bytes("lots") is None
+
+
+# --------------------------------------------------------------------------- PostgreSQL roles
+
+
+def test_each_database_belongs_to_its_own_role(rendered: list[Obj]) -> None:
+    """The superuser (PostgreSQL only), MLflow's role (MLflow and PostgreSQL only), the pipeline's (the rest)."""
+    takers: dict[str, set[str]] = {}
+    for view in (view for obj in rendered for view in v.pod_views(obj)):
+        for secret in v.secrets_of(view):
+            takers.setdefault(secret, set()).add(view.owner)
+    assert takers[v.POSTGRES_SUPERUSER_SECRET] == {"StatefulSet/postgres"}
+    assert takers[v.MLFLOW_DB_SECRET] == {"StatefulSet/postgres", "Deployment/mlflow"}
+    assert "Deployment/mlflow" not in takers[contract.POSTGRES_SECRET]
+    server = find(rendered, "Deployment", contract.MLFLOW_SERVICE)["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in server["env"] if "valueFrom" in e}
+    assert env == {"PGUSER": {"name": v.MLFLOW_DB_SECRET, "key": "MLFLOW_DB_USER"},
+                   "PGPASSWORD": {"name": v.MLFLOW_DB_SECRET, "key": "MLFLOW_DB_PASSWORD"}}
+
+
+def _postgres_container(objs: list[Obj]) -> Obj:
+    return find(objs, "StatefulSet", contract.POSTGRES_SERVICE)["spec"]["template"]["spec"]["containers"][0]
+
+
+def _env_entry(container: Obj, name: str) -> Obj:
+    return next(e for e in container["env"] if e["name"] == name)
+
+
+ROLE_MUTATIONS: dict[str, tuple[Callable[[list[Obj]], Any], str]] = {
+    "pipeline-is-superuser": (
+        lambda o: _env_entry(_postgres_container(o), "POSTGRES_USER")["valueFrom"]["secretKeyRef"].update(
+            name=contract.POSTGRES_SECRET),
+        "takes the superuser (POSTGRES_USER) from postgres-credentials, not from Secret postgres-superuser"),
+    "superuser-by-envfrom": (
+        lambda o: _postgres_container(o).update(
+            env=[e for e in _postgres_container(o)["env"] if e["name"] not in ("POSTGRES_USER", "POSTGRES_PASSWORD")],
+            envFrom=[{"secretRef": {"name": contract.POSTGRES_SECRET}}]),
+        "takes the superuser (POSTGRES_USER) from postgres-credentials"),
+    "no-mlflow-role": (
+        lambda o: _postgres_container(o).update(
+            env=[e for e in _postgres_container(o)["env"] if not e["name"].startswith("MLFLOW_DB_")]),
+        "lacks MLFLOW_DB_USER from Secret mlflow-db-credentials key MLFLOW_DB_USER"),
+    "mlflow-as-pipeline": (
+        lambda o: find(o, "Deployment", contract.MLFLOW_SERVICE)["spec"]["template"]["spec"]["containers"][0]["env"][0]
+        ["valueFrom"]["secretKeyRef"].update(name=contract.POSTGRES_SECRET, key="POSTGRES_USER"),
+        "logs in to PostgreSQL (PGUSER) with postgres-credentials, not with Secret mlflow-db-credentials"),
+    "same-role-name": (
+        lambda o: find(o, "Secret", v.MLFLOW_DB_SECRET)["data"].update(
+            MLFLOW_DB_USER=base64.b64encode(b"feast").decode()),
+        "MLFLOW_DB_USER names role 'feast', as Secret postgres-credentials does"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROLE_MUTATIONS))
+def test_broken_database_roles_are_rejected(render_once: Callable[[str], list[Obj]], case: str) -> None:
+    mutate, expected = ROLE_MUTATIONS[case]
+    objs = render_once("manifests")
+    mutate(objs)
+    errors = v.validate(objs)
+    assert any(expected in e for e in errors), errors
+
+
+def _run_as(user: str | None, *args: str) -> None:
+    result = subprocess.run(list(args), user=user, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_init_script_gives_each_database_its_own_role(rendered: list[Obj], tmp_path: Path) -> None:
+    """postgres/initdb/10-roles.sh, from the rendered ConfigMap, run as the official image's entrypoint runs it
+    (sourced, under `set -Eeo pipefail`, after it created the superuser and database feast), on PostgreSQL 16
+    (pgserver's binaries): the pipeline's role owns feast and may not connect to mlflow, MLflow's the reverse,
+    neither is a superuser; any name and password survive psql's quoting."""
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    from sales_forecast.stack import postgres as embedded
+    from sales_forecast.stack.processes import free_port
+
+    script = tmp_path / "10-roles.sh"
+    script.write_text(find(rendered, "ConfigMap", "postgres-init")["data"]["10-roles.sh"])
+    data = tmp_path / "pgdata"
+    data.mkdir()
+    user = embedded._system_user(data)  # PostgreSQL refuses to run as root
+    password_file = tmp_path / "superuser-password"
+    password_file.write_text("super'user pw\n")
+    password_file.chmod(0o644)
+    _run_as(user, embedded._bin("initdb"), "-D", str(data), "-U", "postgres", "--pwfile", str(password_file),
+            "--auth", "scram-sha-256", "--encoding", "utf8")
+    port = free_port()
+    _run_as(user, embedded._bin("pg_ctl"), "-D", str(data), "-w", "-l", str(data / "server.log"), "-o",
+            f"-h 127.0.0.1 -p {port} -k '' -c fsync=off", "start")
+    pipeline, mlflow = ("feast", "p'; DROP ROLE postgres; --\"$HOME"), ("ml flow", "m:'pw\"x")
+    try:
+        env = {"PATH": f"{Path(embedded._bin('psql')).parent}:{os.environ['PATH']}", "PGHOST": "127.0.0.1",
+               "PGPORT": str(port), "PGPASSWORD": "super'user pw", "POSTGRES_USER": "postgres", "POSTGRES_DB": "feast",
+               "PIPELINE_DB_USER": pipeline[0], "PIPELINE_DB_PASSWORD": pipeline[1],
+               "MLFLOW_DB_USER": mlflow[0], "MLFLOW_DB_PASSWORD": mlflow[1]}
+        subprocess.run(["psql", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-U", "postgres", "-c",
+                        "CREATE DATABASE feast"], env=env, check=True, capture_output=True)
+        result = subprocess.run(["bash", "-c", f"set -Eeo pipefail; . {script}"], env=env, capture_output=True,
+                                text=True, timeout=120, check=False)
+        assert result.returncode == 0, result.stderr
+
+        def connect(role: tuple[str, str], database: str) -> psycopg.Connection:
+            return psycopg.connect(make_conninfo(host="127.0.0.1", port=port, user=role[0], password=role[1],
+                                                 dbname=database), autocommit=True)
+
+        for role, own, other in ((pipeline, "feast", "mlflow"), (mlflow, "mlflow", "feast")):
+            with connect(role, own) as conn:
+                conn.execute("CREATE TABLE probe (x int)")
+                with conn.cursor().copy("COPY probe FROM STDIN") as copy_in:
+                    copy_in.write_row((1,))
+                conn.execute("CREATE TEMP TABLE scratch (x int)")
+                assert conn.execute("SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles "
+                                    "WHERE rolname = current_user").fetchone() == (False, False, False)
+                assert conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database "
+                                    "WHERE datname = current_database()").fetchone() == (role[0],)
+            with pytest.raises(psycopg.OperationalError, match=f'permission denied for database "{other}"'):
+                connect(role, other).close()
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            connect((pipeline[0], "wrong"), "feast").close()
+    finally:
+        subprocess.run([embedded._bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], user=user,
+                       capture_output=True, timeout=60, check=False)
 
 
 # --------------------------------------------------------------------------- MLflow basic auth

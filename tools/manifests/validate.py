@@ -17,7 +17,7 @@ errors. The tests call the same functions:
   NetworkPolicies and who they admit, pinned images, non-root containers, resources, what the API server refuses
   in Jobs and CronJobs: jobs.py) and, given the repository root, the pipeline's contract from
   sales_forecast/contract.py (config, feature_store.yaml hosts, Ray versions, workers and credentials, Ray inside
-  a pod, MLflow authentication).
+  a pod, the database roles and who holds their Secrets, MLflow authentication).
 
 Every validator returns a list of error strings; an empty list means valid.
 """
@@ -70,8 +70,18 @@ MLFLOW_MIN_PASSWORD, MLFLOW_LEGACY_PASSWORD = 12, "password1234"  # mlflow.utils
 RAY_JOBS_KEY = "RAY_JOBS_ADDRESS"  # the CLUSTER_CONFIG key only step 1 reads: only taking it by name counts
 FEATURE_STORE_FILE = "feature_store.yaml"
 # Local until sales_forecast/contract.py names them (names the manifests and the code share):
+MLFLOW_DB_SECRET = "mlflow-db-credentials"  # MLflow's PostgreSQL role: the MLflow server (and PostgreSQL) only
+MLFLOW_DB_SECRET_KEYS = ("MLFLOW_DB_USER", "MLFLOW_DB_PASSWORD")
+POSTGRES_SUPERUSER_SECRET = "postgres-superuser"  # PostgreSQL's superuser: the PostgreSQL server only
 WEEKLY_CYCLE = "weekly-cycle"  # the CronJob running `04_weekly_cycle.py --catch-up`, and its ServiceAccount
 RAY_MODE_KEY, SHM_PATH = "FEAST_RAY_EXECUTION_MODE", "/dev/shm"
+# The variables postgres/initdb/10-roles.sh creates the two roles from, and the Secret keys they come from.
+INIT_ROLE_ENV = {
+    "PIPELINE_DB_USER": (contract.POSTGRES_SECRET, "POSTGRES_USER"),
+    "PIPELINE_DB_PASSWORD": (contract.POSTGRES_SECRET, "POSTGRES_PASSWORD"),
+    "MLFLOW_DB_USER": (MLFLOW_DB_SECRET, "MLFLOW_DB_USER"),
+    "MLFLOW_DB_PASSWORD": (MLFLOW_DB_SECRET, "MLFLOW_DB_PASSWORD"),
+}
 
 BUILTIN_CLUSTER_SCOPED = frozenset(
     {
@@ -539,7 +549,10 @@ def traffic(objs: list[Obj], views: list[PodView] | None = None) -> network.Traf
         objs,
         views if views is not None else [v for o in objs for v in pod_views(o)],
         by_name_only=frozenset({RAY_JOBS_KEY}),
-        credential_services={contract.POSTGRES_SECRET: contract.POSTGRES_SERVICE},
+        credential_services={
+            secret: contract.POSTGRES_SERVICE
+            for secret in (contract.POSTGRES_SECRET, MLFLOW_DB_SECRET, POSTGRES_SUPERUSER_SECRET)
+        },
         feature_store_configmap=(contract.FEATURE_REPO_CONFIGMAP, FEATURE_STORE_FILE),
     )
 
@@ -852,6 +865,112 @@ def _pipeline_image_errors(objs: list[Obj], views: list[PodView]) -> list[str]:
     return errors
 
 
+def secrets_of(view: PodView) -> set[str]:
+    """Every Secret a pod takes: env, envFrom and volumes (secret, projected)."""
+    taken = {name for container in view.containers() for name in network.secrets_taken(container)}
+    for volume in view.spec.get("volumes") or []:
+        taken.add(_dig(volume, "secret", "secretName"))
+        taken |= {_dig(s, "secret", "name") for s in _dig(volume, "projected", "sources") or []}
+    return {name for name in taken if name}
+
+
+def _served_by(objs: list[Obj], views: list[PodView], service: str) -> list[PodView]:
+    found = []
+    for obj in objs:
+        selector = _dig(obj, "spec", "selector")
+        if obj.get("kind") == "Service" and _dig(obj, "metadata", "name") == service and selector:
+            ns = _namespace(obj)
+            matches = {"matchLabels": selector}
+            found += [v for v in views if v.namespace == ns and network.selector_matches(matches, v.labels)]
+    return found
+
+
+def _login_secret(container: Obj, variable: str) -> str | None:
+    """The Secret a container's login variable comes from (by name, or with a whole Secret through envFrom)."""
+    for entry in container.get("env") or []:
+        if entry.get("name") == variable:
+            return _dig(entry, "valueFrom", "secretKeyRef", "name")
+    return next((_dig(s, "secretRef", "name") for s in container.get("envFrom") or [] if "secretRef" in s), None)
+
+
+def _database_role_errors(objs: list[Obj], views: list[PodView]) -> list[str]:
+    """Three PostgreSQL roles, each from its own Secret (postgres/initdb/10-roles.sh creates the two plain ones):
+    the superuser, held by the PostgreSQL server only; MLflow's, owner of database mlflow, held by the MLflow
+    server (and PostgreSQL); the pipeline's (postgres-credentials), which may not connect to database mlflow.
+    A pod holding the superuser's or MLflow's could change MLflow's registry (the champion alias) in SQL, past
+    MLflow's authentication; so could the pipeline's pods if their role were the superuser."""
+    postgres = _served_by(objs, views, contract.POSTGRES_SERVICE)
+    mlflow = _served_by(objs, views, contract.MLFLOW_SERVICE)
+    holders = {
+        POSTGRES_SUPERUSER_SECRET: (
+            postgres,
+            "PostgreSQL's superuser, which passes every permission: only the PostgreSQL server may hold it",
+        ),
+        MLFLOW_DB_SECRET: (
+            postgres + mlflow,
+            "MLflow's database role: with it a pod can change MLflow's registry (the champion alias) in SQL, past "
+            "MLflow's authentication; only the MLflow server (and PostgreSQL, which creates the role) may hold it",
+        ),
+    }
+    errors = []
+    for view in views:
+        taken = secrets_of(view)
+        for secret, (allowed, why) in holders.items():
+            if secret in taken and not any(view is a for a in allowed):
+                errors.append(f"{view.owner}: takes Secret {secret}, {why}")
+    for view in postgres:
+        for container in view.spec.get("containers") or []:
+            where = f"{view.owner}: container {container.get('name')!r}"
+            source = _login_secret(container, "POSTGRES_USER")
+            if source != POSTGRES_SUPERUSER_SECRET:
+                errors.append(
+                    f"{where} takes the superuser (POSTGRES_USER) from {source or 'no Secret'}, not from Secret "
+                    f"{POSTGRES_SUPERUSER_SECRET}: a superuser passes REVOKE CONNECT, so the pods holding it could "
+                    "change MLflow's database"
+                )
+            env = {e.get("name"): _dig(e, "valueFrom", "secretKeyRef") or {} for e in container.get("env") or []}
+            for variable, (secret, key) in INIT_ROLE_ENV.items():
+                if (env.get(variable, {}).get("name"), env.get(variable, {}).get("key")) != (secret, key):
+                    errors.append(
+                        f"{where} lacks {variable} from Secret {secret} key {key}: postgres/initdb/10-roles.sh "
+                        "creates the role from it"
+                    )
+    for view in mlflow:
+        for container in view.spec.get("containers") or []:
+            source = _login_secret(container, "PGUSER")
+            if source != MLFLOW_DB_SECRET:
+                errors.append(
+                    f"{view.owner}: container {container.get('name')!r} logs in to PostgreSQL (PGUSER) with "
+                    f"{source or 'no Secret'}, not with Secret {MLFLOW_DB_SECRET}: MLflow's database must belong "
+                    "to a role the pipeline does not hold"
+                )
+    errors += _role_name_errors(objs)
+    return errors
+
+
+def _role_name_errors(objs: list[Obj]) -> list[str]:
+    """The three Secrets name three different roles (10-roles.sh's CREATE ROLE fails on an existing one, and
+    PostgreSQL then starts with a half-initialised volume it never initialises again)."""
+    index = _Index(objs)
+    names: dict[str, str] = {}
+    for secret, key in (
+        (POSTGRES_SUPERUSER_SECRET, "POSTGRES_USER"),
+        (contract.POSTGRES_SECRET, "POSTGRES_USER"),
+        (MLFLOW_DB_SECRET, MLFLOW_DB_SECRET_KEYS[0]),
+    ):
+        obj = next((o for o in objs if o.get("kind") == "Secret" and _dig(o, "metadata", "name") == secret), None)
+        value = _secret_value(index, _namespace(obj), {"name": secret, "key": key}) if obj else None
+        if value is None:
+            continue
+        if value in names:
+            return [
+                f"Secret/{secret}: {key} names role {value!r}, as Secret {names[value]} does: every role needs its "
+                "own name (postgres/initdb/10-roles.sh would fail on the first start)"
+            ]
+        names[value] = secret
+    return []
+
+
 def pipeline_errors(objs: list[Obj], root: Path = REPO_ROOT) -> list[str]:
     """The pipeline's contract (sales_forecast/contract.py): config keys and URLs, feature_store.yaml, Ray,
     credentials, MLflow authentication, images."""
@@ -881,6 +1000,7 @@ def pipeline_errors(objs: list[Obj], root: Path = REPO_ROOT) -> list[str]:
     errors += _project_image_errors(objs)
     errors += _in_pod_ray_errors(objs, views)
     errors += _pipeline_image_errors(objs, views)
+    errors += _database_role_errors(objs, views)
     return errors
 
 
