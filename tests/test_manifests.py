@@ -21,7 +21,7 @@ import yaml
 
 from sales_forecast import contract
 from sales_forecast.config import REPO_ROOT
-from tools.manifests import cel, crd_schemas, crds, network
+from tools.manifests import cel, crd_schemas, crds, jobs, network
 from tools.manifests import validate as v
 
 ROOT = REPO_ROOT
@@ -53,7 +53,16 @@ EXPECTED_OBJECTS = {
     ("RoleBinding", "pipeline"),
     ("ClusterRole", "sales-forecast-pipeline-runtime-reader"),
     ("ClusterRoleBinding", "sales-forecast-pipeline-runtime-reader"),
+    ("Secret", v.MLFLOW_DB_SECRET),
+    ("Secret", v.POSTGRES_SUPERUSER_SECRET),
+    ("CronJob", v.WEEKLY_CYCLE),
+    ("ServiceAccount", v.WEEKLY_CYCLE),
+    ("Role", v.WEEKLY_CYCLE),
+    ("RoleBinding", v.WEEKLY_CYCLE),
 }
+# The pipeline-config keys a pod that runs the pipeline's code in itself takes (as trainjob.CONFIG_KEYS): all but
+# the Ray job API's address, which only step 1's submitter reads.
+IN_POD_CONFIG_KEYS = tuple(key for key in contract.CLUSTER_CONFIG if key != v.RAY_JOBS_KEY)
 
 
 def load(path: Path) -> list[Obj]:
@@ -147,8 +156,11 @@ def test_base_renders_the_contract(rendered: list[Obj]) -> None:
     assert set(secret["data"]) == set(contract.POSTGRES_SECRET_KEYS)
     files = find(rendered, "ConfigMap", contract.FEATURE_REPO_CONFIGMAP)["data"]
     assert set(files) >= set(contract.FEATURE_REPO_FILES)
+    assert set(find(rendered, "Secret", v.MLFLOW_DB_SECRET)["data"]) == set(v.MLFLOW_DB_SECRET_KEYS)
+    assert set(find(rendered, "Secret", v.POSTGRES_SUPERUSER_SECRET)["data"]) == {"POSTGRES_USER", "POSTGRES_PASSWORD"}
     init = find(rendered, "ConfigMap", "postgres-init")["data"]
-    assert any("CREATE DATABASE mlflow" in sql for sql in init.values())
+    assert list(init) == ["10-roles.sh"]
+    assert "CREATE DATABASE mlflow OWNER" in init["10-roles.sh"]
 
 
 def test_base_is_valid(rendered: list[Obj]) -> None:
@@ -217,9 +229,16 @@ def test_rbac_is_least_privilege(rendered: list[Obj]) -> None:
     assert cluster_role["rules"] == [
         {"apiGroups": ["trainer.kubeflow.org"], "resources": ["clustertrainingruntimes"], "verbs": ["get", "list"]}
     ]
+    # The weekly cycle rolls the InferenceService step 3 created, and nothing else.
+    assert find(rendered, "Role", v.WEEKLY_CYCLE)["rules"] == [
+        {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "resourceNames": [contract.MODEL_NAME],
+         "verbs": ["get", "update"]}
+    ]
     for kind in ("RoleBinding", "ClusterRoleBinding"):
         for binding in (o for o in rendered if o["kind"] == kind):
-            assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline", "namespace": "mlops"}]
+            account = v.WEEKLY_CYCLE if binding["metadata"]["name"] == v.WEEKLY_CYCLE else "pipeline"
+            assert binding["roleRef"]["name"] == binding["metadata"]["name"]
+            assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": "mlops"}]
 
 
 def _local_overlay(tmp_path: Path, resources: list[str], extra: str = "") -> list[Obj]:
@@ -248,6 +267,267 @@ def test_credentials_are_overridable_without_editing_the_repo(tmp_path: Path) ->
         "POSTGRES_PASSWORD": "p@ss:w/rd",
     }
     assert v.validate(objs) == []
+
+
+# --------------------------------------------------------------------------- the weekly cycle
+
+
+def _cycle(objs: list[Obj]) -> Obj:
+    return find(objs, "CronJob", v.WEEKLY_CYCLE)
+
+
+def _cycle_pod(objs: list[Obj]) -> Obj:
+    return _cycle(objs)["spec"]["jobTemplate"]["spec"]["template"]
+
+
+def test_weekly_cycle_cronjob(rendered: list[Obj]) -> None:
+    """`04_weekly_cycle.py --catch-up` every Saturday 06:00 UTC, one run at a time, in the project image; Ray,
+    training and the forecasts inside its pod; settings by key, credentials by name."""
+    spec = _cycle(rendered)["spec"]
+    assert (spec["schedule"], spec["timeZone"], spec["concurrencyPolicy"]) == ("0 6 * * 6", "Etc/UTC", "Forbid")
+    assert spec["startingDeadlineSeconds"] > 0 and spec["successfulJobsHistoryLimit"] > 0
+    job = spec["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 0 and job["activeDeadlineSeconds"] == 3600
+    template = _cycle_pod(rendered)
+    assert template["metadata"]["labels"][contract.POSTGRES_CLIENT_LABEL] == "true"
+    assert template["metadata"]["labels"][contract.MLFLOW_CLIENT_LABEL] == "true"
+    assert contract.RAY_CLIENT_LABEL not in template["metadata"]["labels"]
+    pod = template["spec"]
+    assert pod["serviceAccountName"] == v.WEEKLY_CYCLE and pod["restartPolicy"] == "Never"
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": contract.IMAGE_UID,
+                                      "fsGroup": contract.IMAGE_GID, "seccompProfile": {"type": "RuntimeDefault"}}
+    (container,) = pod["containers"]
+    assert "initContainers" not in pod and "envFrom" not in container
+    assert container["image"] == contract.PROJECT_IMAGE
+    assert container["command"] == ["python", "04_weekly_cycle.py", "--catch-up"]
+    assert container["workingDir"] == contract.APP_DIR
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    config = {name: ref["configMapKeyRef"] for name, ref in env.items() if "configMapKeyRef" in (ref or {})}
+    assert config == {key: {"name": contract.PIPELINE_CONFIG, "key": key} for key in IN_POD_CONFIG_KEYS}
+    for key in contract.POSTGRES_SECRET_KEYS:
+        assert env[key] == {"secretKeyRef": {"name": contract.POSTGRES_SECRET, "key": key}}
+    for key in contract.MLFLOW_CREDENTIAL_KEYS:
+        assert env[key] == {"secretKeyRef": {"name": contract.MLFLOW_CREDENTIALS_SECRET, "key": key, "optional": True}}
+    assert env["FEAST_RAY_EXECUTION_MODE"] == "local" and "RAY_ADDRESS" not in env
+    assert env["INFERENCE_BACKEND"] == "kubernetes" and env["PIPELINE_IMAGE"] == contract.PROJECT_IMAGE
+    assert env["K8S_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert container["resources"]["requests"] == {"cpu": "2", "memory": "6Gi"}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {vol["name"]: vol for vol in pod["volumes"]}
+    shared = mounts[contract.SHARED_MOUNT]
+    assert volumes[shared["name"]]["persistentVolumeClaim"] == {"claimName": contract.SHARED_PVC}
+    assert not shared.get("readOnly")  # the champion's bundle is published there
+    assert contract.CLUSTER_MODEL_DIR.startswith(contract.SHARED_MOUNT + "/")
+    assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Gi"}
+    for file in contract.FEATURE_REPO_FILES:
+        mount = mounts[f"{contract.FEATURE_REPO_MOUNT}/{file}"]
+        assert mount["subPath"] == file and mount["readOnly"]
+        assert volumes[mount["name"]]["configMap"] == {"name": contract.FEATURE_REPO_CONFIGMAP}
+
+
+def test_weekly_cycle_reaches_postgres_and_mlflow_but_no_ray(rendered: list[Obj]) -> None:
+    policies, namespaces = _policies(rendered)
+    (cycle,) = views_of(rendered, "CronJob", v.WEEKLY_CYCLE)
+    (postgres,) = views_of(rendered, "StatefulSet", contract.POSTGRES_SERVICE)
+    (mlflow,) = views_of(rendered, "Deployment", contract.MLFLOW_SERVICE)
+    assert network.admitted(cycle, postgres, network.Port(contract.POSTGRES_PORT, "postgres"), policies, namespaces)
+    assert network.admitted(cycle, mlflow, network.Port(contract.MLFLOW_PORT, "http"), policies, namespaces)
+    for target in views_of(rendered, "RayCluster", contract.RAY_CLUSTER):
+        for port in RAY_PORTS:
+            assert not network.admitted(cycle, target, port, policies, namespaces), (target.owner, port)
+
+
+def _cycle_container(objs: list[Obj]) -> Obj:
+    return _cycle_pod(objs)["spec"]["containers"][0]
+
+
+def _drop_mount(objs: list[Obj], path: str) -> None:
+    container = _cycle_container(objs)
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["mountPath"] != path]
+
+
+def _add_env(objs: list[Obj], name: str, value: str | None = None, **value_from: Obj) -> None:
+    _cycle_container(objs)["env"].append({"name": name, **({"value": value} if value else {"valueFrom": value_from})})
+
+
+CYCLE_MUTATIONS: dict[str, tuple[Callable[[list[Obj]], Any], str]] = {
+    "no-shm": (lambda o: _drop_mount(o, "/dev/shm"), "runs Ray inside the pod (FEAST_RAY_EXECUTION_MODE=local) "
+               "without a memory-backed emptyDir at /dev/shm"),
+    "shm-on-disk": (lambda o: _cycle_pod(o)["spec"]["volumes"][1].update(emptyDir={"sizeLimit": "1Gi"}),
+                    "without a memory-backed emptyDir at /dev/shm"),
+    "shm-over-limit": (lambda o: _cycle_container(o)["resources"]["limits"].update(memory="1Gi"),
+                       "memory limit 1Gi is not above the /dev/shm sizeLimit 1Gi"),
+    "ray-address": (lambda o: _add_env(o, "RAY_ADDRESS", "feast-ray-head-svc:6379"), "sets RAY_ADDRESS"),
+    "ray-jobs-address": (
+        lambda o: _add_env(o, v.RAY_JOBS_KEY, configMapKeyRef={"name": contract.PIPELINE_CONFIG,
+                                                               "key": v.RAY_JOBS_KEY}),
+        "talks to feast-ray-head-svc (RayCluster/feast-ray head, port 8265 (dashboard))"),
+    "not-a-postgres-client": (lambda o: _cycle_pod(o)["metadata"]["labels"].pop(contract.POSTGRES_CLIENT_LABEL),
+                              "talks to postgres (StatefulSet/postgres, port 5432 (postgres)) because its container "
+                              "'weekly-cycle' POSTGRES_HOST=postgres, but no NetworkPolicy admits it"),
+    "concurrent": (lambda o: _cycle(o)["spec"].update(concurrencyPolicy="Allow"), "concurrencyPolicy is Allow"),
+    "no-deadline": (lambda o: _cycle(o)["spec"]["jobTemplate"]["spec"].pop("activeDeadlineSeconds"),
+                    "a hung run would skip every later one"),
+    "no-starting-deadline": (lambda o: _cycle(o)["spec"].pop("startingDeadlineSeconds"),
+                             "has no startingDeadlineSeconds"),
+    "day-seven": (lambda o: _cycle(o)["spec"].update(schedule="0 6 * * 7"), "day of week '7' is outside 0-6"),
+    "tz-in-schedule": (lambda o: _cycle(o)["spec"].update(schedule="TZ=UTC 0 6 * * 6"), "use spec.timeZone"),
+    "unknown-zone": (lambda o: _cycle(o)["spec"].update(timeZone="Europe/Atlantis"), "is no IANA time zone"),
+    "restart-always": (lambda o: _cycle_pod(o)["spec"].update(restartPolicy="Always"), "need Never or OnFailure"),
+    "renamed-image": (lambda o: _cycle_container(o).update(image="registry.example.com/sales-forecast:0.1.0"),
+                      "sets PIPELINE_IMAGE=sales-forecast:0.1.0 but runs registry.example.com/sales-forecast:0.1.0"),
+    "mlflow-database": (
+        lambda o: _add_env(o, "PGPASSWORD", secretKeyRef={"name": v.MLFLOW_DB_SECRET, "key": "MLFLOW_DB_PASSWORD"}),
+        "takes Secret mlflow-db-credentials, MLflow's database role"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CYCLE_MUTATIONS))
+def test_broken_weekly_cycle_is_rejected(render_once: Callable[[str], list[Obj]], case: str) -> None:
+    """Each change to the real CronJob, which its schema accepts, is rejected for its own reason."""
+    mutate, expected = CYCLE_MUTATIONS[case]
+    objs = render_once("manifests")
+    mutate(objs)
+    assert [e for e in v.validate_builtin(_cycle(objs)) if "CronJob" in e] == []
+    errors = v.validate(objs)
+    assert any(expected in e and f"CronJob/{v.WEEKLY_CYCLE}" in e for e in errors), errors
+
+
+def test_cron_schedules() -> None:
+    for good in ("0 6 * * 6", "0 6 * * SAT", "*/15 0-5,22 1 JAN-MAR mon-fri", "0 0 ? * *", "@weekly", "@every 1h30m"):
+        assert jobs.schedule_errors(good) == [], good
+    for bad, message in (("0 6 * *", "has 4 fields"), ("60 6 * * 6", "minute '60'"), ("0 6 * 0 6", "month '0'"),
+                         ("0 6 * * 5-1", "runs backwards"), ("*/0 6 * * 6", "positive number"),
+                         ("@fortnightly", "unknown macro"), ("CRON_TZ=UTC 0 6 * * 6", "spec.timeZone"), ("", "empty")):
+        assert any(message in e for e in jobs.schedule_errors(bad)), (bad, jobs.schedule_errors(bad))
+    assert jobs.time_zone_errors("Etc/UTC") == [] and jobs.time_zone_errors(None) == []
+    assert jobs.quantity_bytes("1Gi") == 2**30 and jobs.quantity_bytes("512M") == 512e6
+    assert jobs.quantity_bytes("1e9") == 1e9 and jobs.quantity_bytes("1.5Gi") == 1.5 * 2**30
+    assert jobs.quantity_bytes("lots") is None
+
+
+# --------------------------------------------------------------------------- PostgreSQL roles
+
+
+def test_each_database_belongs_to_its_own_role(rendered: list[Obj]) -> None:
+    """The superuser (PostgreSQL only), MLflow's role (MLflow and PostgreSQL only), the pipeline's (the rest)."""
+    takers: dict[str, set[str]] = {}
+    for view in (view for obj in rendered for view in v.pod_views(obj)):
+        for secret in v.secrets_of(view):
+            takers.setdefault(secret, set()).add(view.owner)
+    assert takers[v.POSTGRES_SUPERUSER_SECRET] == {"StatefulSet/postgres"}
+    assert takers[v.MLFLOW_DB_SECRET] == {"StatefulSet/postgres", "Deployment/mlflow"}
+    assert "Deployment/mlflow" not in takers[contract.POSTGRES_SECRET]
+    server = find(rendered, "Deployment", contract.MLFLOW_SERVICE)["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in server["env"] if "valueFrom" in e}
+    assert env == {"PGUSER": {"name": v.MLFLOW_DB_SECRET, "key": "MLFLOW_DB_USER"},
+                   "PGPASSWORD": {"name": v.MLFLOW_DB_SECRET, "key": "MLFLOW_DB_PASSWORD"}}
+
+
+def _postgres_container(objs: list[Obj]) -> Obj:
+    return find(objs, "StatefulSet", contract.POSTGRES_SERVICE)["spec"]["template"]["spec"]["containers"][0]
+
+
+def _env_entry(container: Obj, name: str) -> Obj:
+    return next(e for e in container["env"] if e["name"] == name)
+
+
+ROLE_MUTATIONS: dict[str, tuple[Callable[[list[Obj]], Any], str]] = {
+    "pipeline-is-superuser": (
+        lambda o: _env_entry(_postgres_container(o), "POSTGRES_USER")["valueFrom"]["secretKeyRef"].update(
+            name=contract.POSTGRES_SECRET),
+        "takes the superuser (POSTGRES_USER) from postgres-credentials, not from Secret postgres-superuser"),
+    "superuser-by-envfrom": (
+        lambda o: _postgres_container(o).update(
+            env=[e for e in _postgres_container(o)["env"] if e["name"] not in ("POSTGRES_USER", "POSTGRES_PASSWORD")],
+            envFrom=[{"secretRef": {"name": contract.POSTGRES_SECRET}}]),
+        "takes the superuser (POSTGRES_USER) from postgres-credentials"),
+    "no-mlflow-role": (
+        lambda o: _postgres_container(o).update(
+            env=[e for e in _postgres_container(o)["env"] if not e["name"].startswith("MLFLOW_DB_")]),
+        "lacks MLFLOW_DB_USER from Secret mlflow-db-credentials key MLFLOW_DB_USER"),
+    "mlflow-as-pipeline": (
+        lambda o: find(o, "Deployment", contract.MLFLOW_SERVICE)["spec"]["template"]["spec"]["containers"][0]["env"][0]
+        ["valueFrom"]["secretKeyRef"].update(name=contract.POSTGRES_SECRET, key="POSTGRES_USER"),
+        "logs in to PostgreSQL (PGUSER) with postgres-credentials, not with Secret mlflow-db-credentials"),
+    "same-role-name": (
+        lambda o: find(o, "Secret", v.MLFLOW_DB_SECRET)["data"].update(
+            MLFLOW_DB_USER=base64.b64encode(b"feast").decode()),
+        "MLFLOW_DB_USER names role 'feast', as Secret postgres-credentials does"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROLE_MUTATIONS))
+def test_broken_database_roles_are_rejected(render_once: Callable[[str], list[Obj]], case: str) -> None:
+    mutate, expected = ROLE_MUTATIONS[case]
+    objs = render_once("manifests")
+    mutate(objs)
+    errors = v.validate(objs)
+    assert any(expected in e for e in errors), errors
+
+
+def _run_as(user: str | None, *args: str) -> None:
+    result = subprocess.run(list(args), user=user, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_init_script_gives_each_database_its_own_role(rendered: list[Obj], tmp_path: Path) -> None:
+    """postgres/initdb/10-roles.sh, from the rendered ConfigMap, run as the official image's entrypoint runs it
+    (sourced, under `set -Eeo pipefail`, after it created the superuser and database feast), on PostgreSQL 16
+    (pgserver's binaries): the pipeline's role owns feast and may not connect to mlflow, MLflow's the reverse,
+    neither is a superuser; any name and password survive psql's quoting."""
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    from sales_forecast.stack import postgres as embedded
+    from sales_forecast.stack.processes import free_port
+
+    script = tmp_path / "10-roles.sh"
+    script.write_text(find(rendered, "ConfigMap", "postgres-init")["data"]["10-roles.sh"])
+    data = tmp_path / "pgdata"
+    data.mkdir()
+    user = embedded._system_user(data)  # PostgreSQL refuses to run as root
+    password_file = tmp_path / "superuser-password"
+    password_file.write_text("super'user pw\n")
+    password_file.chmod(0o644)
+    _run_as(user, embedded._bin("initdb"), "-D", str(data), "-U", "postgres", "--pwfile", str(password_file),
+            "--auth", "scram-sha-256", "--encoding", "utf8")
+    port = free_port()
+    _run_as(user, embedded._bin("pg_ctl"), "-D", str(data), "-w", "-l", str(data / "server.log"), "-o",
+            f"-h 127.0.0.1 -p {port} -k '' -c fsync=off", "start")
+    pipeline, mlflow = ("feast", "p'; DROP ROLE postgres; --\"$HOME"), ("ml flow", "m:'pw\"x")
+    try:
+        env = {"PATH": f"{Path(embedded._bin('psql')).parent}:{os.environ['PATH']}", "PGHOST": "127.0.0.1",
+               "PGPORT": str(port), "PGPASSWORD": "super'user pw", "POSTGRES_USER": "postgres", "POSTGRES_DB": "feast",
+               "PIPELINE_DB_USER": pipeline[0], "PIPELINE_DB_PASSWORD": pipeline[1],
+               "MLFLOW_DB_USER": mlflow[0], "MLFLOW_DB_PASSWORD": mlflow[1]}
+        subprocess.run(["psql", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-U", "postgres", "-c",
+                        "CREATE DATABASE feast"], env=env, check=True, capture_output=True)
+        result = subprocess.run(["bash", "-c", f"set -Eeo pipefail; . {script}"], env=env, capture_output=True,
+                                text=True, timeout=120, check=False)
+        assert result.returncode == 0, result.stderr
+
+        def connect(role: tuple[str, str], database: str) -> psycopg.Connection:
+            return psycopg.connect(make_conninfo(host="127.0.0.1", port=port, user=role[0], password=role[1],
+                                                 dbname=database), autocommit=True)
+
+        for role, own, other in ((pipeline, "feast", "mlflow"), (mlflow, "mlflow", "feast")):
+            with connect(role, own) as conn:
+                conn.execute("CREATE TABLE probe (x int)")
+                with conn.cursor().copy("COPY probe FROM STDIN") as copy_in:
+                    copy_in.write_row((1,))
+                conn.execute("CREATE TEMP TABLE scratch (x int)")
+                assert conn.execute("SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles "
+                                    "WHERE rolname = current_user").fetchone() == (False, False, False)
+                assert conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database "
+                                    "WHERE datname = current_database()").fetchone() == (role[0],)
+            with pytest.raises(psycopg.OperationalError, match=f'permission denied for database "{other}"'):
+                connect(role, other).close()
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            connect((pipeline[0], "wrong"), "feast").close()
+    finally:
+        subprocess.run([embedded._bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], user=user,
+                       capture_output=True, timeout=60, check=False)
 
 
 # --------------------------------------------------------------------------- MLflow basic auth
@@ -356,6 +636,8 @@ def test_who_talks_to_whom(rendered: list[Obj], steps: list[Obj]) -> None:
         (f"{ray} cpu-workers", f"RayCluster {contract.RAY_CLUSTER}"),
         ("Job/sales-training", "mlflow"),
         ("Job/sales-inference", "mlflow"),
+        (f"CronJob/{v.WEEKLY_CYCLE}", "postgres"),
+        (f"CronJob/{v.WEEKLY_CYCLE}", "mlflow"),
     }
 
 
@@ -392,6 +674,16 @@ def test_example_custom_resources_are_valid(rendered: list[Obj], name: str) -> N
     (body,) = load(FIXTURES / name)
     assert v.validate_custom_resource(body) == []
     assert v.validate(rendered + [body]) == []
+
+
+def test_trainjob_with_in_pod_ray_needs_its_shm(rendered: list[Obj]) -> None:
+    """The TrainJob's trainer pod is assembled from trainer.env and the runtime patch: its /dev/shm counts."""
+    (body,) = load(FIXTURES / "trainjob.yaml")
+    container = body["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+        "template"]["spec"]["template"]["spec"]["containers"][0]
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["mountPath"] != "/dev/shm"]
+    errors = v.validate(rendered + [body])
+    assert any("TrainJob/sales-train-example trainer: container 'node' runs Ray inside the pod" in e for e in errors)
 
 
 # --------------------------------------------------------------------------- CEL rules
