@@ -40,6 +40,10 @@ MLFLOW_CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 PIPELINE_CONFIG = "pipeline-config"  # ConfigMap: the non-secret settings, as environment variables
 POSTGRES_SECRET = "postgres-credentials"
 POSTGRES_SECRET_KEYS = ("POSTGRES_USER", "POSTGRES_PASSWORD")
+MLFLOW_DB_SECRET = "mlflow-db-credentials"  # MLflow's own PostgreSQL role: the MLflow server only
+MLFLOW_DB_SECRET_KEYS = ("MLFLOW_DB_USER", "MLFLOW_DB_PASSWORD")
+POSTGRES_SUPERUSER_SECRET = "postgres-superuser"  # PostgreSQL's superuser: the PostgreSQL server only
+WEEKLY_CYCLE = "weekly-cycle"  # the CronJob running `04_weekly_cycle.py --catch-up`, and its ServiceAccount
 FEATURE_REPO_CONFIGMAP = "feature-repo"
 FEATURE_REPO_FILES = ("feature_store.yaml", "features.py")
 APP_DIR = "/app"  # where the image holds the project
@@ -66,3 +70,4 @@ CLUSTER_CONFIG = {
     "FEAST_REPO_PATH": FEATURE_REPO_MOUNT,
     "RAY_JOBS_ADDRESS": f"http://{RAY_HEAD_SERVICE}:{RAY_DASHBOARD_PORT}",
 }
+IN_POD_CONFIG_KEYS = tuple(key for key in CLUSTER_CONFIG if key != "RAY_JOBS_ADDRESS")  # only step 1 submits

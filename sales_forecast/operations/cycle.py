@@ -29,7 +29,7 @@ from sales_forecast.features.append import append_week, read_dataset
 from sales_forecast.features.generator import Shape, latest_friday
 from sales_forecast.features.pipeline import run_feature_pipeline
 from sales_forecast.operations import monitoring
-from sales_forecast.operations.forecasts import batch_forecast
+from sales_forecast.operations.forecasts import batch_forecast, made_as_of
 from sales_forecast.timing import console
 from sales_forecast.training.params import TrainingParams
 from sales_forecast.training.pipeline import TrainingResult, run_training
@@ -187,10 +187,11 @@ class WeeklyCycle:
         return [self.run_week(start + k * WEEK) for k in range(1, weeks + 1)]
 
     def catch_up(self) -> list[WeekReport]:
-        """Every week between the offline store's latest and the latest Friday (none when it is current)."""
+        """Every week between the offline store's latest and the latest Friday (none when it is current); the latest
+        loaded week again first when its forecasts are missing (a run that failed after appending it)."""
         latest = latest_friday(dt.datetime.now(dt.UTC).date())
         last = read_dataset(self.settings).last_week
-        weeks = []
+        weeks = [] if made_as_of(self.settings, last) else [self.run_week(last)]
         while last + WEEK <= latest:
             last += WEEK
             weeks.append(self.run_week(last))

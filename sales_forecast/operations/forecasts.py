@@ -78,6 +78,16 @@ def batch_forecast(settings: Settings, bundle: Bundle, as_of: dt.date) -> BatchR
     return BatchResult(as_of, forecasts, skipped=len(rows) - len(complete))
 
 
+def made_as_of(settings: Settings, as_of: dt.date) -> bool:
+    """Whether forecasts were stored as of ``as_of`` (a cycle that failed after appending the week has none)."""
+    with psycopg.connect(settings.postgres.libpq_url()) as conn:
+        try:
+            return conn.execute(f'SELECT EXISTS (SELECT 1 FROM "{FORECASTS_TABLE}" WHERE as_of = %s)',
+                                (as_of,)).fetchone()[0]
+        except psycopg.errors.UndefinedTable:
+            return False
+
+
 def read_forecasts(settings: Settings, week: dt.date) -> pd.DataFrame:
     """The forecasts made for ``week`` (as of the week before), with the actual and the naive forecast."""
     from sales_forecast.contract import RAW_TABLE

@@ -16,9 +16,9 @@ from typing import Any
 
 from sales_forecast.config import Settings
 from sales_forecast.contract import (
-    CLUSTER_CONFIG,
     IMAGE_GID,
     IMAGE_UID,
+    IN_POD_CONFIG_KEYS,
     MLFLOW_CLIENT_LABEL,
     MLFLOW_CREDENTIAL_KEYS,
     MLFLOW_CREDENTIALS_SECRET,
@@ -41,8 +41,7 @@ from sales_forecast.training.pipeline import train_sales_model
 NODE = TRAINER_NODE
 DEFAULT_RESOURCES = {"cpu": "2", "memory": "4Gi"}
 JOB_LABELS = {**PART_OF_LABEL, "app.kubernetes.io/name": "sales-training"}
-# The ConfigMap keys the trainer pods read (RAY_JOBS_ADDRESS is only step 1's).
-CONFIG_KEYS = tuple(key for key in CLUSTER_CONFIG if key != "RAY_JOBS_ADDRESS")
+CONFIG_KEYS = IN_POD_CONFIG_KEYS  # the ConfigMap keys the trainer pods read
 
 def _pod_env() -> list[dict[str, Any]]:
     """The ConfigMap's settings, the PostgreSQL credentials, and MLflow's (only under the basic-auth overlay)."""

@@ -69,11 +69,8 @@ RAY_WORKER_REPLICAS = contract.RAY_WORKER_REPLICAS
 MLFLOW_MIN_PASSWORD, MLFLOW_LEGACY_PASSWORD = 12, "password1234"  # mlflow.utils.validation, mlflow.server.auth
 RAY_JOBS_KEY = "RAY_JOBS_ADDRESS"  # the CLUSTER_CONFIG key only step 1 reads: only taking it by name counts
 FEATURE_STORE_FILE = "feature_store.yaml"
-# Local until sales_forecast/contract.py names them (names the manifests and the code share):
-MLFLOW_DB_SECRET = "mlflow-db-credentials"  # MLflow's PostgreSQL role: the MLflow server (and PostgreSQL) only
-MLFLOW_DB_SECRET_KEYS = ("MLFLOW_DB_USER", "MLFLOW_DB_PASSWORD")
-POSTGRES_SUPERUSER_SECRET = "postgres-superuser"  # PostgreSQL's superuser: the PostgreSQL server only
-WEEKLY_CYCLE = "weekly-cycle"  # the CronJob running `04_weekly_cycle.py --catch-up`, and its ServiceAccount
+MLFLOW_DB_SECRET, MLFLOW_DB_SECRET_KEYS = contract.MLFLOW_DB_SECRET, contract.MLFLOW_DB_SECRET_KEYS
+POSTGRES_SUPERUSER_SECRET, WEEKLY_CYCLE = contract.POSTGRES_SUPERUSER_SECRET, contract.WEEKLY_CYCLE
 RAY_MODE_KEY, SHM_PATH = "FEAST_RAY_EXECUTION_MODE", "/dev/shm"
 # The variables postgres/initdb/10-roles.sh creates the two roles from, and the Secret keys they come from.
 INIT_ROLE_ENV = {
