@@ -137,7 +137,7 @@ def _feature_rows(result) -> pd.DataFrame:
 
 def test_alias_moves_only_when_the_model_wins(champion_run, mlflow_uri, training_env) -> None:
     client = mlflow.MlflowClient(mlflow_uri)
-    bundle_before = (training_env / "model.pt").read_bytes()
+    bundle_before = model_dir.resolve(training_env)
 
     untrained = train_sales_model({**FAST, "epochs": 0, "registered_model": MODEL, "run_name": "untrained"})
     assert not untrained.decision.promote
@@ -147,7 +147,7 @@ def test_alias_moves_only_when_the_model_wins(champion_run, mlflow_uri, training
     assert untrained.champion.holdout_wmae == pytest.approx(champion_run.evaluation.model.wmae)
     assert client.get_model_version_by_alias(MODEL, "champion").version == champion_run.run.model_version
     assert int(untrained.run.model_version) == int(champion_run.run.model_version) + 1  # registered, not promoted
-    assert (training_env / "model.pt").read_bytes() == bundle_before
+    assert model_dir.resolve(training_env) == bundle_before  # the shared model directory did not move
 
     # Against a weak champion, a trained model wins and the alias moves to it.
     client.set_registered_model_alias(MODEL, "champion", untrained.run.model_version)
