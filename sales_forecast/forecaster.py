@@ -80,21 +80,27 @@ def _column(columns: Columns, name: str) -> np.ndarray:
 
 
 def series_level(columns: Columns) -> np.ndarray:
-    return np.clip(np.abs(_column(columns, "sales_mean_4")), LEVEL_FLOOR, None)
+    return np.maximum(np.abs(_column(columns, "sales_mean_4")), LEVEL_FLOOR)  # np.clip's result, at a third the cost
 
 
 RELATIVE_FEATURES = ("sales_lag_1", "sales_lag_2", "sales_lag_3", "sales_lag_4", "sales_std_4")
+_OTHER_FEATURES = tuple(name for name in MODEL_FEATURES if not name.startswith("sales_"))
 
 
 def design_matrix(columns: Columns) -> np.ndarray:
     """Unscaled model inputs from Feast feature rows (columns named as MODEL_FEATURES)."""
+    return _design(columns)[0]
+
+
+def _design(columns: Columns) -> tuple[np.ndarray, np.ndarray]:
+    """(design matrix, series level): the level once, for the matrix and for turning outputs back into sales."""
     missing = [name for name in MODEL_FEATURES if name not in columns]
     if missing:
         raise KeyError(f"feature rows lack {missing}")
     level = series_level(columns)
     relative = [_column(columns, name) / level for name in RELATIVE_FEATURES]
-    other = [_column(columns, name) for name in MODEL_FEATURES if not name.startswith("sales_")]
-    return np.column_stack([*relative, np.log(level), *other])
+    other = [_column(columns, name) for name in _OTHER_FEATURES]
+    return np.column_stack([*relative, np.log(level), *other]), level
 
 
 def relative_target(columns: Columns, target: np.ndarray) -> np.ndarray:
@@ -112,14 +118,23 @@ class Forecaster:
 
     def inputs(self, columns: Columns) -> np.ndarray:
         """The exact float32 matrix the network sees for these feature rows."""
-        return self.scaler.transform(design_matrix(columns)).astype(np.float32)
+        return self._inputs(columns)[0]
 
-    @torch.no_grad()
+    def _inputs(self, columns: Columns) -> tuple[np.ndarray, np.ndarray]:
+        matrix, level = _design(columns)
+        return self.scaler.transform(matrix).astype(np.float32), level
+
     def predict_quantiles(self, columns: Columns) -> np.ndarray:
-        """(rows, quantiles) sales forecasts, in the order of ``self.quantiles``."""
-        self.model.eval()
-        relative = self.model(torch.from_numpy(self.inputs(columns))).numpy().astype("float64")
-        return series_level(columns)[:, None] * (1.0 + relative)
+        """(rows, quantiles) sales forecasts, in the order of ``self.quantiles``.
+
+        A request's few rows cost tens of microseconds here, so the per-call overhead counts: the series level is
+        computed once, and the network is switched to eval mode only when it is not in it already."""
+        x, level = self._inputs(columns)
+        if self.model.training:
+            self.model.eval()
+        with torch.inference_mode():
+            relative = self.model(torch.from_numpy(x)).numpy().astype("float64")
+        return level[:, None] * (1.0 + relative)
 
     def predict(self, columns: Columns) -> np.ndarray:
         """The point forecast: the median (P50)."""
