@@ -155,7 +155,8 @@ class SalesModel(Model):
         read = functools.partial(self.lookup.rows, instances, features, ticket)
         start = time.perf_counter()
         try:
-            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, read), self.lookup_timeout)
+            async with asyncio.timeout(self.lookup_timeout):
+                return await asyncio.get_running_loop().run_in_executor(None, read)
         except TimeoutError:
             self.lookup.abandon(ticket)
             raise FeaturesUnavailable(f"the online feature lookup took over {self.lookup_timeout:g} s "
