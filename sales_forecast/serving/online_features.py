@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
+import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -74,10 +76,21 @@ def open_serving_store(settings: Settings) -> Any:
 
 @dataclass
 class ReadTicket:
-    """What one lookup read through: set by the connection keeper in the lookup's thread."""
+    """One lookup: how it may read, and what it read through (set by the connection keeper in its thread)."""
 
+    inline: bool = False  # on the event loop: never connect (NoConnection instead), the watchdog bounds it
     conn: psycopg.Connection | None = None
     fresh: bool = False  # connected for this read (a failure is then not a stale cached connection)
+    timed_out: bool = False  # the watchdog ended it
+    timeout: float = 0.0  # what the watchdog allowed it
+
+
+class NoConnection(Exception):
+    """An inline read found no open connection: connecting (up to PGCONNECT_TIMEOUT) is a worker thread's job."""
+
+
+class LookupTimedOut(FeaturesUnavailable):
+    pass
 
 
 class OnlineConnection:
@@ -102,8 +115,8 @@ class OnlineConnection:
 
     @contextlib.contextmanager
     def connection(self, config: Any = None, autocommit: bool = False) -> Iterator[psycopg.Connection]:
-        conn, fresh = self._acquire()
         ticket: ReadTicket | None = getattr(self.local, "ticket", None)
+        conn, fresh = self._acquire(may_connect=ticket is None or not ticket.inline)
         if ticket is not None:
             ticket.conn, ticket.fresh = conn, fresh
         try:
@@ -123,11 +136,13 @@ class OnlineConnection:
             return conn
         return None
 
-    def _acquire(self) -> tuple[psycopg.Connection, bool]:
+    def _acquire(self, may_connect: bool = True) -> tuple[psycopg.Connection, bool]:
         with self._lock:
             conn = self._usable_current()
         if conn is not None:
             return conn, False
+        if not may_connect:
+            raise NoConnection()
         with self._connecting:
             with self._lock:  # another thread may have connected while this one waited
                 conn = self._usable_current()
@@ -185,6 +200,64 @@ class OnlineConnection:
     def current(self) -> psycopg.Connection | None:
         return self._current
 
+    def has_open_connection(self) -> bool:
+        conn = self._current
+        return conn is not None and not conn.closed
+
+
+class Watchdog:
+    """Bounds the lookups that read on the event loop: one daemon thread that, when a guarded read passes its
+    deadline, retires its connection and shuts its socket down, which ends the blocked read at once (also when
+    PostgreSQL no longer answers at all, where a cancel request would not)."""
+
+    def __init__(self, keeper: OnlineConnection):
+        self.keeper = keeper
+        self._guarded: dict[int, tuple[float, ReadTicket]] = {}
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def guard(self, ticket: ReadTicket, seconds: float) -> Iterator[None]:
+        key = id(ticket)
+        with self._wake:
+            self._guarded[key] = (time.monotonic() + seconds, ticket)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lookup-watchdog", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._guarded.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                now = time.monotonic()
+                expired = [ticket for deadline, ticket in self._guarded.values() if deadline <= now]
+                for ticket in expired:
+                    del self._guarded[id(ticket)]
+                if not expired:
+                    nearest = min((deadline for deadline, _ in self._guarded.values()), default=now + 0.5)
+                    self._wake.wait(timeout=max(0.001, min(nearest - now, 0.5)))
+                    continue
+            for ticket in expired:
+                self._end(ticket)
+
+    def _end(self, ticket: ReadTicket) -> None:
+        ticket.timed_out = True
+        FEATURE_LOOKUP_TIMEOUTS.inc()
+        conn = ticket.conn
+        if conn is None:
+            return
+        self.keeper.retire(conn)
+        with contextlib.suppress(Exception):
+            duplicate = socket.socket(fileno=os.dup(conn.pgconn.socket))
+            try:
+                duplicate.shutdown(socket.SHUT_RDWR)
+            finally:
+                duplicate.close()
+
 
 def _close_quietly(conn: psycopg.Connection) -> None:
     with contextlib.suppress(Exception):
@@ -227,8 +300,10 @@ class OnlineFeatureLookup:
         self.check_features(self.features)
         online = self._online_store()
         self.connection: OnlineConnection | None = None
+        self.watchdog: Watchdog | None = None
         if hasattr(online, "_get_conn") and store.config.online_store.type == "postgres":
             self.connection = OnlineConnection(_connect_function(store.config.online_store, statement_timeout_ms))
+            self.watchdog = Watchdog(self.connection)
             online._conn, online._conn_pool = None, None
             online._get_conn = self.connection.connection  # the instance attribute shadows Feast's method
 
@@ -242,6 +317,18 @@ class OnlineFeatureLookup:
         missing = [name for name in features if name not in self.served_features]
         if missing:
             raise PipelineError(f"the model needs features that feature service {FEATURE_SERVICE} lacks: {missing}")
+
+    def can_read_inline(self) -> bool:
+        """Whether a read can run on the event loop now: an open connection (no connecting) and a watchdog."""
+        return self.watchdog is not None and self.connection.has_open_connection()
+
+    def rows_inline(self, instances: Sequence[Instance], features: Sequence[str], timeout: float) -> FeatureRows:
+        """``rows`` in the calling thread (the event loop), on the open connection, ended by the watchdog after
+        ``timeout``: no thread hand-off for the common case. NoConnection when there is no open connection (the
+        caller reads from a worker thread then, which may connect)."""
+        ticket = ReadTicket(inline=True, timeout=timeout)
+        with self.watchdog.guard(ticket, timeout):
+            return self.rows(instances, features, ticket)
 
     def rows(self, instances: Sequence[Instance], features: Sequence[str] | None = None,
              ticket: ReadTicket | None = None) -> FeatureRows:
@@ -263,6 +350,9 @@ class OnlineFeatureLookup:
                 try:
                     return self.store.get_online_features(features=self.service, entity_rows=entity_rows)
                 except DATABASE_ERRORS as exc:
+                    if ticket.timed_out:
+                        raise LookupTimedOut(f"the online feature lookup took over {ticket.timeout:g} s (PostgreSQL at "
+                                             f"{self.where}); retry shortly") from exc
                     # The keeper retired the connection that failed. Retry once only when it was a cached one.
                     if attempt == 2 or ticket.conn is None or ticket.fresh:
                         raise FeaturesUnavailable(
