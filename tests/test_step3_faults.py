@@ -143,14 +143,32 @@ def test_lookup_errors_are_503_and_a_cached_connection_is_retried_once(settings:
         admin.execute("SELECT pg_terminate_backend(%s)", (cached.info.backend_pid,))
     lookup.rows(instances)  # the cached connection fails; retried once on a fresh one
     assert lookup.connection.current is not cached and cached.closed
-    lookup.connection._connect = lambda: psycopg.connect("postgresql://127.0.0.1:1/none?connect_timeout=2")
     lookup.reset_connection()
+
+    def slow_refusal() -> psycopg.Connection:
+        time.sleep(0.5)
+        return psycopg.connect("postgresql://127.0.0.1:1/none?connect_timeout=2")
+
+    lookup.connection._connect = slow_refusal
     with pytest.raises(FeaturesUnavailable, match="unavailable"):
         lookup.rows(instances)
+    # concurrent lookups share one attempt's failure instead of each waiting for an attempt of its own
+    errors: list[str] = []
+
+    def read() -> None:
+        try:
+            lookup.rows(instances)
+        except FeaturesUnavailable as exc:
+            errors.append(exc.message)
+
+    readers = [threading.Thread(target=read) for _ in range(4)]
     started = time.monotonic()
-    with pytest.raises(FeaturesUnavailable, match="connection attempt"):  # no new attempt for a moment
-        lookup.rows(instances)
-    assert time.monotonic() - started < 0.1
+    for thread in readers:
+        thread.start()
+    for thread in readers:
+        thread.join(timeout=30)
+    assert time.monotonic() - started < 1.5 and len(errors) == 4
+    assert sum("a connection attempt that ended" in e for e in errors) >= 2
 
 
 def backend_pids(settings: Settings) -> list[int]:

@@ -11,9 +11,9 @@ connection until reads hang. So the server gives the store its own connection ke
 place of the store's ``_get_conn``: lookup threads share one connection; a database error retires the connection
 that failed (only that one: a thread that already holds the next connection keeps it), the next read connects
 afresh, and a retired connection is closed once no thread reads through it any more, never under a reading
-thread. A failed connection attempt is not repeated for ``CONNECT_RETRY_SECONDS``: during an outage concurrent
-requests get their 503 at once instead of queueing behind connection attempts. A read that came from a cached
-connection is retried once (a restart while the server was idle); otherwise the answer is 503. A lookup that
+thread. Connection attempts are made one at a time, and the threads that waited for one share its failure:
+during an outage concurrent requests get their 503 at once instead of each trying in turn. A read that came from a
+cached connection is retried once (a restart while the server was idle); otherwise the answer is 503. A lookup that
 times out (``OnlineFeatureLookup.abandon``) retires its connection and cancels its query, so the requests after
 it connect afresh instead of waiting behind it.
 """
@@ -44,7 +44,6 @@ from sales_forecast.serving.metrics import FEATURE_LOOKUP_TIMEOUTS, FEATURE_STOR
 TIMESTAMP_SUFFIX = "__ts"  # feast.online_response.TIMESTAMP_POSTFIX
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (psycopg.Error, sqlalchemy.exc.SQLAlchemyError)
 LISTED_KEYS = 20  # instances named in a 404 message; the body lists them all
-CONNECT_RETRY_SECONDS = 0.25  # after a failed connection attempt, reads fail at once for this long
 APPLICATION_NAME = f"{MODEL_NAME}-server"  # pg_stat_activity.application_name of the server's connections
 CANCEL_TIMEOUT_SECONDS = 3.0
 FeatureRows = dict[str, np.ndarray]  # feature name -> one float64 value per instance, in request order
@@ -101,16 +100,16 @@ class OnlineConnection:
     when a lookup is abandoned) only stops handing it out, and it is closed by its last user.
     """
 
-    def __init__(self, connect: Any, retry_seconds: float = CONNECT_RETRY_SECONDS):
+    def __init__(self, connect: Any):
         self._connect = connect
-        self._retry_seconds = retry_seconds
+        self._attempts = 0  # connection attempts ended (threads that waited for one share its failure)
         self._lock = threading.Lock()  # guards the fields below; never held while talking to PostgreSQL
         self._connecting = threading.Lock()  # one connection attempt at a time
         self._current: psycopg.Connection | None = None
         self._users: dict[psycopg.Connection, int] = {}
         self._retired: set[psycopg.Connection] = set()
-        self._failed_at: float | None = None
-        self._failure = ""
+        self._failed_at = 0.0
+        self._failure = ""  # the last attempt's error, "" after a success
         self.local = threading.local()  # .ticket: the ReadTicket of the lookup running in this thread
 
     @contextlib.contextmanager
@@ -143,22 +142,25 @@ class OnlineConnection:
             return conn, False
         if not may_connect:
             raise NoConnection()
+        seen = self._attempts
         with self._connecting:
-            with self._lock:  # another thread may have connected while this one waited
+            with self._lock:  # another thread may have connected, or failed to, while this one waited
                 conn = self._usable_current()
                 if conn is not None:
                     return conn, False
-                if self._failed_at is not None and time.monotonic() - self._failed_at < self._retry_seconds:
-                    raise psycopg.OperationalError(f"{self._failure} (connection attempt "
+                if self._attempts != seen and self._failure:
+                    raise psycopg.OperationalError(f"{self._failure} (a connection attempt that ended "
                                                    f"{time.monotonic() - self._failed_at:.2f} s ago)")
             try:
                 conn = self._connect()
             except DATABASE_ERRORS as exc:
                 with self._lock:
+                    self._attempts += 1
                     self._failed_at, self._failure = time.monotonic(), first_line(exc)
                 raise
             with self._lock:
-                self._failed_at = None
+                self._attempts += 1
+                self._failure = ""
                 self._current = conn
                 self._users[conn] = self._users.get(conn, 0) + 1
             return conn, True
