@@ -3,9 +3,10 @@
 when the policy says so -> the champion gate -> next week's forecast for every series.
 
 --weeks N (default 8), the local demo: load the history ending N weeks before the latest Friday, train the first
-champion, then let the N weeks up to the latest Friday arrive one by one, printing a table at the end.
+champion, start the model server on it, then let the N weeks up to the latest Friday arrive one by one (the server
+picks up every new champion by itself), printing a table at the end.
 --catch-up, what the Kubernetes CronJob runs weekly: the weeks between the offline store's latest week and the
-latest Friday arrive (normally one).
+latest Friday arrive (normally one); with INFERENCE_BACKEND=kubernetes a promotion rolls the InferenceService.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 from rich.console import Console
 
 from sales_forecast.cli import from_environment, positive_float, positive_int, run_cli
-from sales_forecast.config import load_settings, load_shape_defaults
+from sales_forecast.config import EMBEDDED_MODEL_SERVER_PORT, load_settings, load_shape_defaults
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--history-weeks", type=positive_int, default=shape.weeks,
                         help="replay: weeks of history before the first replayed week (SALES_WEEKS)")
     parser.add_argument("--seed", type=int, default=shape.seed, help="replay: (SALES_SEED)")
+    parser.add_argument("--port", type=positive_int, default=EMBEDDED_MODEL_SERVER_PORT,
+                        help="replay: loopback port of the model server it starts (it keeps running)")
+    parser.add_argument("--no-server", action="store_true", help="replay: do not start the model server")
     return parser.parse_args(argv)
 
 
@@ -46,18 +50,29 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from sales_forecast.features.generator import Shape
     from sales_forecast.operations.cycle import RetrainPolicy, WeeklyCycle, report_table
+    from sales_forecast.operations.serving import follow_local_server, roll_inference_service
     from sales_forecast.timing import PhaseTimer
     from sales_forecast.training.params import TrainingParams
 
     policy = RetrainPolicy(args.retrain, args.max_wmae_ratio, args.max_psi)
-    cycle = WeeklyCycle(args.settings, policy, TrainingParams())
+    settings = args.settings
+    kubernetes = settings.inference_backend == "kubernetes"
+    cycle = WeeklyCycle(settings, policy, TrainingParams(),
+                        on_promotion=roll_inference_service(settings) if kubernetes else None)
     timer = PhaseTimer("weekly cycle")
     try:
-        with timer.phase("cycle"):
-            if args.catch_up:
+        if args.catch_up:
+            with timer.phase("catch up"):
                 reports = cycle.catch_up()
-            else:
-                reports = cycle.replay(Shape(args.stores, args.depts, args.history_weeks, args.seed), args.weeks)
+        else:
+            with timer.phase("history and first champion"):
+                start = cycle.prepare_replay(Shape(args.stores, args.depts, args.history_weeks, args.seed),
+                                             args.weeks)
+            if not (args.no_server or kubernetes):
+                with timer.phase("start model server"):
+                    cycle.on_promotion, cycle.served_version = follow_local_server(cycle.settings, args.port)
+            with timer.phase(f"{args.weeks} weeks"):
+                reports = cycle.replay(start, args.weeks)
     finally:
         cycle.finish()
     Console(highlight=False, width=140).print(report_table(reports))

@@ -2,8 +2,9 @@
 """Benchmark of the weekly cycle: `python -m benchmarks.bench_cycle [--weeks 8]` (make bench-cycle).
 
 Replays the last N weeks at the default shape (143 stores x 81 depts, 52 weeks of history before the first
-replayed week) exactly as `04_weekly_cycle.py --weeks N` does, in a database, model directory, registered model
-and MLflow experiments of its own (the demo's champion never moves), on the configured or embedded stack.
+replayed week) exactly as `04_weekly_cycle.py --weeks N` does (a model server follows every promotion), in a
+database, model directory, registered model and MLflow experiments of its own (the demo's champion never moves),
+on the configured or embedded stack.
 Prints the cycle's table, the set-up time (step 1 and the first champion), the time per week and in all,
 against the goal: 8 weeks in under 6 minutes, every week's forecasts scored.
 """
@@ -30,6 +31,9 @@ def main() -> None:
     from sales_forecast.config import load_settings
     from sales_forecast.features.generator import Shape
     from sales_forecast.operations.cycle import RetrainPolicy, WeeklyCycle, report_table
+    from sales_forecast.operations.serving import follow_local_server
+    from sales_forecast.stack import model_server
+    from sales_forecast.stack.processes import free_port
     from sales_forecast.training.params import TrainingParams
 
     settings = load_settings()
@@ -40,9 +44,12 @@ def main() -> None:
     _create_database(settings)
     cycle = WeeklyCycle(settings, RetrainPolicy(), TrainingParams(registered_model=f"sales-forecast-{BENCH}"))
     try:
-        reports = cycle.replay(Shape(), args.weeks)
+        start = cycle.prepare_replay(Shape(), args.weeks)
+        cycle.on_promotion, cycle.served_version = follow_local_server(cycle.settings, free_port(), BENCH)
+        reports = cycle.replay(start, args.weeks)
     finally:
         cycle.finish()
+        model_server.stop(settings.stack_dir, BENCH)
     total = time.perf_counter() - started
     weeks = sum(report.seconds for report in reports)
     console = Console(highlight=False, width=140)

@@ -71,17 +71,20 @@ class WeekReport:
     champion_version: str
     online: bool  # the week reached the online store (it is current)
     seconds: float
+    served_version: str | None = None  # what the model server answered with after the week (when one is followed)
 
 
 class WeeklyCycle:
     """One cycle's state: resolved settings, the policy, the training parameters and the MLflow monitoring run."""
 
     def __init__(self, settings: Settings, policy: RetrainPolicy, params: TrainingParams,
-                 on_promotion: Callable[[str], None] | None = None):
+                 on_promotion: Callable[[str], None] | None = None,
+                 served_version: Callable[[], str | None] | None = None):
         self.settings = stack.ensure_services(settings, mlflow=True, ray=True)
         self.policy = policy
         self.params = params
         self.on_promotion = on_promotion  # e.g. roll the InferenceService, wait for the local server to switch
+        self.served_version = served_version  # asks the model server what it serves, for the week's report
         self.run_id: str | None = None
 
     # ------------------------------------------------------------------ the pieces
@@ -135,7 +138,8 @@ class WeeklyCycle:
             week=week, accuracy=accuracy, psi_max=float(worst.max()) if not worst.empty else float("nan"),
             psi_feature=str(worst.idxmax()) if not worst.empty else "", retrained=retrained, promoted=promoted,
             decision=decision, champion_version=str(bundle.info.get("version", "?")), online=appended.materialized,
-            seconds=time.perf_counter() - started)
+            seconds=time.perf_counter() - started,
+            served_version=self.served_version() if self.served_version else None)
         self.log(report)
         return report
 
@@ -173,8 +177,9 @@ class WeeklyCycle:
             mlflow.MlflowClient(self.settings.tracking_uri).set_terminated(self.run_id)
 
     # ------------------------------------------------------------------ the two modes
-    def replay(self, shape: Shape, weeks: int) -> list[WeekReport]:
-        """History ending ``weeks`` before the latest Friday, a first champion, then the weeks one by one."""
+    def prepare_replay(self, shape: Shape, weeks: int) -> dt.date:
+        """The replay's start: the history ending ``weeks`` before the latest Friday (offline only), a first
+        champion, and its forecasts; returns the history's last week."""
         latest = latest_friday(dt.datetime.now(dt.UTC).date())
         start = latest - weeks * WEEK
         console.rule(f"[bold]history up to {start}")
@@ -184,6 +189,10 @@ class WeeklyCycle:
         console.print(f"first model: {'promoted' if first.decision.promote else 'not promoted'}: "
                       f"{first.decision.reason}")
         self.forecast(start)  # fails in one line when no champion exists at all
+        return start
+
+    def replay(self, start: dt.date, weeks: int) -> list[WeekReport]:
+        """The ``weeks`` after ``start`` (prepare_replay's), one by one."""
         return [self.run_week(start + k * WEEK) for k in range(1, weeks + 1)]
 
     def catch_up(self) -> list[WeekReport]:
@@ -202,7 +211,7 @@ def report_table(reports: list[WeekReport]) -> Table:
     """week, the served model's realized WMAE, the naive WMAE, drift, retrained?, promoted?, champion version."""
     table = Table(title="weekly cycle")
     for column in ("week", "served WMAE", "naive WMAE", "coverage", "drift (max PSI)", "retrained", "promoted",
-                   "champion", "online", "seconds"):
+                   "champion", "serving", "online", "seconds"):
         table.add_column(column, justify="left" if column in ("week", "drift (max PSI)") else "right")
     for report in reports:
         accuracy = report.accuracy
@@ -211,6 +220,7 @@ def report_table(reports: list[WeekReport]) -> Table:
             f"{accuracy.naive_wmae:,.0f}" if accuracy else "-",
             f"{accuracy.coverage:.0%}" if accuracy and accuracy.coverage is not None else "-",
             f"{report.psi_max:.3f} ({report.psi_feature})", "yes" if report.retrained else "no",
-            "yes" if report.promoted else "no", f"v{report.champion_version}", "yes" if report.online else "no",
+            "yes" if report.promoted else "no", f"v{report.champion_version}",
+            f"v{report.served_version}" if report.served_version else "-", "yes" if report.online else "no",
             f"{report.seconds:.1f}")
     return table

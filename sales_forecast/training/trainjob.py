@@ -12,21 +12,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Any
 
+from sales_forecast.cluster import POD_LABELS, pod_env
 from sales_forecast.config import Settings
 from sales_forecast.contract import (
     IMAGE_GID,
     IMAGE_UID,
-    IN_POD_CONFIG_KEYS,
-    MLFLOW_CLIENT_LABEL,
-    MLFLOW_CREDENTIAL_KEYS,
-    MLFLOW_CREDENTIALS_SECRET,
     PART_OF_LABEL,
-    PIPELINE_CONFIG,
-    POSTGRES_CLIENT_LABEL,
-    POSTGRES_SECRET,
-    POSTGRES_SECRET_KEYS,
     SHARED_MOUNT,
     SHARED_PVC,
     SHARED_VOLUME,
@@ -41,19 +33,6 @@ from sales_forecast.training.pipeline import train_sales_model
 NODE = TRAINER_NODE
 DEFAULT_RESOURCES = {"cpu": "2", "memory": "4Gi"}
 JOB_LABELS = {**PART_OF_LABEL, "app.kubernetes.io/name": "sales-training"}
-CONFIG_KEYS = IN_POD_CONFIG_KEYS  # the ConfigMap keys the trainer pods read
-
-def _pod_env() -> list[dict[str, Any]]:
-    """The ConfigMap's settings, the PostgreSQL credentials, and MLflow's (only under the basic-auth overlay)."""
-    config = [{"name": key, "valueFrom": {"configMapKeyRef": {"name": PIPELINE_CONFIG, "key": key}}}
-              for key in CONFIG_KEYS]
-    secret = [{"name": key, "valueFrom": {"secretKeyRef": {"name": POSTGRES_SECRET, "key": key}}}
-              for key in POSTGRES_SECRET_KEYS]
-    mlflow = [{"name": key, "valueFrom": {"secretKeyRef": {"name": MLFLOW_CREDENTIALS_SECRET, "key": key,
-                                                            "optional": True}}}
-              for key in MLFLOW_CREDENTIAL_KEYS]
-    return config + secret + mlflow
-
 
 def runtime_patch():
     from kubeflow.trainer.options import (
@@ -72,12 +51,12 @@ def runtime_patch():
     # The training set's point-in-time join runs on a Ray inside this pod: its object store lives in /dev/shm,
     # which a container gets only 64Mi of by default.
     container = ContainerPatch(
-        name=NODE, env=_pod_env(),
+        name=NODE, env=pod_env(),
         volume_mounts=[{"name": SHARED_VOLUME, "mountPath": SHARED_MOUNT}, {"name": "dshm", "mountPath": "/dev/shm"}],
         security_context={"runAsNonRoot": True, "allowPrivilegeEscalation": False,
                           "capabilities": {"drop": ["ALL"]}})
     pod = PodTemplatePatch(
-        metadata={"labels": {POSTGRES_CLIENT_LABEL: "true", MLFLOW_CLIENT_LABEL: "true"}},
+        metadata={"labels": dict(POD_LABELS)},
         spec=PodSpecPatch(
             security_context={"runAsNonRoot": True, "runAsUser": IMAGE_UID, "fsGroup": IMAGE_GID,
                               "seccompProfile": {"type": "RuntimeDefault"}},
