@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Step 1: synthetic Walmart-like weekly sales -> PostgreSQL -> feast apply -> Ray materialization.
 
-Runs on the embedded local stack by default. With RAY_JOBS_ADDRESS (or --ray-jobs-address) set, the same
-command is submitted as a Ray job to that cluster (how the Kubernetes Job runs it) and its logs streamed.
+A full load by default; --append-week adds only the week that just ended (the history stays) and moves the
+online store to it. Runs on the embedded local stack by default. With RAY_JOBS_ADDRESS (or --ray-jobs-address)
+set, the same command is submitted as a Ray job to that cluster (how the Kubernetes Job runs it) and its logs
+streamed.
 """
 
 from __future__ import annotations
@@ -39,12 +41,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="(SALES_SEED)")
     parser.add_argument("--end-date", type=week_end_date, default=None,
                         help="the series end on the Friday on or before this date (default: the latest Friday)")
+    parser.add_argument("--append-week", nargs="?", const="latest", default=None, metavar="YYYY-MM-DD",
+                        help="add one week to the loaded history instead of a full load: by default the week after "
+                             "the latest loaded one (a repeat replaces it); the shape flags do not apply")
     parser.add_argument("--ray-jobs-address", default=settings.ray_jobs_address,
                         help="Ray dashboard URL (http://host:8265): run this step as a Ray job there")
     parser.set_defaults(settings=settings)
     args = parser.parse_args(argv)
     if args.weeks < 6:
         parser.error("--weeks must be at least 6")
+    if args.append_week not in (None, "latest"):
+        try:
+            args.append_week = week_end_date(args.append_week)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument --append-week: {exc}")
     return args
 
 
@@ -55,10 +65,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.ray_jobs_address:
         from sales_forecast.features.ray_job import job_environment, run_ray_job
 
-        command = [sys.executable, str(Path(__file__).resolve()), "--stores", str(shape.stores),
-                   "--depts", str(shape.depts), "--weeks", str(shape.weeks), "--seed", str(shape.seed),
-                   "--end-date", shape.resolved_end_date().isoformat(), "--ray-jobs-address", ""]
+        if args.append_week:
+            chosen = [] if args.append_week == "latest" else [args.append_week.isoformat()]
+            step = ["--append-week", *chosen]
+        else:
+            step = ["--stores", str(shape.stores), "--depts", str(shape.depts), "--weeks", str(shape.weeks),
+                    "--seed", str(shape.seed), "--end-date", shape.resolved_end_date().isoformat()]
+        command = [sys.executable, str(Path(__file__).resolve()), *step, "--ray-jobs-address", ""]
         run_ray_job(args.ray_jobs_address, shlex.join(command), job_environment(settings))
+        return
+
+    if args.append_week:
+        from sales_forecast.features.append import append_week
+
+        appended = append_week(settings, None if args.append_week == "latest" else args.append_week)
+        appended.timer.print_summary()
+        where = "offline and online stores" if appended.materialized else "offline store only (older than the ttl)"
+        print(f"appended the week ending {appended.week}: {appended.rows:,} series, {where}")
         return
 
     from sales_forecast.features.pipeline import run_feature_pipeline

@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint stack-up stack-down stack-status bench-features bench-serving bench-pit-join bench-training train features clean-stack
+.PHONY: demo test lint validate-manifests check-crd-schemas stack-up stack-down stack-status bench-features bench-serving bench-pit-join bench-cycle bench-stack bench-training train features clean-stack
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# manifests/ and every overlay, each with manifests/steps: strict schemas, CEL rules, NetworkPolicies, the contract.
+validate-manifests: $(STAMP)
+	$(PY) -m tools.manifests.validate
+
+# Regenerating the committed CRD schemas changes nothing (needs the pinned CRDs: CRDS=path, default ../shared/crds).
+CRDS ?= ../shared/crds
+check-crd-schemas: $(STAMP)
+	$(PY) -m tools.manifests.crd_schemas --check $(CRDS)
+
 stack-up: $(STAMP)
 	$(PY) -m sales_forecast.stack up
 
@@ -47,6 +56,12 @@ bench-training: $(STAMP)
 
 bench-serving: $(STAMP)
 	$(PY) -m benchmarks.bench_serving
+
+bench-stack: $(STAMP)
+	$(PY) -m benchmarks.bench_stack
+
+bench-cycle: $(STAMP)
+	$(PY) -m benchmarks.bench_cycle
 
 bench-pit-join: $(STAMP)
 	$(PY) -m benchmarks.bench_pit_join

@@ -44,13 +44,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: the training default")
     args = parser.parse_args()
 
-    from sales_forecast.config import EMBEDDED_MLFLOW_PORT, load_settings
+    from sales_forecast.config import load_settings
     from sales_forecast.stack import mlflow_server
 
     settings = load_settings()
     ensure_default_shape(settings)
     os.environ["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri or mlflow_server.start(
-        settings.stack_dir, EMBEDDED_MLFLOW_PORT)
+        settings.stack_dir, settings.stack_ports.mlflow)
     os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "sales-forecast-bench")
     # Its own model directory too: the demo's holds the demo's champion, which 03 --model-dir serves.
     os.environ["MODEL_DIR"] = str(settings.model_dir.parent / "models-bench")

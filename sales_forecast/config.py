@@ -26,11 +26,11 @@ from sales_forecast.errors import ConfigError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 EMBEDDED_POSTGRES_PORT = 54329
-EMBEDDED_MLFLOW_PORT = 5050
-EMBEDDED_RAY_PORT = 6389
 EMBEDDED_MODEL_SERVER_PORT = 8085
 DEFAULT_POSTGRES_USER = DEFAULT_POSTGRES_PASSWORD = "postgres"
 DEFAULT_MAX_INSTANCES = 1000
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_RELOAD_SECONDS = 30
 RAY_MODES = ("local", "remote")
 INFERENCE_BACKENDS = ("local", "kubernetes")
 # Characters a value may not hold because feature_store.yaml embeds it in YAML or in the registry's URL.
@@ -92,6 +92,15 @@ class PostgresSettings:
 
 
 @dataclass(frozen=True)
+class StackPorts:
+    """Loopback ports of the embedded services (a second stack, e.g. a benchmark's, picks others)."""
+
+    mlflow: int = 5050  # SALES_MLFLOW_PORT
+    ray: int = 6389  # SALES_RAY_PORT: the Ray head's GCS
+    ray_dashboard: int = 8265  # SALES_RAY_DASHBOARD_PORT: dashboard and job-submission API
+
+
+@dataclass(frozen=True)
 class ShapeDefaults:
     """Step 1's data shape from SALES_STORES, SALES_DEPTS, SALES_WEEKS, SALES_SEED (flags override them)."""
 
@@ -105,6 +114,7 @@ class ShapeDefaults:
 class Settings:
     postgres: PostgresSettings
     stack_dir: Path
+    stack_ports: StackPorts
     feast_repo_path: Path
     ray_address: str | None  # RAY_ADDRESS: a Ray cluster to attach to as a driver (never ray://)
     ray_mode: str | None  # FEAST_RAY_EXECUTION_MODE: "local" runs Ray inside the process (a TrainJob pod)
@@ -114,12 +124,14 @@ class Settings:
     model_dir: Path
     image: str
     namespace: str
-    max_instances: int
+    max_instances: int  # SERVING_MAX_INSTANCES: larger requests get 413
+    max_body_bytes: int  # SERVING_MAX_BODY_BYTES: larger bodies get 413 before they are parsed
+    reload_seconds: int  # SERVING_RELOAD_SECONDS: how often the server looks for a new champion; 0: never
     inference_backend: str
 
     @property
     def embedded_mlflow_uri(self) -> str:
-        return f"http://127.0.0.1:{EMBEDDED_MLFLOW_PORT}"
+        return f"http://127.0.0.1:{self.stack_ports.mlflow}"
 
     @property
     def tracking_uri(self) -> str:
@@ -140,14 +152,20 @@ class Settings:
             "POSTGRES_PASSWORD": pg.password,
             "POSTGRES_DB": pg.database,
             "SALES_STACK_DIR": str(self.stack_dir),
+            "SALES_MLFLOW_PORT": str(self.stack_ports.mlflow),
+            "SALES_RAY_PORT": str(self.stack_ports.ray),
+            "SALES_RAY_DASHBOARD_PORT": str(self.stack_ports.ray_dashboard),
             "FEAST_REPO_PATH": str(self.feast_repo_path),
-            "MLFLOW_TRACKING_URI": self.tracking_uri,
             "MLFLOW_EXPERIMENT_NAME": self.mlflow_experiment,
             "MODEL_DIR": str(self.model_dir),
             "PIPELINE_IMAGE": self.image,
             "K8S_NAMESPACE": self.namespace,
             "SERVING_MAX_INSTANCES": str(self.max_instances),
+            "SERVING_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "SERVING_RELOAD_SECONDS": str(self.reload_seconds),
         }
+        if self.mlflow_tracking_uri:
+            env["MLFLOW_TRACKING_URI"] = self.mlflow_tracking_uri
         if self.ray_address:
             env["RAY_ADDRESS"] = self.ray_address
         if self.ray_mode:
@@ -188,6 +206,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         postgres=postgres,
         stack_dir=stack_dir,
+        stack_ports=StackPorts(
+            mlflow=_int(env, "SALES_MLFLOW_PORT", StackPorts.mlflow, maximum=65535),
+            ray=_int(env, "SALES_RAY_PORT", StackPorts.ray, maximum=65535),
+            ray_dashboard=_int(env, "SALES_RAY_DASHBOARD_PORT", StackPorts.ray_dashboard, maximum=65535)),
         feast_repo_path=Path(_env(env, "FEAST_REPO_PATH", str(REPO_ROOT / "feature_repo"))).resolve(),
         ray_address=ray_address,
         ray_mode=_choice(env, "FEAST_RAY_EXECUTION_MODE", RAY_MODES, None),
@@ -198,6 +220,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         image=_env(env, "PIPELINE_IMAGE", contract.PROJECT_IMAGE),
         namespace=_env(env, "K8S_NAMESPACE", contract.NAMESPACE),
         max_instances=_int(env, "SERVING_MAX_INSTANCES", DEFAULT_MAX_INSTANCES),
+        max_body_bytes=_int(env, "SERVING_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, minimum=1024),
+        reload_seconds=_int(env, "SERVING_RELOAD_SECONDS", DEFAULT_RELOAD_SECONDS, minimum=0),
         inference_backend=_choice(env, "INFERENCE_BACKEND", INFERENCE_BACKENDS, "local"),
     )
 
@@ -236,6 +260,11 @@ def set_library_defaults(values: Mapping[str, str]) -> None:
         os.environ.setdefault(name, value)
 
 
+FEAST_VARIABLES = ("POSTGRES_HOST", "POSTGRES_PORT", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB",
+                   "RAY_ADDRESS", "FEAST_RAY_EXECUTION_MODE")
+
+
 def apply_to_environment(settings: Settings) -> None:
-    """Put ``settings`` into os.environ: Feast expands feature_store.yaml and picks its Ray mode from there."""
-    os.environ.update(settings.environment())
+    """Put what Feast reads from os.environ into it: feature_store.yaml's ${VAR}s and the Ray to attach to."""
+    env = settings.environment()
+    os.environ.update({name: env[name] for name in FEAST_VARIABLES if name in env})

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Installs the operators the manifests need, at the versions whose CRDs the tests
-# validate against (../shared/crds): cert-manager, KubeRay, Kubeflow Trainer (with the
-# torch-distributed ClusterTrainingRuntime) and KServe in Standard mode (no Knative, no
-# Istio). Needs kubectl and helm >= 3.8 pointing at a Kubernetes >= 1.32 cluster.
+# Installs the operators the manifests need, at the versions whose CRD schemas the
+# validation uses (tools/manifests/schemas; a test compares the versions): cert-manager,
+# KubeRay, Kubeflow Trainer (with the torch-distributed ClusterTrainingRuntime) and KServe
+# in Standard mode (no Knative, no Istio). Needs kubectl and helm >= 3.8 pointing at a Kubernetes >= 1.32 cluster.
 # Re-runnable (helm upgrade --install). Override a version with e.g. KSERVE_VERSION=v0.21.0.
 # DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail

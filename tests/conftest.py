@@ -33,15 +33,16 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
     saved = dict(os.environ)
     for name in ("POSTGRES_HOST", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "MLFLOW_TRACKING_URI",
                  "RAY_JOBS_ADDRESS", "RAY_ADDRESS", "MODEL_DIR", "FEAST_REPO_PATH", "FEAST_RAY_EXECUTION_MODE",
-                 "SERVING_MAX_INSTANCES", "INFERENCE_BACKEND"):
+                 "SERVING_MAX_INSTANCES", "SERVING_MAX_BODY_BYTES", "SERVING_RELOAD_SECONDS", "INFERENCE_BACKEND"):
         os.environ.pop(name, None)
     os.environ.update({"SALES_STACK_DIR": str(stack_dir), "POSTGRES_PORT": str(free_port()),
-                       "RAY_DISABLE_USAGE_STATS": "1"})
+                       "SALES_MLFLOW_PORT": str(free_port()), "SALES_RAY_PORT": str(free_port()),
+                       "SALES_RAY_DASHBOARD_PORT": str(free_port()), "RAY_DISABLE_USAGE_STATS": "1"})
     settings = load_settings()
     postgres.start(settings.postgres, stack_dir / "postgres")
-    dashboard = free_port()
-    head = ray_head.start(stack_dir, free_port(), dashboard)
-    os.environ.update({"RAY_ADDRESS": head, "RAY_DASHBOARD_URL": ray_head.dashboard_url(dashboard)})
+    ports = settings.stack_ports
+    head = ray_head.start(stack_dir, ports.ray, ports.ray_dashboard)
+    os.environ.update({"RAY_ADDRESS": head, "RAY_DASHBOARD_URL": ray_head.dashboard_url(ports.ray_dashboard)})
     yield load_settings()
     mlflow_server.stop(stack_dir)
     ray_head.stop(stack_dir)
@@ -61,7 +62,7 @@ def database_settings(settings: Settings, name: str) -> Settings:
 @pytest.fixture(scope="session")
 def mlflow_uri(stack_settings: Settings) -> str:
     """A real MLflow tracking server process on a free port."""
-    uri = mlflow_server.start(stack_settings.stack_dir, free_port())
+    uri = mlflow_server.start(stack_settings.stack_dir, stack_settings.stack_ports.mlflow)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     return uri
 

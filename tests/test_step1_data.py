@@ -1,4 +1,5 @@
-"""The synthetic data and its features: shape, determinism, Walmart-likeness, and no leakage."""
+"""The synthetic data and its features: a world that moves forward (counter-based draws: any window or shape of
+the same seed agrees on what they share), determinism, Walmart-likeness, and no leakage."""
 
 from __future__ import annotations
 
@@ -8,10 +9,27 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from sales_forecast.features import generator as g
 from sales_forecast.features.derive import FEATURE_COLUMNS, MODEL_FEATURES, build_features
-from sales_forecast.features.generator import RAW_COLUMNS, Shape, generate, holiday_of_week, latest_friday
+from sales_forecast.features.generator import (
+    RAW_COLUMNS,
+    Shape,
+    generate,
+    generate_stores,
+    holiday_of_week,
+    iter_store_blocks,
+    latest_friday,
+)
 
 SHAPE = Shape(stores=6, depts=9, weeks=70, seed=3, end_date=dt.date(2026, 11, 27))
+
+
+END = dt.date(2026, 11, 27)
+WEEK = dt.timedelta(days=7)
+
+
+def _by_key(raw: pd.DataFrame) -> pd.DataFrame:
+    return raw.set_index(["store", "dept", "date"]).sort_index()
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +52,135 @@ def test_default_shape_is_the_designs() -> None:
     assert Shape().rows == 602_316
 
 
-def test_same_seed_same_data_other_seed_other_data(raw: pd.DataFrame) -> None:
-    pd.testing.assert_frame_equal(raw, generate(SHAPE))
-    other = generate(Shape(6, 9, 70, seed=4, end_date=SHAPE.end_date))
-    assert not np.allclose(raw["weekly_sales"], other["weekly_sales"])
+# ------------------------------------------------------------------------------------------- invariance
+def test_two_windows_agree_exactly_on_their_overlap() -> None:
+    a = _by_key(generate(Shape(7, 9, 70, seed=3, end_date=END)))
+    b = _by_key(generate(Shape(7, 9, 40, seed=3, end_date=END + 25 * WEEK)))  # overlaps a's last 15 weeks
+    overlap = a.index.intersection(b.index)
+    assert len(overlap) == 7 * 9 * 15
+    pd.testing.assert_frame_equal(a.loc[overlap], b.loc[overlap], check_exact=True)
+
+
+def test_one_more_week_extends_the_same_history() -> None:
+    now = generate(Shape(5, 6, 52, seed=11, end_date=END))
+    later = generate(Shape(5, 6, 53, seed=11, end_date=END + WEEK))
+    later_old_weeks = later[later["date"] <= pd.Timestamp(END)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(now, later_old_weeks, check_exact=True)
+
+
+def test_a_window_far_in_the_past_is_a_prefix_of_the_long_history() -> None:
+    long = _by_key(generate(Shape(3, 4, 400, seed=5, end_date=END)))
+    old = _by_key(generate(Shape(3, 4, 10, seed=5, end_date=END - 300 * WEEK)))
+    pd.testing.assert_frame_equal(long.loc[old.index], old, check_exact=True)
+
+
+def test_a_larger_shape_contains_the_smaller_shapes_series_unchanged() -> None:
+    small = _by_key(generate(Shape(6, 8, 30, seed=9, end_date=END)))
+    large = _by_key(generate(Shape(25, 81, 30, seed=9, end_date=END)))
+    pd.testing.assert_frame_equal(large.loc[small.index], small, check_exact=True)
+
+
+def test_store_blocks_are_slices_of_the_whole() -> None:
+    shape = Shape(23, 11, 20, seed=4, end_date=END)
+    whole = generate(shape)
+    part = generate_stores(shape, 8, 15)
+    expected = whole[whole["store"].between(8, 15)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(part, expected, check_exact=True)
+    streamed = pd.concat(list(iter_store_blocks(shape, stores_per_block=5)), ignore_index=True)
+    pd.testing.assert_frame_equal(streamed, whole, check_exact=True)
+
+
+def test_internal_blocks_do_not_change_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    shape = Shape(9, 7, 15, seed=2, end_date=END)
+    whole = generate(shape)
+    monkeypatch.setattr(g, "BLOCK_CELLS", 1)  # one store per block
+    pd.testing.assert_frame_equal(generate(shape), whole, check_exact=True)
+
+
+def test_same_seed_same_data_other_seed_other_data() -> None:
+    shape = Shape(6, 9, 70, seed=3, end_date=END)
+    raw = generate(shape)
+    pd.testing.assert_frame_equal(raw, generate(shape), check_exact=True)
+    other = generate(Shape(6, 9, 70, seed=4, end_date=END))
+    for column in ("weekly_sales", "temperature", "fuel_price", "cpi", "unemployment"):
+        assert not np.allclose(raw[column], other[column]), column
+    assert abs(np.corrcoef(np.log(np.clip(raw["weekly_sales"], 1, None)),
+                           np.log(np.clip(other["weekly_sales"], 1, None)))[0, 1]) < 0.5
+
+
+def test_absolute_week_key() -> None:
+    assert g.absolute_weeks(pd.DatetimeIndex(["1970-01-02", "1970-01-09", "2026-11-27"])).tolist() == \
+        [0, 1, (dt.date(2026, 11, 27) - dt.date(1970, 1, 2)).days // 7]
+
+
+# ------------------------------------------------------------------------------------- Walmart-like structure
+@pytest.fixture(scope="module")
+def walmart() -> pd.DataFrame:
+    return generate(Shape(stores=45, depts=81, weeks=143, seed=1, end_date=END))
+
+
+def _matrix(raw: pd.DataFrame, column: str = "weekly_sales") -> np.ndarray:
+    weeks = raw["date"].nunique()
+    return raw[column].to_numpy().reshape(-1, weeks)
+
+
+def test_last_week_predicts_this_week(walmart: pd.DataFrame) -> None:
+    sales = _matrix(walmart)
+    pooled = np.corrcoef(sales[:, 1:].ravel(), sales[:, :-1].ravel())[0, 1]
+    assert 0.95 <= pooled <= 0.99
+    year = np.corrcoef(sales[:, 52:].ravel(), sales[:, :-52].ravel())[0, 1]
+    assert 0.95 <= year <= 0.99
+    # Within one series the weekly noise is AR(1) (phi 0.75) plus white noise and seasonality: ~0.6.
+    centred = sales - sales.mean(axis=1, keepdims=True)
+    within = (centred[:, 1:] * centred[:, :-1]).sum(1) / np.sqrt(
+        (centred[:, 1:] ** 2).sum(1) * (centred[:, :-1] ** 2).sum(1))
+    assert 0.45 < np.median(within) < 0.8
+
+
+def test_ar_noise_is_the_stationary_ar1() -> None:
+    parts = g.sales_parts(3, np.arange(1, 41), np.arange(1, 41), g.week_dates(END, 200))
+    ar = parts.ar
+    assert ar.std() == pytest.approx(g.AR_SHOCK_SD / np.sqrt(1 - g.PHI ** 2), rel=0.03)
+    assert np.corrcoef(ar[:, :, 1:].ravel(), ar[:, :, :-1].ravel())[0, 1] == pytest.approx(g.PHI, abs=0.02)
+    assert np.abs(parts.drift).max() < 0.5 and np.abs(np.diff(parts.drift, axis=2)).max() < 0.02
+
+
+def test_holiday_share_and_uplifts(walmart: pd.DataFrame) -> None:
+    flags = walmart["is_holiday"].to_numpy()
+    assert flags.mean() == pytest.approx(0.07, abs=0.01)
+    sales = walmart.pivot_table(index=["store", "dept"], columns="date", values="weekly_sales")
+    median = sales.median(axis=1)
+    thanksgiving = pd.Timestamp("2026-11-27")
+    ratio = (sales[thanksgiving] / median).groupby("dept").median()
+    assert ratio.max() > 1.4 and ratio.min() < 1.2  # lifts some departments a lot, leaves others alone
+    assert 0.15 < (ratio > 1.3).mean() < 0.6
+    # Uplifts are the same every year: last year's Thanksgiving ratio predicts this year's.
+    last_year = (sales[pd.Timestamp("2025-11-28")] / median).groupby("dept").median()
+    assert np.corrcoef(ratio, last_year)[0, 1] > 0.9
+    # The pre-Christmas weeks are not flagged but lift the gift departments.
+    pre = [d for d in sales.columns if d.month == 12 and 11 <= d.day <= 24]
+    assert not walmart.loc[walmart["date"].isin(pre), "is_holiday"].any()
+    assert (sales[pre].mean(axis=1) / median).groupby("dept").median().max() > 1.25
+
+
+def test_heavy_tailed_levels_and_a_few_returns(walmart: pd.DataFrame) -> None:
+    levels = _matrix(walmart).mean(axis=1)
+    assert levels.max() / np.median(levels) > 10
+    assert 1.0 < np.std(np.log(levels)) < 1.7
+    negative = (walmart["weekly_sales"] < 0).mean()
+    assert 0.001 < negative < 0.006
+
+
+def test_exogenous_columns_are_smooth_and_carry_nothing(walmart: pd.DataFrame) -> None:
+    sales = _matrix(walmart)
+    log_change = np.diff(np.log(np.clip(sales, 1, None)), axis=1).ravel()
+    for column in ("temperature", "fuel_price", "cpi", "unemployment"):
+        values = _matrix(walmart, column)
+        assert abs(np.corrcoef(sales.ravel(), values.ravel())[0, 1]) < 0.1, column
+        assert abs(np.corrcoef(log_change, np.diff(values, axis=1).ravel())[0, 1]) < 0.05, column
+        steps = np.median(np.abs(np.diff(values, axis=1)))
+        assert steps < walmart[column].std(), f"{column} should be smooth"
+    assert walmart["fuel_price"].min() >= 1.5 and walmart["unemployment"].between(2, 20).all()
 
 
 def test_latest_friday_and_holiday_calendar() -> None:
@@ -49,25 +192,6 @@ def test_latest_friday_and_holiday_calendar() -> None:
     assert holiday_of_week(dt.date(2010, 11, 26)) == "thanksgiving"
     assert holiday_of_week(dt.date(2010, 12, 31)) == "christmas"
     assert holiday_of_week(dt.date(2010, 12, 24)) is None
-
-
-def test_walmart_like_structure() -> None:
-    raw = generate(Shape(stores=20, depts=30, weeks=60, seed=1, end_date=dt.date(2026, 11, 27)))
-    sales = raw.pivot_table(index=["store", "dept"], columns="date", values="weekly_sales")
-    levels = sales.mean(axis=1)
-    assert levels.max() / levels.median() > 10, "series levels should be heavy-tailed (log-normal)"
-    assert (raw["weekly_sales"] < 0).any(), "a few returns make negative weekly sales"
-    assert (raw["weekly_sales"] < 0).mean() < 0.01
-    lag1 = raw.groupby(["store", "dept"])["weekly_sales"].shift(1)
-    assert raw["weekly_sales"].corr(lag1) > 0.9, "last week predicts this week well"
-    # Thanksgiving lifts some departments a lot and leaves others alone.
-    thanksgiving = pd.Timestamp("2026-11-27")
-    ratio = (sales[thanksgiving] / sales.drop(columns=thanksgiving).median(axis=1)).groupby("dept").median()
-    assert ratio.max() > 1.4 and ratio.min() < 1.2
-    for column in ("temperature", "fuel_price", "cpi", "unemployment"):
-        assert abs(raw[column].corr(raw["weekly_sales"])) < 0.2, f"{column} should barely move sales"
-        steps = raw.groupby("store")[column].diff().abs().median()
-        assert steps < raw[column].std(), f"{column} should be a smooth walk"
 
 
 def _features_from_history(history: pd.DataFrame, row: pd.Series) -> dict[str, float]:

@@ -23,6 +23,7 @@ import pytest
 import torch
 from conftest import database_settings
 
+from sales_forecast import model_dir
 from sales_forecast.config import REPO_ROOT
 from sales_forecast.contract import FEATURE_SERVICE, FEATURE_TABLE, RAW_TABLE
 from sales_forecast.features import store as fs_ops
@@ -30,7 +31,6 @@ from sales_forecast.features.derive import build_features
 from sales_forecast.features.generator import Shape, generate, week_dates
 from sales_forecast.features.load import load_table
 from sales_forecast.forecaster import Forecaster
-from sales_forecast.training.champion import INFO_FILE
 from sales_forecast.training.pipeline import train_sales_model
 
 FIXED_SHAPE = Shape(stores=20, depts=20, weeks=60, seed=7, end_date=dt.date(2026, 6, 26))
@@ -96,7 +96,7 @@ def test_mlflow_run_holds_params_metrics_model_plot_and_version(champion_run, ml
     assert tags["test_range"] == f"{weeks[-9]}..{weeks[-2]}"
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "forecaster")}
-    assert artifacts == {"forecaster/model.pt", "forecaster/scaler.pkl", "forecaster/model_meta.json"}
+    assert artifacts == {"forecaster/model.pt", "forecaster/forecaster.json"}
     plot = Path(client.download_artifacts(run.info.run_id, "plots/forecast_vs_actual.png"))
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -123,8 +123,9 @@ def test_serving_can_load_the_champion_from_mlflow_and_from_the_model_dir(champi
     frame = _feature_rows(champion_run)
     expected = champion_run.fit.forecaster.predict(frame)
     assert np.allclose(Forecaster.load(bundle).predict(frame), expected)
-    assert np.allclose(Forecaster.load(training_env).predict(frame), expected)
-    info = json.loads((training_env / INFO_FILE).read_text())
+    published = model_dir.load(training_env)
+    assert np.allclose(published.forecaster.predict(frame), expected)
+    info = published.info
     assert (info["version"], info["run_id"]) == (champion.version, champion.run_id)
 
 
@@ -136,7 +137,7 @@ def _feature_rows(result) -> pd.DataFrame:
 
 def test_alias_moves_only_when_the_model_wins(champion_run, mlflow_uri, training_env) -> None:
     client = mlflow.MlflowClient(mlflow_uri)
-    bundle_before = (training_env / "model.pt").read_bytes()
+    bundle_before = model_dir.resolve(training_env)
 
     untrained = train_sales_model({**FAST, "epochs": 0, "registered_model": MODEL, "run_name": "untrained"})
     assert not untrained.decision.promote
@@ -146,7 +147,7 @@ def test_alias_moves_only_when_the_model_wins(champion_run, mlflow_uri, training
     assert untrained.champion.holdout_wmae == pytest.approx(champion_run.evaluation.model.wmae)
     assert client.get_model_version_by_alias(MODEL, "champion").version == champion_run.run.model_version
     assert int(untrained.run.model_version) == int(champion_run.run.model_version) + 1  # registered, not promoted
-    assert (training_env / "model.pt").read_bytes() == bundle_before
+    assert model_dir.resolve(training_env) == bundle_before  # the shared model directory did not move
 
     # Against a weak champion, a trained model wins and the alias moves to it.
     client.set_registered_model_alias(MODEL, "champion", untrained.run.model_version)
@@ -154,7 +155,7 @@ def test_alias_moves_only_when_the_model_wins(champion_run, mlflow_uri, training
     assert retrained.decision.promote, retrained.decision.reason
     assert retrained.champion.holdout_wmae == pytest.approx(untrained.evaluation.model.wmae)
     assert client.get_model_version_by_alias(MODEL, "champion").version == retrained.run.model_version
-    assert json.loads((training_env / INFO_FILE).read_text())["version"] == retrained.run.model_version
+    assert model_dir.load(training_env).info["version"] == retrained.run.model_version
 
 
 def test_two_ddp_processes_still_beat_the_baselines(fixed_data, mlflow_uri, tmp_path) -> None:

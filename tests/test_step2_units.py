@@ -4,21 +4,27 @@ the model bundle in the shared directory, and the LocalProcess helpers (no datab
 from __future__ import annotations
 
 import dataclasses
+import json
+import pickle
 import site
+import string
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+from sales_forecast import model_dir
 from sales_forecast.errors import PipelineError
 from sales_forecast.features.derive import MODEL_FEATURES
-from sales_forecast.forecaster import Forecaster
+from sales_forecast.forecaster import Forecaster, SalesForecastModel, Standardizer
 from sales_forecast.training import local_process
-from sales_forecast.training.champion import INFO_FILE, Champion, decide, publish_bundle
+from sales_forecast.training.champion import Champion, decide
 from sales_forecast.training.dataset import LABEL, LABEL_IS_HOLIDAY, SEASONAL_NAIVE, TIMESTAMP, chronological_split
 from sales_forecast.training.fit import Distributed, fit_forecaster
 from sales_forecast.training.metrics import Evaluation, Scores, baseline_forecasts, evaluate, rmse, wape, wmae
@@ -64,9 +70,9 @@ def test_seasonal_baseline_only_when_every_row_has_last_year() -> None:
 def test_evaluation_skill_against_the_best_baseline() -> None:
     frame = frame_of()
     perfect = evaluate(frame, frame[LABEL].to_numpy())
-    assert perfect.model.wmae == 0 and perfect.skill == 1.0 and perfect.beats_baselines
+    assert perfect.model.wmae == 0 and perfect.skill == 1.0
     naive = evaluate(frame, frame["sales_lag_1"].to_numpy())
-    assert naive.skill == pytest.approx(0.0) and not naive.beats_baselines
+    assert naive.skill == pytest.approx(0.0)
     metrics = naive.metrics()
     assert metrics["test_wmae"] == metrics["baseline_naive_lag_1_wmae"] == metrics["best_baseline_wmae"]
 
@@ -106,30 +112,133 @@ def test_promotion_rule(model: float, champion: float | None, promote: bool) -> 
     assert decide(evaluation, current).promote is promote
 
 
-def test_unscorable_champion_falls_back_to_the_baselines() -> None:
+def test_a_champion_that_cannot_be_rescored_is_kept() -> None:
+    """Fail closed: a transient error while re-scoring never lets a model in on the baselines alone."""
     evaluation = Evaluation(model=Scores(90.0, 0.1, 150.0), baselines=SCORES, rows=10)
-    decision = decide(evaluation, Champion(version="3", note="champion v3 could not be re-scored: KeyError"))
-    assert decision.promote and "could not be re-scored" in decision.reason
+    failed = Champion(version="3", rescore_failed=True, note="champion v3 could not be re-scored: ConnectionError")
+    decision = decide(evaluation, failed)
+    assert not decision.promote
+    assert "keeping champion v3" in decision.reason and "ConnectionError" in decision.reason
+    older_format = Champion(version="3", note="champion v3 has no forecaster/forecaster.json (an older bundle format")
+    assert decide(evaluation, older_format).promote
+
+
+def test_rescoring_errors_keep_the_champion(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """current_champion against an MLflow whose artifact download fails: rescore_failed, so decide keeps it."""
+    import mlflow
+
+    from sales_forecast.training import champion
+
+    class Version:
+        version, run_id = "4", "abc"
+
+    class Client:
+        def __init__(self, uri):
+            pass
+
+        def get_model_version_by_alias(self, name, alias):
+            return Version()
+
+        def download_artifacts(self, run_id, path, folder):
+            raise ConnectionError("artifact download interrupted")
+
+    monkeypatch.setattr(mlflow, "MlflowClient", Client)
+    found = champion.current_champion("http://mlflow", "m", frame_of(weeks=6))
+    assert found.rescore_failed and "artifact download interrupted" in found.note
+    evaluation = Evaluation(model=Scores(1.0, 0.1, 1.0), baselines=SCORES, rows=10)
+    assert not decide(evaluation, found).promote
 
 
 def test_params_come_from_literal_dicts() -> None:
     params = TrainingParams.from_dict({"epochs": 3, "hidden": [32, 16], "learning_rate": 0.01})
     assert params.hidden == (32, 16)
-    assert params.as_literal() == {"epochs": 3, "hidden": (32, 16), "learning_rate": 0.01}
-    assert eval(repr(params.as_literal())) == params.as_literal()  # the SDK embeds this repr in the job script
+    assert params.changed() == {"epochs": 3, "hidden": (32, 16), "learning_rate": 0.01}
+    shipped = params.as_func_args()
+    assert set(shipped) == {"encoded"} and set(shipped["encoded"]) <= set(string.ascii_letters + string.digits + "-_=")
+    assert TrainingParams.from_dict(eval(repr(shipped))) == params  # the SDK embeds this repr in the job script
     with pytest.raises(PipelineError, match="learning_rate must be > 0"):
         TrainingParams.from_dict({"learning_rate": 0})
 
 
-def test_publish_bundle_replaces_the_shared_model(tmp_path: Path) -> None:
+def test_publish_switches_the_shared_model_atomically(tmp_path: Path) -> None:
     split = chronological_split(frame_of(weeks=12), test_weeks=2, validation_weeks=2)
     forecaster = fit_forecaster(split, TrainingParams(epochs=1, batch_size=8, hidden=(4,)), Distributed(0, 1))
-    published = publish_bundle(forecaster.forecaster, tmp_path / "models", {"version": "7"})
-    assert sorted(p.name for p in published) == sorted(["model.pt", "scaler.pkl", "model_meta.json", INFO_FILE])
+    folder = model_dir.publish(forecaster.forecaster, tmp_path / "models", {"version": "7"})
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["model.pt", "forecaster.json", model_dir.INFO_FILE])
     assert [p.name for p in (tmp_path / "models").iterdir() if p.name.startswith(".")] == []
-    loaded = Forecaster.load(tmp_path / "models")
-    assert loaded.features == MODEL_FEATURES
-    assert np.allclose(loaded.predict(split.test), forecaster.forecaster.predict(split.test))
+    loaded = model_dir.load(tmp_path / "models")
+    assert loaded.folder == folder and loaded.info["version"] == "7"
+    assert loaded.forecaster.features == MODEL_FEATURES
+    assert np.array_equal(loaded.forecaster.predict(split.test), forecaster.forecaster.predict(split.test))
+
+
+def test_readers_never_mix_two_published_versions(tmp_path: Path) -> None:
+    """A reader loading while versions are published back to back always gets one version's files: the weights
+    (a bias equal to the version), the scaler and model_info.json agree."""
+    frame = frame_of(weeks=12)
+    base = fit_forecaster(chronological_split(frame, 2, 2), TrainingParams(epochs=1, batch_size=8, hidden=(4,)),
+                          Distributed(0, 1)).forecaster
+
+    def version(number: int) -> Forecaster:
+        model = SalesForecastModel(base.model.n_inputs, base.model.hidden)
+        model.load_state_dict(base.model.state_dict())
+        with torch.no_grad():
+            model.net[-1].bias.fill_(float(number))
+        scaler = model_dir_scaler(base, number)
+        return Forecaster(model=model, scaler=scaler, features=base.features)
+
+    directory = tmp_path / "models"
+    model_dir.publish(version(0), directory, {"version": "0"})
+    stop, seen, mixed, errors = threading.Event(), set(), [], []
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                loaded = model_dir.load(directory)
+                number = int(loaded.info["version"])
+            except Exception as exc:  # noqa: BLE001 - reported by the test
+                errors.append(exc)
+                return
+            bias = float(loaded.forecaster.model.net[-1].bias[0].detach())
+            if bias != number or loaded.forecaster.scaler.mean[0] != number:
+                mixed.append((number, bias, loaded.forecaster.scaler.mean[0]))
+            seen.add(number)
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    for number in range(1, 40):
+        model_dir.publish(version(number), directory, {"version": str(number)})
+    stop.set()
+    for reader in readers:
+        reader.join()
+    assert errors == [] and mixed == []
+    assert len(seen) > 1
+    assert len(list((directory / model_dir.BUNDLES).iterdir())) == model_dir.KEEP
+
+
+def model_dir_scaler(base: Forecaster, number: int) -> Standardizer:
+    mean = base.scaler.mean.copy()
+    mean[0] = number
+    return Standardizer(mean=mean, scale=base.scaler.scale)
+
+
+def test_a_bundle_is_plain_data(tmp_path: Path) -> None:
+    """No pickle: the scaler is JSON numbers, the weights load with weights_only=True, and a pickle planted in
+    the folder is never opened."""
+    split = chronological_split(frame_of(weeks=12), test_weeks=2, validation_weeks=2)
+    forecaster = fit_forecaster(split, TrainingParams(epochs=1, batch_size=8, hidden=(4,)), Distributed(0, 1))
+    files = forecaster.forecaster.save(tmp_path)
+    assert sorted(p.name for p in files) == ["forecaster.json", "model.pt"]
+    meta = json.loads((tmp_path / "forecaster.json").read_text())
+    assert meta["scaler"]["mean"] == forecaster.forecaster.scaler.mean.tolist()
+    (tmp_path / "scaler.pkl").write_bytes(b"cos\nsystem\n(S'touch pwned'\ntR.")  # would run a command if unpickled
+    loaded = Forecaster.load(tmp_path)
+    assert np.array_equal(loaded.inputs(split.test), forecaster.forecaster.inputs(split.test))
+    assert not (tmp_path / "pwned").exists()
+    torch.save({"payload": object()}, tmp_path / "model.pt")  # a pickled object, not plain tensors
+    with pytest.raises(pickle.UnpicklingError):
+        Forecaster.load(tmp_path)
 
 
 def test_torchrun_wheel_installs_only_the_console_script(tmp_path: Path) -> None:

@@ -58,19 +58,22 @@ def sales_model(settings: Settings, bundle: Path):
     return model
 
 
-def served_rows(sales_model, all_series: pd.DataFrame) -> pd.DataFrame:
+def served_rows(sales_model, all_series: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The feature columns the server hands the Forecaster ({feature: float64 array}, in request order)."""
     instances = [{"store": int(s), "dept": int(d)} for s, d in zip(all_series["store"], all_series["dept"],
                                                                     strict=True)]
     payload = asyncio.run(sales_model.preprocess({"instances": instances}))
-    return payload["rows"]
+    return payload.rows
 
 
 def test_server_feeds_the_network_the_training_matrix(sales_model, all_series: pd.DataFrame,
                                                       training_rows: pd.DataFrame, bundle: Path) -> None:
     served = served_rows(sales_model, all_series)
-    assert len(served) == len(all_series) == 12 * 13
+    assert all(served[name].dtype == np.float64 for name in MODEL_FEATURES)
+    served_values = np.column_stack([served[name] for name in MODEL_FEATURES])
+    assert len(served_values) == len(all_series) == 12 * 13
     # the raw feature values, row by row in request order
-    np.testing.assert_array_equal(served[MODEL_FEATURES].to_numpy(), training_rows[MODEL_FEATURES].to_numpy())
+    np.testing.assert_array_equal(served_values, training_rows[MODEL_FEATURES].to_numpy())
     # the unscaled design matrix and the scaled float32 matrix the network sees: bit for bit
     np.testing.assert_array_equal(design_matrix(served), design_matrix(training_rows))
     forecaster = Forecaster.load(bundle)
@@ -78,7 +81,7 @@ def test_server_feeds_the_network_the_training_matrix(sales_model, all_series: p
     training_matrix = forecaster.inputs(training_rows)
     assert served_matrix.dtype == np.float32 and served_matrix.shape == (len(all_series), forecaster.model.n_inputs)
     np.testing.assert_array_equal(served_matrix, training_matrix)
-    scaled = (design_matrix(training_rows) - forecaster.scaler.mean_) / forecaster.scaler.scale_
+    scaled = (design_matrix(training_rows) - forecaster.scaler.mean) / forecaster.scaler.scale
     np.testing.assert_allclose(served_matrix, scaled.astype(np.float32), rtol=1e-5, atol=1e-6)
 
 
@@ -89,3 +92,19 @@ def test_server_predictions_equal_the_training_path(sales_model, all_series: pd.
     payload = asyncio.run(sales_model.preprocess(instances))
     served = sales_model.predict(payload)["predictions"]
     np.testing.assert_array_equal(served, Forecaster.load(bundle).predict(training_rows))
+
+
+def test_lookup_columns_equal_feasts_to_dict(sales_model, all_series: pd.DataFrame) -> None:
+    """The server reads the response proto itself (to_dict costs twice as much); same values, NaN for None."""
+    from sales_forecast.contract import FEATURE_SERVICE
+    from sales_forecast.serving.online_features import TIMESTAMP_SUFFIX, feature_columns
+
+    store = sales_model.lookup.store
+    rows = {"store": [int(s) for s in all_series["store"]] + [99], "dept": [int(d) for d in all_series["dept"]] + [3]}
+    response = store.get_online_features(features=store.get_feature_service(FEATURE_SERVICE), entity_rows=rows)
+    columns, stamps = feature_columns(response.proto, MODEL_FEATURES)
+    reference = response.to_dict(include_event_timestamps=True)
+    for name in MODEL_FEATURES:
+        np.testing.assert_array_equal(columns[name], np.asarray(reference[name], dtype="float64"))
+    assert np.isnan(columns["sales_lag_1"][-1])  # (99, 3) has no row
+    assert stamps == reference[f"{MODEL_FEATURES[0]}{TIMESTAMP_SUFFIX}"]

@@ -4,6 +4,7 @@ NetworkPolicy label), and the create-or-replace / wait / URL logic against a fak
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import os
@@ -74,11 +75,17 @@ def test_standard_mode_custom_container(body: dict[str, Any]) -> None:
 
 def test_postgres_and_mlflow_settings_and_the_shared_volume(body: dict[str, Any]) -> None:
     main = container(body)
-    assert main["envFrom"] == [{"configMapRef": {"name": "pipeline-config"}}]
-    assert main["env"] == [
-        {"name": key, "valueFrom": {"secretKeyRef": {"name": "postgres-credentials", "key": key}}}
-        for key in ("POSTGRES_USER", "POSTGRES_PASSWORD")]
-    assert predictor(body)["labels"] == {"sales-forecast/postgres-client": "true"}
+    assert "envFrom" not in main  # only the ConfigMap keys a pod reads, not step 1's Ray job address
+    refs = {env["name"]: env["valueFrom"] for env in main["env"]}
+    for key in ("POSTGRES_HOST", "POSTGRES_PORT", "POSTGRES_DB", "MLFLOW_TRACKING_URI", "MODEL_DIR", "FEAST_REPO_PATH"):
+        assert refs[key] == {"configMapKeyRef": {"name": "pipeline-config", "key": key}}
+    assert "RAY_JOBS_ADDRESS" not in refs
+    for key in ("POSTGRES_USER", "POSTGRES_PASSWORD"):
+        assert refs[key] == {"secretKeyRef": {"name": "postgres-credentials", "key": key}}
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # the basic-auth overlay's Secret
+        assert refs[key] == {"secretKeyRef": {"name": "mlflow-credentials", "key": key, "optional": True}}
+    assert predictor(body)["labels"] == {"sales-forecast/postgres-client": "true",
+                                         "sales-forecast/mlflow-client": "true"}
     mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
     assert mounts["/mnt/shared"]["name"] == "shared"
     volumes = {v["name"]: v for v in predictor(body)["volumes"]}
@@ -124,7 +131,10 @@ class FakeKServeClient:
         return self.existing
 
     def replace(self, name, isvc, namespace=None):
-        self.calls.append(("replace", isvc.metadata.resource_version))
+        version = isvc["metadata"].get("resourceVersion") if isinstance(isvc, dict) else isvc.metadata.resource_version
+        self.calls.append(("replace", version))
+        if isinstance(isvc, dict):
+            self.existing = isvc
         self.existing["metadata"]["generation"] += 1
         return self.existing
 
@@ -148,6 +158,24 @@ def test_create_then_replace_and_wait_for_the_new_generation(isvc_ops, cluster_s
     applied = isvc_ops.create_or_replace(client, isvc_ops.build_inference_service(cluster_settings))
     isvc_ops.wait_ready(client, applied, 60)
     assert client.calls[:3] == [("get", "sales-model"), ("replace", "100"), ("wait", 2)]
+
+
+def test_a_promotion_rolls_the_running_inference_service(isvc_ops, cluster_settings) -> None:
+    """The weekly cycle's roll: only the model-version annotation changes, step 3's other choices stay, and the new
+    generation is awaited; without an InferenceService there is nothing to roll (and nothing is created)."""
+    assert isvc_ops.roll_to(FakeKServeClient(existing=None), "mlops", "9") is False
+    body = isvc_ops.to_body(isvc_ops.build_inference_service(cluster_settings, model_dir="/mnt/shared/models",
+                                                             model_version="3"))
+    body["metadata"].update({"generation": 4, "resourceVersion": "200"})
+    client = FakeKServeClient(existing=copy.deepcopy(body))
+    assert isvc_ops.roll_to(client, "mlops", "9") is True
+    assert [call[0] for call in client.calls] == ["get", "replace", "wait", "get"]  # the last: the ready object
+    assert client.calls[2] == ("wait", 5)
+    rolled = client.existing
+    assert predictor(rolled)["annotations"] == {"sales-forecast/model-version": "9"}
+    assert container(rolled)["args"] == container(body)["args"]  # still --model-dir
+    client.calls.clear()
+    assert isvc_ops.roll_to(client, "mlops", "9") is True and client.calls == [("get", "sales-model")]
 
 
 def test_not_ready_reports_the_conditions(isvc_ops, cluster_settings) -> None:

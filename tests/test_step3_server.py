@@ -1,5 +1,6 @@
-"""The model server as a real process on loopback, queried over HTTP: answers, bad input, missing features, limits,
-and a PostgreSQL outage (really stopped and restarted) that it must survive without a restart.
+"""The model server as a real process on loopback, queried over HTTP: answers, bad input, missing features, limits
+(instances and body size), the model's metadata and version, and a PostgreSQL outage (really stopped and
+restarted) that it must survive without a restart.
 
 The server serves a small Forecaster fitted on the step-1 test data (``small_features``); expected predictions
 come from the same bundle applied to the offline feature table's latest rows.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 import pandas as pd
 import psycopg
 import pytest
@@ -71,6 +73,8 @@ def test_routes_and_readiness(http: httpx.Client) -> None:
 def test_v1_predictions_in_request_order(http: httpx.Client, bundle: Path, latest_rows: pd.DataFrame) -> None:
     response = http.post(PREDICT, json=SAMPLE_REQUEST)
     assert response.status_code == 200, response.text
+    assert list(response.json()) == ["predictions"]
+    assert response.headers["x-model-version"] == bundle.name  # a bare bundle's version: its folder's name
     predictions = response.json()["predictions"]
     want = expected(bundle, latest_rows, SAMPLE_REQUEST["instances"])
     np.testing.assert_allclose(predictions, want, rtol=1e-6)
@@ -94,7 +98,8 @@ def test_v2_infer_returns_an_infer_response(http: httpx.Client, bundle: Path, la
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["model_name"] == MODEL_NAME and answer["id"] == "req-1"
-    (output,) = answer["outputs"]
+    assert answer["model_version"] == response.headers["x-model-version"] == bundle.name
+    (output,) = answer["outputs"]  # a single-quantile model: the P50, named predictions
     assert output["name"] == "predictions" and output["shape"] == [2] and output["datatype"] == "FP64"
     np.testing.assert_allclose(output["data"], expected(bundle, latest_rows, SAMPLE_REQUEST["instances"]), rtol=1e-6)
 
@@ -105,6 +110,37 @@ def test_v2_infer_returns_an_infer_response(http: httpx.Client, bundle: Path, la
     assert bad.status_code == 400 and 'input "store" must have an integer datatype' in error_of(bad)
     malformed = http.post(INFER, json={"inputs": 3})
     assert malformed.status_code == 400 and "invalid request" in error_of(malformed)
+    # JSON without a Content-Type header (Triton's HTTP client sends none)
+    bare = http.post(INFER, content=orjson.dumps(body), headers={"content-type": ""})
+    assert bare.status_code == 200, bare.text
+    not_json = http.post(INFER, content=b'{"inputs": [', headers={"content-type": ""})
+    assert not_json.status_code == 400 and "invalid request" in error_of(not_json)
+
+
+def test_v2_metadata_declares_inputs_outputs_and_version(http: httpx.Client, bundle: Path) -> None:
+    metadata = http.get(f"/v2/models/{MODEL_NAME}").json()
+    assert metadata == {"name": MODEL_NAME, "versions": [bundle.name], "platform": "pytorch",
+                        "inputs": [{"name": "store", "datatype": "INT64", "shape": [-1]},
+                                   {"name": "dept", "datatype": "INT64", "shape": [-1]}],
+                        "outputs": [{"name": "predictions", "datatype": "FP64", "shape": [-1]}]}
+
+
+def test_v1_quantiles_switch_of_a_single_quantile_model(http: httpx.Client) -> None:
+    asked = http.post(PREDICT, json={**SAMPLE_REQUEST, "parameters": {"quantiles": True}})
+    assert asked.status_code == 200, asked.text
+    assert asked.json()["quantiles"] == {"p50": asked.json()["predictions"]}  # no interval: only the median
+
+
+@pytest.mark.parametrize(("parameters", "message"), [
+    ([1], '"parameters" must be an object like {"quantiles": true}'),
+    ({"quantiles": "yes"}, "parameters.quantiles must be true or false, got str"),
+    ({"quantiles": 1}, "parameters.quantiles must be true or false, got int"),
+    ({"quantile": True}, 'unknown parameter "quantile"'),
+])
+def test_bad_parameters_are_400(http: httpx.Client, parameters, message: str) -> None:
+    response = http.post(PREDICT, json={**SAMPLE_REQUEST, "parameters": parameters})
+    assert response.status_code == 400, response.text
+    assert message in error_of(response)
 
 
 @pytest.mark.parametrize(("content", "headers", "message"), [
@@ -171,13 +207,43 @@ def test_request_size_limit_is_413(http: httpx.Client, latest_rows: pd.DataFrame
     assert "1001 instances" in error_of(too_many) and too_many.json()["max_instances"] == 1000
 
 
-def test_metrics_endpoint(http: httpx.Client) -> None:
+def test_body_size_limit_is_413_before_parsing(http: httpx.Client, server: str) -> None:
+    """Bodies over SERVING_MAX_BODY_BYTES (1 MiB by default) are refused from Content-Length, or while a chunked
+    body streams in; neither is parsed (the same bytes under the limit are a 400: not JSON)."""
+    limit = 1 << 20
+    for path in (PREDICT, INFER):
+        too_big = http.post(path, content=b"x" * (limit + 1), headers={"content-type": "application/json"})
+        assert too_big.status_code == 413, too_big.text
+        assert too_big.json() == {"error": f"the request body is {limit + 1} bytes; the maximum is {limit} bytes "
+                                           "(set SERVING_MAX_BODY_BYTES to change it)", "max_body_bytes": limit}
+    assert http.post(PREDICT, content=b"x" * limit, headers={"content-type": "application/json"}).status_code == 400
+    padded = orjson.dumps(SAMPLE_REQUEST)
+    exactly = padded + b" " * (limit - len(padded))
+    assert http.post(PREDICT, content=exactly, headers={"content-type": "application/json"}).status_code == 200
+
+    def chunks(total: int, size: int = 64 * 1024) -> Iterator[bytes]:
+        for start in range(0, total, size):
+            yield b"y" * min(size, total - start)
+
+    with httpx.Client(base_url=server, timeout=60.0) as chunked:  # a refused request's connection is closed
+        streamed = chunked.post(PREDICT, content=chunks(4 * limit), headers={"content-type": "application/json"})
+        assert streamed.status_code == 413, streamed.text
+        assert "over 1048576 bytes (chunked)" in error_of(streamed)
+        small = chunked.post(PREDICT, content=iter([padded[:10], padded[10:]]),
+                             headers={"content-type": "application/json"})
+        assert small.status_code == 200, small.text
+
+
+def test_metrics_endpoint(http: httpx.Client, bundle: Path) -> None:
     http.post(PREDICT, json=SAMPLE_REQUEST)
     text = http.get("/metrics").text
     assert f'request_predict_seconds_count{{model_name="{MODEL_NAME}"}}' in text
     assert "sales_feature_lookup_seconds_bucket" in text
     assert 'sales_error_responses_total{status="400"}' in text
     assert 'sales_error_responses_total{status="404"}' in text
+    assert 'sales_error_responses_total{status="413"}' in text
+    assert f'sales_served_model_info{{source="{bundle}",version="{bundle.name}"}} 1.0' in text
+    assert "sales_model_loaded_timestamp_seconds " in text and "sales_model_reload_failures_total 0.0" in text
 
 
 def test_latency_and_throughput_helpers(http: httpx.Client, server: str) -> None:

@@ -19,6 +19,7 @@ import pandas as pd
 from sales_forecast.features.generator import is_holiday_week
 
 SALES_LAGS = 4
+LOOKBACK_WEEKS = SALES_LAGS - 1  # weeks before t whose sales the feature row of week t reads
 MODEL_FEATURES: list[str] = [
     "sales_lag_1",
     "sales_lag_2",

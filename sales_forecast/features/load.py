@@ -35,3 +35,24 @@ def load_table(settings: PostgresSettings, table: str, frame: pd.DataFrame, inde
             count = cur.fetchone()[0]
         conn.commit()
     return int(count)
+
+
+def replace_week(settings: PostgresSettings, tables: dict[str, tuple[pd.DataFrame, str]]) -> dict[str, int]:
+    """Replace one week's rows in several tables in one transaction: delete the rows of that week, append these.
+
+    ``tables`` maps a table to (its new rows, the name of its week column); every frame holds a single week. A re-run
+    with the same rows leaves the same tables (idempotent), and readers see all tables before or all after.
+    """
+    counts = {}
+    with _connect(settings) as conn:
+        with conn.cursor() as cur:
+            for table, (frame, column) in tables.items():
+                weeks = frame[column].unique()
+                if len(weeks) != 1:
+                    raise ValueError(f"{table}: expected the rows of one week, got {len(weeks)} weeks")
+                week = pd.Timestamp(weeks[0])
+                cur.execute(f'DELETE FROM "{table}" WHERE "{column}" = $1', parameters=(week.to_pydatetime(),))
+                cur.adbc_ingest(table, pa.Table.from_pandas(frame, preserve_index=False), mode="append")
+                counts[table] = len(frame)
+        conn.commit()
+    return counts

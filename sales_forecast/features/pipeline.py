@@ -8,6 +8,7 @@ from sales_forecast import stack
 from sales_forecast.config import Settings
 from sales_forecast.contract import FEATURE_TABLE, RAW_TABLE
 from sales_forecast.features import store as fs_ops
+from sales_forecast.features.append import record_dataset
 from sales_forecast.features.derive import build_features
 from sales_forecast.features.generator import Shape, generate
 from sales_forecast.features.load import load_table
@@ -22,7 +23,9 @@ class FeatureRunResult:
     timer: PhaseTimer
 
 
-def run_feature_pipeline(shape: Shape, settings: Settings) -> FeatureRunResult:
+def run_feature_pipeline(shape: Shape, settings: Settings, online: bool = True) -> FeatureRunResult:
+    """The whole step. ``online=False`` loads the offline store only (the weekly cycle's replay starts weeks in
+    the past, older than the feature ttl: nothing of it could be materialized)."""
     timer = PhaseTimer(f"step 1: {shape.stores} stores x {shape.depts} depts x {shape.weeks} weeks")
     with timer.phase("connect PostgreSQL and Ray"):
         settings = stack.ensure_services(settings, ray=True)
@@ -33,15 +36,19 @@ def run_feature_pipeline(shape: Shape, settings: Settings) -> FeatureRunResult:
         features = build_features(raw)
     latest = features[features["event_timestamp"] == features["event_timestamp"].max()]
     data_end = latest["event_timestamp"].max().to_pydatetime()
-    fs_ops.check_materializable(data_end, fs_ops.repo_feature_ttl(settings.feast_repo_path))
+    if online:
+        fs_ops.check_materializable(data_end, fs_ops.repo_feature_ttl(settings.feast_repo_path))
     with timer.phase("bulk load (ADBC)"):
         load_table(settings.postgres, RAW_TABLE, raw, ["store", "dept", "date"])
         count = load_table(settings.postgres, FEATURE_TABLE, features, ["store", "dept", "event_timestamp"])
+        record_dataset(settings, shape)
         timer.note("bulk load (ADBC)", f"{RAW_TABLE} + {FEATURE_TABLE}, {count:,} rows each")
     with timer.phase("feast apply"):
         store = fs_ops.open_store(settings)
         applied = fs_ops.apply_definitions(store, settings.feast_repo_path)
         timer.note("feast apply", f"{len(applied)} objects")
+    if not online:
+        return FeatureRunResult(rows=len(raw), series=len(latest), online_entities=0, timer=timer)
     with timer.phase("materialize (Ray engine)"):
         fs_ops.materialize_latest(store, data_end)
     with timer.phase("prune stale series"):

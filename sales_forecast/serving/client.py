@@ -53,3 +53,23 @@ def time_requests(client: httpx.Client, body: dict[str, Any], count: int) -> Lat
         predict(client, body)
         seconds.append(time.perf_counter() - start)
     return LatencyStats.of(seconds)
+
+
+def served_version(base_url: str, timeout: float = 5.0) -> str | None:
+    """The version the model server serves now (its v2 model metadata), or None when it does not answer."""
+    try:
+        response = httpx.get(f"{base_url}/v2/models/{MODEL_NAME}", timeout=timeout)
+    except httpx.HTTPError:
+        return None
+    versions = response.json().get("versions") if response.status_code == 200 else None
+    return str(versions[0]) if versions else None
+
+
+def wait_for_version(base_url: str, version: str, timeout: float) -> bool:
+    """Whether the server serves ``version`` within ``timeout`` seconds (it reloads a new champion by itself)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if served_version(base_url) == version:
+            return True
+        time.sleep(0.25)
+    return False

@@ -1,6 +1,7 @@
 """Request validation: v1 and v2 bodies -> the (store, dept) instances to predict, or a 400/413 naming the field.
 
-v1: ``{"instances": [{"store": 1, "dept": 3}, ...]}``. v2: two inputs named ``store`` and ``dept`` with integer
+v1: ``{"instances": [{"store": 1, "dept": 3}, ...]}``, optionally with ``"parameters": {"quantiles": true}`` (the
+answer then adds every quantile the model forecasts). v2: two inputs named ``store`` and ``dept`` with integer
 datatypes and one value per instance. Ids are JSON integers (``true`` and ``3.0`` are not), from 0 to MAX_ID: the
 Feast entities store and dept are two INT64 join keys, looked up as they are (no combined key that could alias).
 """
@@ -18,6 +19,9 @@ MAX_ID = 2**63 - 1  # the Feast entities' value type is INT64
 V2_INTEGER_TYPES = frozenset({"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"})
 
 
+V1_PARAMETERS = {"quantiles": bool}  # v1 "parameters" the server understands, with their JSON type
+
+
 class Instance(NamedTuple):
     store: int
     dept: int
@@ -27,15 +31,38 @@ class Instance(NamedTuple):
         return {"store": self.store, "dept": self.dept}
 
 
+class V1Request(NamedTuple):
+    instances: list[Instance]
+    quantiles: bool  # "parameters": {"quantiles": true}: answer every quantile, not only the point forecast
+
+
 def parse_v1(payload: Any, max_instances: int) -> list[Instance]:
     """The instances of a v1 body (kserve hands over a dict, or raw bytes for a non-JSON content type)."""
+    return parse_v1_request(payload, max_instances).instances
+
+
+def parse_v1_request(payload: Any, max_instances: int) -> V1Request:
     body = _json(payload)
     if not isinstance(body, Mapping) or not isinstance(body.get("instances"), list):
         raise BadRequest('the body must be a JSON object with an "instances" list, '
                          'e.g. {"instances": [{"store": 1, "dept": 3}]}')
     items = body["instances"]
     _check_count(len(items), max_instances)
-    return [_instance(item, index) for index, item in enumerate(items)]
+    parameters = _parameters(body.get("parameters"))
+    return V1Request([_instance(item, index) for index, item in enumerate(items)], parameters.get("quantiles", False))
+
+
+def _parameters(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise BadRequest(f'"parameters" must be an object like {{"quantiles": true}}, got {_describe(value)}')
+    for name, item in value.items():
+        if name not in V1_PARAMETERS:
+            raise BadRequest(f'unknown parameter "{name}"; the model understands: {", ".join(V1_PARAMETERS)}')
+        if not isinstance(item, V1_PARAMETERS[name]):
+            raise BadRequest(f'parameters.{name} must be true or false, got {_describe(item)}')
+    return dict(value)
 
 
 def parse_v2(columns: Mapping[str, tuple[str, Sequence[Any]]], max_instances: int) -> list[Instance]:

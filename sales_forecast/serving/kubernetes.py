@@ -1,10 +1,13 @@
 """The step-3 InferenceService: build it, create or replace it with KServeClient, wait until ready, find its URL.
 
 Standard deployment mode (plain Deployment + Service, no Knative), the project image running
-``python -m sales_forecast.serving.server`` as the custom container ``kserve-container`` on port 8080, PostgreSQL
-and MLflow settings from the ``pipeline-config`` ConfigMap and ``postgres-credentials`` Secret, the shared PVC
-(where training saves the model bundle) and the ``feature-repo`` ConfigMap over the image's feature repo, as the
-other pipeline pods mount it. The pods carry the label the PostgreSQL NetworkPolicy admits.
+``python -m sales_forecast.serving.server`` as the custom container ``kserve-container`` on port 8080, the settings
+and credentials every pipeline pod gets (sales_forecast/cluster.py), the shared PVC (where training publishes the
+champion's bundle) and the ``feature-repo`` ConfigMap over the image's feature repo, as the other pipeline pods
+mount it. The pods carry the labels the PostgreSQL and MLflow NetworkPolicies admit.
+
+``roll_to`` is the weekly cycle's: after a promotion it sets the new version in the predictor's annotation of the
+InferenceService step 3 created (keeping its other choices), so KServe rolls the pods to the new champion.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 from kserve import KServeClient, V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec, constants
 from kubernetes import client as k8s
 
+from sales_forecast.cluster import POD_LABELS, pod_env
 from sales_forecast.config import Settings
 from sales_forecast.contract import (
     APP_DIR,
@@ -23,10 +27,7 @@ from sales_forecast.contract import (
     IMAGE_GID,
     IMAGE_UID,
     MODEL_NAME,
-    PIPELINE_CONFIG,
-    POSTGRES_CLIENT_LABEL,
-    POSTGRES_SECRET,
-    POSTGRES_SECRET_KEYS,
+    PART_OF_LABEL,
     SERVING_PORT,
     SHARED_MOUNT,
     SHARED_PVC,
@@ -53,7 +54,7 @@ def build_inference_service(settings: Settings, *, name: str = INFERENCE_SERVICE
     predictor = V1beta1PredictorSpec(
         min_replicas=1,
         max_replicas=1,
-        labels={POSTGRES_CLIENT_LABEL: "true"},
+        labels=dict(POD_LABELS),
         annotations={MODEL_VERSION_ANNOTATION: model_version} if model_version else None,
         automount_service_account_token=False,
         enable_service_links=False,
@@ -72,15 +73,12 @@ def build_inference_service(settings: Settings, *, name: str = INFERENCE_SERVICE
         kind=constants.KSERVE_KIND_INFERENCESERVICE,
         metadata=k8s.V1ObjectMeta(
             name=name, namespace=settings.namespace, annotations=dict(DEPLOYMENT_MODE),
-            labels={"app.kubernetes.io/part-of": "sales-forecast",
-                    "networking.kserve.io/visibility": "cluster-local"}),
+            labels={**PART_OF_LABEL, "networking.kserve.io/visibility": "cluster-local"}),
         spec=V1beta1InferenceServiceSpec(predictor=predictor),
     )
 
 
 def _container(image: str, args: list[str]) -> k8s.V1Container:
-    secret_env = [k8s.V1EnvVar(name=key, value_from=k8s.V1EnvVarSource(
-        secret_key_ref=k8s.V1SecretKeySelector(name=POSTGRES_SECRET, key=key))) for key in POSTGRES_SECRET_KEYS]
     repo_files = [k8s.V1VolumeMount(name="feature-repo", mount_path=f"{FEATURE_REPO_MOUNT}/{file}", sub_path=file,
                                     read_only=True) for file in FEATURE_REPO_FILES]
     return k8s.V1Container(
@@ -91,8 +89,7 @@ def _container(image: str, args: list[str]) -> k8s.V1Container:
         command=["python", "-m", "sales_forecast.serving.server"],
         args=args,
         ports=[k8s.V1ContainerPort(container_port=SERVING_PORT, protocol="TCP")],
-        env_from=[k8s.V1EnvFromSource(config_map_ref=k8s.V1ConfigMapEnvSource(name=PIPELINE_CONFIG))],
-        env=secret_env,
+        env=pod_env(),
         resources=k8s.V1ResourceRequirements(requests={"cpu": "250m", "memory": "1Gi"},
                                              limits={"cpu": "1", "memory": "2Gi"}),
         # Ready once the model is loaded and the feature store opened; a PostgreSQL outage is answered with 503
@@ -157,3 +154,22 @@ def cluster_url(isvc: dict[str, Any]) -> str:
     if not url:
         raise PipelineError(f"InferenceService {isvc['metadata']['name']} has no status.address.url")
     return url.rstrip("/")
+
+
+def roll_to(client: KServeClient, namespace: str, version: str, timeout_seconds: int = 600,
+            name: str = INFERENCE_SERVICE) -> bool:
+    """Point the running InferenceService's model-version annotation at ``version`` and wait until the new pods
+    are ready; False (and nothing changed) when step 3 has not created the InferenceService yet."""
+    try:
+        current = client.get(name, namespace=namespace)
+    except RuntimeError as exc:
+        if _is_not_found(exc):
+            return False
+        raise PipelineError(f"cannot read InferenceService {namespace}/{name}: {exc}") from exc
+    predictor = current["spec"]["predictor"]
+    if (predictor.get("annotations") or {}).get(MODEL_VERSION_ANNOTATION) == version:
+        return True
+    predictor["annotations"] = {**(predictor.get("annotations") or {}), MODEL_VERSION_ANNOTATION: version}
+    applied = client.replace(name, current, namespace=namespace)
+    wait_ready(client, applied, timeout_seconds)
+    return True

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 FEATURE_LOOKUP_SECONDS = Histogram(
     "sales_feature_lookup_seconds", "Feast online feature lookup per request (successful or not)",
@@ -11,4 +11,35 @@ ERROR_RESPONSES = Counter(
     "sales_error_responses_total", "Requests answered with an error by the sales model, by HTTP status",
     ["status"])
 FEATURE_STORE_RECONNECTS = Counter(
-    "sales_feature_store_reconnects_total", "Broken online store connections (or pools) dropped after a database error")
+    "sales_feature_store_reconnects_total",
+    "Online store connections retired after a database error or an abandoned (timed-out) lookup")
+FEATURE_LOOKUP_TIMEOUTS = Counter(
+    "sales_feature_lookup_timeouts_total", "Feature lookups abandoned after the lookup timeout (answered 503)")
+
+# The served model and its hot reload.
+SERVED_MODEL = Info("sales_served_model", "The model being served: version and where it came from")
+MODEL_LOADED_AT = Gauge("sales_model_loaded_timestamp_seconds", "When the served model was loaded (Unix time)")
+MODEL_RELOADS = Counter("sales_model_reloads_total", "New models loaded and swapped in without a restart")
+MODEL_RELOAD_FAILURES = Counter(
+    "sales_model_reload_failures_total",
+    "Failed checks for, or loads of, a new model (the old one keeps serving; the log says why)")
+
+# Realized accuracy of the latest scored week (table forecast_accuracy, scope 'overall'), refreshed in the
+# background; absent until the table has a row.
+_BY_VERSION = ["model_version"]
+REALIZED_WMAE = Gauge("sales_forecast_realized_wmae", "WMAE of the model's forecasts for the latest scored week",
+                      _BY_VERSION)
+REALIZED_WAPE = Gauge("sales_forecast_realized_wape", "WAPE of the model's forecasts for the latest scored week",
+                      _BY_VERSION)
+NAIVE_WMAE = Gauge("sales_forecast_naive_wmae", "WMAE of the naive forecast for the latest scored week",
+                   _BY_VERSION)
+NAIVE_WAPE = Gauge("sales_forecast_naive_wape", "WAPE of the naive forecast for the latest scored week",
+                   _BY_VERSION)
+INTERVAL_COVERAGE = Gauge(
+    "sales_forecast_interval_coverage",
+    "Share of actuals inside the forecast interval for the latest scored week (absent without an interval)",
+    _BY_VERSION)
+SCORED_WEEK = Gauge("sales_forecast_scored_week_timestamp_seconds",
+                    "The latest scored week (its date at 00:00 UTC, Unix time)", _BY_VERSION)
+SCORED_ROWS = Gauge("sales_forecast_scored_rows", "Forecasts scored for the latest scored week", _BY_VERSION)
+ACCURACY_GAUGES = (REALIZED_WMAE, REALIZED_WAPE, NAIVE_WMAE, NAIVE_WAPE, INTERVAL_COVERAGE, SCORED_WEEK, SCORED_ROWS)

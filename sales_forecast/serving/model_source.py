@@ -3,6 +3,10 @@
 The training run logs the bundle written by ``Forecaster.save`` as run artifacts under ``forecaster`` and gives
 the registered model's winning version the alias ``champion``; training also saves the same bundle to the
 shared volume (``MODEL_DIR``), which ``--model-dir`` serves without MLflow.
+
+Every loaded model carries a ``marker``, what identifies it at its source (the registry version the alias
+pointed at, or the bundle folder ``current`` resolved to), and ``current_marker`` tells cheaply what the source
+points at now: the server's reload check compares the two and loads the new model only when they differ.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from sales_forecast import model_dir
 from sales_forecast.contract import CHAMPION_URI, FORECASTER_ARTIFACT
 from sales_forecast.errors import PipelineError, first_line
-from sales_forecast.forecaster import META_FILE, Forecaster
+from sales_forecast.forecaster import Forecaster
 
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
 
@@ -25,24 +30,32 @@ class ModelSource:
     model_uri: str = CHAMPION_URI
     tracking_uri: str | None = None
 
+    @property
+    def description(self) -> str:
+        return str(self.model_dir) if self.model_dir is not None else self.model_uri
+
 
 @dataclass(frozen=True)
 class LoadedModel:
     forecaster: Forecaster
     origin: str  # what was loaded, for logs and the CLI
+    version: str = ""  # the registry version; for a bundle, its model_info.json version or else its folder name
+    marker: str = ""  # what the source pointed at: the registry version, or the resolved bundle folder
 
 
 def load_forecaster(source: ModelSource) -> LoadedModel:
     if source.model_dir is not None:
-        return LoadedModel(load_bundle(source.model_dir), str(source.model_dir))
+        bundle = model_dir.load(source.model_dir)
+        version = str(bundle.info.get("version") or bundle.folder.name)
+        return LoadedModel(bundle.forecaster, str(bundle.folder), version=version, marker=str(bundle.folder))
     return load_registered(source.model_uri, source.tracking_uri)
 
 
-def load_bundle(directory: Path) -> Forecaster:
-    if not (directory / META_FILE).is_file():
-        raise PipelineError(f"{directory} holds no model bundle ({META_FILE} is missing); "
-                            "run 02_training.py or pass the folder Forecaster.save wrote")
-    return Forecaster.load(directory)
+def current_marker(source: ModelSource) -> str:
+    """What the source points at now (one registry call, or one symlink read); compare with LoadedModel.marker."""
+    if source.model_dir is not None:
+        return str(model_dir.resolve(source.model_dir))
+    return champion_version(source.tracking_uri, source.model_uri)
 
 
 def parse_alias_uri(model_uri: str) -> tuple[str, str]:
@@ -72,8 +85,9 @@ def load_registered(model_uri: str, tracking_uri: str | None) -> LoadedModel:
         except MlflowException as exc:
             raise PipelineError(f"run {version.run_id} of {model_uri} (version {version.version}) has no "
                                 f"'{FORECASTER_ARTIFACT}' artifacts: {first_line(exc)}") from exc
-        forecaster = load_bundle(Path(local))
-    return LoadedModel(forecaster, f"{model_uri} = version {version.version} (run {version.run_id})")
+        forecaster = model_dir.load(Path(local)).forecaster
+    return LoadedModel(forecaster, f"{model_uri} = version {version.version} (run {version.run_id})",
+                       version=str(version.version), marker=str(version.version))
 
 
 def champion_version(tracking_uri: str | None, model_uri: str = CHAMPION_URI) -> str:

@@ -11,10 +11,9 @@ from __future__ import annotations
 import dataclasses
 from urllib.parse import urlparse
 
-from sales_forecast.config import EMBEDDED_MLFLOW_PORT, EMBEDDED_RAY_PORT, Settings, apply_to_environment
+from sales_forecast.config import Settings, apply_to_environment
 from sales_forecast.errors import PipelineError, first_line
 
-EMBEDDED_RAY_DASHBOARD_PORT = 8265
 MLFLOW_CHECK_TIMEOUT_S = 5.0
 
 
@@ -58,8 +57,8 @@ def ensure_mlflow(settings: Settings) -> Settings:
     if settings.mlflow_tracking_uri:
         check_mlflow(settings.mlflow_tracking_uri)
         return settings
-    return dataclasses.replace(settings, mlflow_tracking_uri=mlflow_server.start(settings.stack_dir,
-                                                                                 EMBEDDED_MLFLOW_PORT))
+    uri = mlflow_server.start(settings.stack_dir, settings.stack_ports.mlflow)
+    return dataclasses.replace(settings, mlflow_tracking_uri=uri)
 
 
 def ensure_ray(settings: Settings) -> Settings:
@@ -69,7 +68,7 @@ def ensure_ray(settings: Settings) -> Settings:
 
     if settings.ray_address or settings.ray_mode == "local":
         return settings
-    head = ray_head.start(settings.stack_dir, EMBEDDED_RAY_PORT, EMBEDDED_RAY_DASHBOARD_PORT)
+    head = ray_head.start(settings.stack_dir, settings.stack_ports.ray, settings.stack_ports.ray_dashboard)
     return dataclasses.replace(settings, ray_address=head)
 
 

@@ -12,7 +12,7 @@ import shlex
 
 from sales_forecast import stack
 from sales_forecast.cli import run_cli
-from sales_forecast.config import EMBEDDED_MODEL_SERVER_PORT, EMBEDDED_RAY_PORT, load_settings
+from sales_forecast.config import EMBEDDED_MODEL_SERVER_PORT, load_settings
 from sales_forecast.stack import mlflow_server, model_server, postgres, processes, ray_head
 
 
@@ -28,7 +28,7 @@ def main() -> None:
         print(f"postgres  {settings.postgres.libpq_url()}")
         print(f"mlflow    {settings.tracking_uri}")
         print(f"ray       {settings.ray_address} (dashboard "
-              f"{ray_head.dashboard_url(stack.EMBEDDED_RAY_DASHBOARD_PORT)})")
+              f"{ray_head.dashboard_url(settings.stack_ports.ray_dashboard)})")
     elif args.action == "down":
         model_server.stop_all(settings.stack_dir)
         print(f"mlflow    {'stopped' if mlflow_server.stop(settings.stack_dir) else 'not running'}")
@@ -37,16 +37,17 @@ def main() -> None:
     elif args.action == "env":
         resolved = settings
         if not settings.ray_address and settings.ray_mode != "local":
-            resolved = dataclasses.replace(settings, ray_address=ray_head.address(EMBEDDED_RAY_PORT))
+            resolved = dataclasses.replace(settings, ray_address=ray_head.address(settings.stack_ports.ray))
         for name, value in resolved.environment().items():
             print(f"export {name}={shlex.quote(value)}")
     else:
         print(f"postgres  {'up' if postgres.is_ready(settings.postgres) else 'down'}  {settings.postgres.libpq_url()}")
         mlflow_up = processes.http_ok(f"{settings.embedded_mlflow_uri}/health")
         print(f"mlflow    {'up' if mlflow_up else 'down'}  {settings.embedded_mlflow_uri}")
-        dashboard = ray_head.dashboard_url(stack.EMBEDDED_RAY_DASHBOARD_PORT)
+        dashboard = ray_head.dashboard_url(settings.stack_ports.ray_dashboard)
         ray_up = ray_head.is_running(settings.stack_dir) and processes.http_ok(f"{dashboard}/api/version")
-        print(f"ray       {'up' if ray_up else 'down'}  {ray_head.address(EMBEDDED_RAY_PORT)} (dashboard {dashboard})")
+        print(f"ray       {'up' if ray_up else 'down'}  {ray_head.address(settings.stack_ports.ray)} "
+              f"(dashboard {dashboard})")
         server = model_server.url_of(EMBEDDED_MODEL_SERVER_PORT)
         print(f"model     {'up' if model_server.is_ready(server) else 'down'}  {server}")
 

@@ -58,7 +58,8 @@ def start(stack_dir: Path, port: int, dashboard_port: int, num_cpus: int | None 
                "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={free()}",
                f"--dashboard-agent-grpc-port={free()}", f"--runtime-env-agent-port={free()}",
-               f"--metrics-export-port={free()}", f"--temp-dir={session}", "--disable-usage-stats",
+               f"--metrics-export-port={free()}", f"--ray-client-server-port={free()}", f"--temp-dir={session}",
+               "--disable-usage-stats",
                f"--num-cpus={num_cpus or os.cpu_count() or 1}"]
     pid = processes.start_background(command, log, pid_file, env={"RAY_DISABLE_USAGE_STATS": "1"})
     ready = processes.wait_until(lambda: processes.http_ok(f"{dashboard_url(dashboard_port)}/api/version"),

@@ -4,15 +4,14 @@ the current champion on the same holdout; the champion's bundle is then publishe
 
 Holdouts move as data arrives, so the champion's logged metric is not comparable with a new run's. Instead the
 champion's Forecaster bundle (artifact ``forecaster`` of its run) is downloaded and re-scored on the new run's
-holdout rows. When that is impossible (bundle missing or unloadable) the new model is compared with the baselines
-only, and the reason is recorded on the run.
+holdout rows. The gate fails closed: when re-scoring fails (MLflow unreachable, a download error, a crash), the
+champion stays and the run records why. The one exception is a champion this version cannot load at all (its run
+has no bundle in the current format, so this server could not serve it either): then the new model is compared
+with the baselines only, and the run says so.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,10 @@ from pathlib import Path
 import pandas as pd
 
 from sales_forecast.contract import CHAMPION_ALIAS, FORECASTER_ARTIFACT
-from sales_forecast.forecaster import Forecaster
+from sales_forecast.errors import first_line
+from sales_forecast.forecaster import META_FILE, Forecaster
 from sales_forecast.training.dataset import LABEL, LABEL_IS_HOLIDAY
 from sales_forecast.training.metrics import Evaluation, wmae
-
-INFO_FILE = "model_info.json"
 
 
 @dataclass(frozen=True)
@@ -33,6 +31,7 @@ class Champion:
     run_id: str | None = None
     holdout_wmae: float | None = None  # the champion re-scored on this run's holdout
     note: str = ""
+    rescore_failed: bool = False  # a champion exists but could not be re-scored: keep it
 
 
 @dataclass(frozen=True)
@@ -52,13 +51,18 @@ def current_champion(uri: str, registered_model: str, holdout: pd.DataFrame) -> 
         return Champion(version=None, note="no champion yet")
     try:
         with tempfile.TemporaryDirectory() as folder:
-            local = client.download_artifacts(version.run_id, FORECASTER_ARTIFACT, folder)
-            forecaster = Forecaster.load(Path(local))
+            local = Path(client.download_artifacts(version.run_id, FORECASTER_ARTIFACT, folder))
+            if not (local / META_FILE).is_file():
+                return Champion(version=version.version, run_id=version.run_id,
+                                note=f"champion v{version.version} has no {FORECASTER_ARTIFACT}/{META_FILE} (an older "
+                                     "bundle format this version can neither re-score nor serve)")
+            forecaster = Forecaster.load(local)
             score = wmae(holdout[LABEL].to_numpy(dtype="float64"), forecaster.predict(holdout),
                          holdout[LABEL_IS_HOLIDAY].to_numpy())
-    except Exception as exc:  # noqa: BLE001 - any failure means "not comparable", which is reported
-        return Champion(version=version.version, run_id=version.run_id,
-                        note=f"champion v{version.version} could not be re-scored: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the champion is kept and the reason reported
+        return Champion(version=version.version, run_id=version.run_id, rescore_failed=True,
+                        note=f"champion v{version.version} could not be re-scored: {type(exc).__name__}: "
+                             f"{first_line(exc)}")
     return Champion(version=version.version, run_id=version.run_id, holdout_wmae=score,
                     note=f"champion v{version.version} re-scored on this holdout")
 
@@ -69,6 +73,10 @@ def decide(evaluation: Evaluation, champion: Champion) -> Decision:
     if not model < baseline.wmae:
         return Decision(False, f"WMAE {model:,.1f} does not beat the best baseline {baseline_name} "
                                f"({baseline.wmae:,.1f})")
+    if champion.rescore_failed:
+        return Decision(False, f"WMAE {model:,.1f} beats {baseline_name} ({baseline.wmae:,.1f}), but {champion.note}: "
+                               f"keeping champion v{champion.version} (the gate fails closed; re-run when MLflow "
+                               "answers)")
     if champion.holdout_wmae is not None and not model < champion.holdout_wmae:
         return Decision(False, f"WMAE {model:,.1f} does not beat champion v{champion.version} "
                                f"({champion.holdout_wmae:,.1f} on the same holdout)")
@@ -89,22 +97,3 @@ def tag_version(uri: str, registered_model: str, version: str, tags: dict[str, s
     client = mlflow.MlflowClient(uri)
     for key, value in tags.items():
         client.set_model_version_tag(registered_model, version, key, value)
-
-
-def publish_bundle(forecaster: Forecaster, model_dir: Path, info: dict[str, str]) -> list[Path]:
-    """Write the bundle and ``model_info.json`` (registered model, version, run) into ``model_dir``.
-
-    Each file is written aside and renamed into place, so a reader never sees a half-written file.
-    """
-    model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
-    try:
-        files = forecaster.save(staging)
-        (staging / INFO_FILE).write_text(json.dumps(info, indent=2))
-        published = []
-        for path in [*files, staging / INFO_FILE]:
-            os.replace(path, model_dir / path.name)
-            published.append(model_dir / path.name)
-        return published
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -20,14 +20,20 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist_api
-from sklearn.preprocessing import StandardScaler
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from sales_forecast.config import torchrun_rank
 from sales_forecast.errors import PipelineError
 from sales_forecast.features.derive import MODEL_FEATURES
-from sales_forecast.forecaster import Forecaster, SalesForecastModel, design_matrix, relative_target, series_level
+from sales_forecast.forecaster import (
+    Forecaster,
+    SalesForecastModel,
+    Standardizer,
+    design_matrix,
+    relative_target,
+    series_level,
+)
 from sales_forecast.training.dataset import LABEL, LABEL_IS_HOLIDAY, Split
 from sales_forecast.training.metrics import holiday_weights, wmae
 from sales_forecast.training.params import TrainingParams
@@ -142,8 +148,8 @@ def _check_finite(value: float, what: str, epoch: int, params: TrainingParams) -
 
 def fit_forecaster(split: Split, params: TrainingParams, dist: Distributed) -> FitResult:
     seed_everything(params.seed)
-    scaler = StandardScaler().fit(design_matrix(split.train))
-    model = SalesForecastModel(len(scaler.mean_), params.hidden)
+    scaler = Standardizer.fit(design_matrix(split.train))
+    model = SalesForecastModel(len(scaler.mean), params.hidden)
     forecaster = Forecaster(model=model, scaler=scaler, features=list(MODEL_FEATURES))
     inputs, target, weights = training_tensors(forecaster, split.train)
 
@@ -164,7 +170,7 @@ def fit_forecaster(split: Split, params: TrainingParams, dist: Distributed) -> F
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = (weights[batch] * (network(inputs[batch]) - target[batch]) ** 2).mean()
+            loss = (weights[batch] * (network(inputs[batch])[:, 0] - target[batch]) ** 2).mean()
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(batch)

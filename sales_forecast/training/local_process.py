@@ -121,11 +121,12 @@ def run_local_process(params: TrainingParams, settings: Settings, timeout_s: int
 
     if not params.trainjob:
         raise ValueError("params.trainjob must name the job")
+    params.check()
     client = TrainerClient(LocalProcessBackendConfig(cleanup_venv=True))
     with tempfile.TemporaryDirectory(prefix="sales-torchrun-") as folder:
         wheel = torchrun_wheel(Path(folder))
         tools = pip_wrapper(Path(folder) / "bin")
-        trainer = CustomTrainer(func=train_sales_model, func_args=params.as_literal(),
+        trainer = CustomTrainer(func=train_sales_model, func_args=params.as_func_args(),
                                 packages_to_install=[f"{SHIM_NAME} @ {wheel.as_uri()}"],
                                 env=job_env(settings, tools))
         with _this_python_first():

@@ -93,10 +93,6 @@ class Evaluation:
     def skill(self) -> float:
         return skill(self.model.wmae, self.best_baseline[1].wmae)
 
-    @property
-    def beats_baselines(self) -> bool:
-        return self.model.wmae < self.best_baseline[1].wmae
-
     def metrics(self) -> dict[str, float]:
         values = self.model.as_dict("test_")
         for name, scores in self.baselines.items():

@@ -1,13 +1,49 @@
-"""Training parameters: one literal dict in (Kubeflow ships func_args as a repr), one typed object out."""
+"""Training parameters: a typed object, and its one encoding for the Kubeflow boundary.
+
+Kubeflow's SDK writes ``train_sales_model(**func_args)`` (the dict's repr) into an unquoted bash heredoc: ``$(...)``,
+backticks, ``$VAR`` and backslashes in a value would be run or changed by the shell in the pod. So the parameters
+cross that boundary as one base64 string of their JSON (letters, digits, ``-``, ``_``, ``=``: nothing a shell
+reads), and every value reaches the training exactly as given.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from sales_forecast.contract import REGISTERED_MODEL
-from sales_forecast.errors import PipelineError
+from sales_forecast.errors import ConfigError, PipelineError
+
+ENCODED = "encoded"  # the one key of the func_args dict Kubeflow ships
+MAX_NAME_LENGTH = {"registered_model": 256, "run_name": 250, "experiment": 500}  # MLflow's database columns
+
+
+def check_mlflow_name(field_name: str, value: str | None) -> str | None:
+    """MLflow's rules for the names the run uses, checked before anything is submitted (ConfigError)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{field_name} must be a non-empty string")
+    limit = MAX_NAME_LENGTH[field_name]
+    if len(value) > limit:
+        raise ConfigError(f"{field_name} is {len(value)} characters; MLflow stores at most {limit}")
+    if "\x00" in value:
+        raise ConfigError(f"{field_name} must not contain a NUL character")
+    if field_name == "registered_model":
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.validation import _validate_model_name
+
+        try:
+            _validate_model_name(value)
+        except MlflowException as exc:
+            raise ConfigError(f"registered_model: {exc.message}") from None
+        if "@" in value:  # models:/<name>@<alias> could not name it
+            raise ConfigError(f"registered_model {value!r} must not contain '@' (models:/<name>@<alias> URIs)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -33,7 +69,10 @@ class TrainingParams:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> TrainingParams:
+        """From plain values, or from the Kubeflow encoding ``{ENCODED: "<base64 of JSON>"}``."""
         values = dict(values or {})
+        if ENCODED in values:
+            values = {**_decode(values.pop(ENCODED)), **values}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -62,13 +101,30 @@ class TrainingParams:
             problems.append("hidden needs at least one layer of size >= 1")
         if problems:
             raise PipelineError("invalid training parameters: " + "; ".join(problems))
+        for name in MAX_NAME_LENGTH:
+            check_mlflow_name(name, getattr(self, name))
 
-    def as_literal(self) -> dict[str, Any]:
-        """Only the values that differ from the defaults, as plain literals (safe to embed as a repr)."""
+    def changed(self) -> dict[str, Any]:
+        """Only the values that differ from the defaults."""
         defaults = TrainingParams()
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if getattr(self, f.name) != getattr(defaults, f.name)}
 
+    def as_func_args(self) -> dict[str, str]:
+        """The func_args Kubeflow ships: one shell-inert base64 string (see the module's docstring)."""
+        text = json.dumps(self.changed(), ensure_ascii=False, sort_keys=True)
+        return {ENCODED: base64.urlsafe_b64encode(text.encode()).decode("ascii")}
+
     def loggable(self) -> dict[str, str]:
         skip = {"tags", "run_name", "trainjob"}
         return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in skip}
+
+
+def _decode(encoded: Any) -> dict[str, Any]:
+    try:
+        values = json.loads(base64.urlsafe_b64decode(str(encoded).encode("ascii")).decode())
+    except (ValueError, binascii.Error, UnicodeError) as exc:
+        raise PipelineError(f"the encoded training parameters are not base64 JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise PipelineError("the encoded training parameters are not a JSON object")
+    return values

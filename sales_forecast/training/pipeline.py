@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sales_forecast import stack
+from sales_forecast import model_dir, stack
 from sales_forecast.config import Settings
 from sales_forecast.contract import FEATURE_SERVICE
 from sales_forecast.features import store as fs_ops
@@ -41,7 +41,7 @@ class TrainingResult:
     fit: FitResult
     rows: dict[str, int]
     ranges: dict[str, str]
-    published: list[Path]
+    published: Path | None  # the bundle folder ``current`` now points at, when promoted
     timer: PhaseTimer
     registered_model: str
 
@@ -106,12 +106,12 @@ def _run_content(params: TrainingParams, frame: pd.DataFrame, split: Split, retu
 
 
 def _promote(fit: FitResult, run: tracking.LoggedRun, holdout: _Holdout, uri: str, params: TrainingParams,
-             settings: Settings) -> list[Path]:
+             settings: Settings, split: Split) -> Path:
     """Point ``champion`` at the new version and put its bundle in the shared model directory."""
     registry.promote(uri, params.registered_model, run.model_version)
-    return registry.publish_bundle(fit.forecaster, settings.model_dir, {
+    return model_dir.publish(fit.forecaster, settings.model_dir, {
         "registered_model": params.registered_model, "version": run.model_version, "run_id": run.run_id,
-        "tracking_uri": uri, "test_wmae": f"{holdout.evaluation.model.wmae:.4f}"})
+        "tracking_uri": uri, "test_wmae": f"{holdout.evaluation.model.wmae:.4f}", **split.describe()})
 
 
 def _train(params: TrainingParams, settings: Settings, dist: Distributed) -> TrainingResult | None:
@@ -138,10 +138,10 @@ def _train(params: TrainingParams, settings: Settings, dist: Distributed) -> Tra
         registry.tag_version(uri, params.registered_model, run.model_version, {
             "test_wmae": f"{holdout.evaluation.model.wmae:.4f}", "skill": f"{holdout.evaluation.skill:.4f}",
             "test_range": week_range(split.test)})
-    published: list[Path] = []
+    published: Path | None = None
     if holdout.decision.promote:
         with timer.phase("promote to champion"):
-            published = _promote(fit, run, holdout, uri, params, settings)
+            published = _promote(fit, run, holdout, uri, params, settings, split)
     return TrainingResult(
         run=run, evaluation=holdout.evaluation, champion=holdout.champion, decision=holdout.decision, fit=fit,
         rows={"entity": returned, "train": len(split.train), "validation": len(split.validation),

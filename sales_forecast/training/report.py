@@ -40,7 +40,7 @@ def print_report(result) -> None:
     stdout.print(f"registered {result.registered_model} v{result.run.model_version}, {verdict}: "
                  f"{result.decision.reason}")
     if result.published:
-        stdout.print(f"model bundle written to {result.published[0].parent}")
+        stdout.print(f"model bundle published to {result.published}")
     result.timer.print_summary()
 
 

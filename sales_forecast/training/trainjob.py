@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Any
 
+from sales_forecast.cluster import POD_LABELS, pod_env
 from sales_forecast.config import Settings
 from sales_forecast.contract import (
-    CLUSTER_CONFIG,
     IMAGE_GID,
     IMAGE_UID,
     PART_OF_LABEL,
-    PIPELINE_CONFIG,
-    POSTGRES_CLIENT_LABEL,
-    POSTGRES_SECRET,
-    POSTGRES_SECRET_KEYS,
     SHARED_MOUNT,
     SHARED_PVC,
     SHARED_VOLUME,
@@ -38,16 +33,6 @@ from sales_forecast.training.pipeline import train_sales_model
 NODE = TRAINER_NODE
 DEFAULT_RESOURCES = {"cpu": "2", "memory": "4Gi"}
 JOB_LABELS = {**PART_OF_LABEL, "app.kubernetes.io/name": "sales-training"}
-# The ConfigMap keys the trainer pods read (RAY_JOBS_ADDRESS is only step 1's).
-CONFIG_KEYS = tuple(key for key in CLUSTER_CONFIG if key != "RAY_JOBS_ADDRESS")
-
-def _pod_env() -> list[dict[str, Any]]:
-    config = [{"name": key, "valueFrom": {"configMapKeyRef": {"name": PIPELINE_CONFIG, "key": key}}}
-              for key in CONFIG_KEYS]
-    secret = [{"name": key, "valueFrom": {"secretKeyRef": {"name": POSTGRES_SECRET, "key": key}}}
-              for key in POSTGRES_SECRET_KEYS]
-    return config + secret
-
 
 def runtime_patch():
     from kubeflow.trainer.options import (
@@ -66,12 +51,12 @@ def runtime_patch():
     # The training set's point-in-time join runs on a Ray inside this pod: its object store lives in /dev/shm,
     # which a container gets only 64Mi of by default.
     container = ContainerPatch(
-        name=NODE, env=_pod_env(),
+        name=NODE, env=pod_env(),
         volume_mounts=[{"name": SHARED_VOLUME, "mountPath": SHARED_MOUNT}, {"name": "dshm", "mountPath": "/dev/shm"}],
         security_context={"runAsNonRoot": True, "allowPrivilegeEscalation": False,
                           "capabilities": {"drop": ["ALL"]}})
     pod = PodTemplatePatch(
-        metadata={"labels": {POSTGRES_CLIENT_LABEL: "true"}},
+        metadata={"labels": dict(POD_LABELS)},
         spec=PodSpecPatch(
             security_context={"runAsNonRoot": True, "runAsUser": IMAGE_UID, "fsGroup": IMAGE_GID,
                               "seccompProfile": {"type": "RuntimeDefault"}},
@@ -87,7 +72,7 @@ def custom_trainer(params: TrainingParams, settings: Settings, num_nodes: int, r
     from kubeflow.trainer import CustomTrainer
 
     return CustomTrainer(
-        func=train_sales_model, func_args=params.as_literal(), image=settings.image, num_nodes=num_nodes,
+        func=train_sales_model, func_args=params.as_func_args(), image=settings.image, num_nodes=num_nodes,
         resources_per_node=resources,
         env={"MLFLOW_EXPERIMENT_NAME": params.experiment or settings.mlflow_experiment, "PYTHONUNBUFFERED": "1",
              # the point-in-time join runs on a Ray inside the pod (a TrainJob is no Ray job on feast-ray)
@@ -101,6 +86,7 @@ def submit(client, params: TrainingParams, settings: Settings, num_nodes: int = 
 
     if not params.trainjob:
         raise ValueError("params.trainjob must name the TrainJob (see new_job_name)")
+    params.check()  # refused here, before anything reaches the cluster
 
     trainer = custom_trainer(params, settings, num_nodes, resources or DEFAULT_RESOURCES)
     return client.train(runtime=TRAINING_RUNTIME, trainer=trainer,

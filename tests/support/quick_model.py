@@ -1,7 +1,8 @@
 """A small Forecaster fitted in seconds on the offline feature table, for the serving benchmark and tests.
 
-It goes through the real training preprocessing (``design_matrix``, a StandardScaler, the relative target) so
-what it serves has the production shape; its accuracy is beside the point.
+It goes through the real training preprocessing (``design_matrix``, a Standardizer, the relative target) so
+what it serves has the production shape; its accuracy is beside the point. ``quantiles`` other than the default
+(0.5,) give a network with one output per level, fitted with the pinball loss (levels in increasing order).
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ import numpy as np
 import pandas as pd
 import psycopg
 import torch
-from sklearn.preprocessing import StandardScaler
 
 from sales_forecast.config import Settings
 from sales_forecast.contract import FEATURE_TABLE
 from sales_forecast.features.derive import MODEL_FEATURES
-from sales_forecast.forecaster import Forecaster, SalesForecastModel, design_matrix, relative_target
+from sales_forecast.forecaster import Forecaster, SalesForecastModel, Standardizer, design_matrix, relative_target
 
 
 def labelled_rows(settings: Settings) -> pd.DataFrame:
@@ -28,18 +28,24 @@ def labelled_rows(settings: Settings) -> pd.DataFrame:
     return rows.dropna(subset=[*MODEL_FEATURES, "label"]).reset_index(drop=True)
 
 
-def fit_quick_forecaster(rows: pd.DataFrame, epochs: int = 20, seed: int = 0) -> Forecaster:
+def fit_quick_forecaster(rows: pd.DataFrame, epochs: int = 20, seed: int = 0,
+                         quantiles: tuple[float, ...] = (0.5,)) -> Forecaster:
     torch.manual_seed(seed)
-    scaler = StandardScaler().fit(design_matrix(rows))
-    model = SalesForecastModel(n_inputs=scaler.n_features_in_, hidden=(32, 16))
-    forecaster = Forecaster(model=model, scaler=scaler, features=list(MODEL_FEATURES))
+    scaler = Standardizer.fit(design_matrix(rows))
+    model = SalesForecastModel(n_inputs=len(scaler.mean), hidden=(32, 16), n_outputs=len(quantiles))
+    forecaster = Forecaster(model=model, scaler=scaler, features=list(MODEL_FEATURES), quantiles=tuple(quantiles))
     x = torch.from_numpy(forecaster.inputs(rows))
     y = torch.from_numpy(relative_target(rows, rows["label"].to_numpy()).astype(np.float32))
+    levels = torch.tensor(quantiles, dtype=torch.float32)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(epochs):
         optimizer.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
+        if quantiles == (0.5,):
+            loss = torch.nn.functional.mse_loss(model(x)[:, 0], y)
+        else:  # pinball loss, one column per level
+            error = y[:, None] - model(x)
+            loss = torch.maximum(levels * error, (levels - 1) * error).mean()
         loss.backward()
         optimizer.step()
     model.eval()
