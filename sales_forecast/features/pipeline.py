@@ -29,6 +29,7 @@ def run_feature_pipeline(shape: Shape, settings: Settings, online: bool = True) 
     timer = PhaseTimer(f"step 1: {shape.stores} stores x {shape.depts} depts x {shape.weeks} weeks")
     with timer.phase("connect PostgreSQL and Ray"):
         settings = stack.ensure_services(settings, ray=True)
+        workers = fs_ops.WarmWorkers(settings) if online else None
     with timer.phase("generate data"):
         raw = generate(shape)
         timer.note("generate data", f"{len(raw):,} rows, ending {shape.resolved_end_date()}")
@@ -36,8 +37,9 @@ def run_feature_pipeline(shape: Shape, settings: Settings, online: bool = True) 
         features = build_features(raw)
     latest = features[features["event_timestamp"] == features["event_timestamp"].max()]
     data_end = latest["event_timestamp"].max().to_pydatetime()
-    if online:
-        fs_ops.check_materializable(data_end, fs_ops.repo_feature_ttl(settings.feast_repo_path))
+    if online:  # before anything is loaded
+        with timer.phase("read the feature repo"):
+            fs_ops.check_materializable(data_end, fs_ops.repo_feature_ttl(settings.feast_repo_path))
     with timer.phase("bulk load (ADBC)"):
         load_table(settings.postgres, RAW_TABLE, raw, ["store", "dept", "date"])
         count = load_table(settings.postgres, FEATURE_TABLE, features, ["store", "dept", "event_timestamp"])
@@ -50,6 +52,7 @@ def run_feature_pipeline(shape: Shape, settings: Settings, online: bool = True) 
     if not online:
         return FeatureRunResult(rows=len(raw), series=len(latest), online_entities=0, timer=timer)
     with timer.phase("materialize (Ray engine)"):
+        workers.wait()
         fs_ops.materialize_latest(store, data_end)
     with timer.phase("prune stale series"):
         timer.note("prune stale series", f"{fs_ops.prune_online(settings, latest):,} online rows deleted")

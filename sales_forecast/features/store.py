@@ -71,6 +71,38 @@ def repo_feature_ttl(repo_path: Path) -> dt.timedelta:
     return views[0].ttl
 
 
+def _import_materialization_modules() -> int:
+    import feast.infra.compute_engines.ray.nodes  # noqa: F401  what the engine's Ray tasks import first
+
+    return os.getpid()
+
+
+class WarmWorkers:
+    """Ray workers of this driver started, with Feast imported, while the data is still being generated and
+    loaded. Ray reuses an idle worker of the same job for the engine's tasks, so materialization does not wait for
+    worker processes to start and import Feast (about 10 s of a 17 s materialization on a busy 2-CPU machine)."""
+
+    def __init__(self, settings: Settings):
+        self.pending: list = []
+        if not settings.ray_address:  # a Ray inside the process (FEAST_RAY_EXECUTION_MODE=local): nothing to warm
+            return
+        import ray
+
+        # Feast's engine initializes Ray with ignore_reinit_error, so it keeps this connection.
+        ray.init(address=settings.ray_address, ignore_reinit_error=True, include_dashboard=False,
+                 log_to_driver=False, logging_level="ERROR")
+        task = ray.remote(num_cpus=1)(_import_materialization_modules)
+        self.pending = [task.remote() for _ in range(max(1, int(ray.cluster_resources().get("CPU", 1))))]
+
+    def wait(self, timeout: float = 60.0) -> None:
+        """Until the workers are up (a failure here is the engine's to report, with its own message)."""
+        if self.pending:
+            import ray
+
+            ray.wait(self.pending, num_returns=len(self.pending), timeout=timeout)
+            self.pending = []
+
+
 def materialize_latest(store, data_end: dt.datetime) -> None:
     """Materialize the latest row of every series into the online store.
 
