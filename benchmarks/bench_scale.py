@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Steps 1 and 2 at a multiple of the default rows, with the whole machine's memory sampled:
+`python -m benchmarks.bench_scale --scale 10` (make bench-scale).
+
+--scale S runs `01_feast_features.py --stores 143*S` (81 depts, 52 weeks: 602,316 x S rows) and then
+`02_training.py`, each as its own process exactly as a user runs them, on the configured or embedded stack (use a
+stack of its own: SALES_STACK_DIR, POSTGRES_PORT, SALES_*_PORT, as for bench_pit_join). Figures per step:
+- wall: from spawning the process to its exit (Python start-up, imports, the work, teardown);
+- the step's own phase table (printed by the step: its retrieval, load, materialization... times);
+- memory: peak PSS of the step's process tree, of the Ray head's processes (workers included), of PostgreSQL, and
+  the machine's used memory (total - available), each with its baseline before the step, sampled every
+  --memory-interval seconds.
+--steps 1 or 2 runs one step only (2 needs step 1's data at the same scale). What breaks first at 100x is part
+of the report, so a step is stopped, and reported with the phase it was in, when it passes --timeout or when the
+machine's used memory passes --stop-above GiB (before the kernel's OOM killer picks a victim among the stack's
+processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.memory import MachineMemory, pid_from
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_STORES = 143
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=int, default=10)
+    parser.add_argument("--steps", default="1,2", help="which steps to run: 1, 2 or 1,2")
+    parser.add_argument("--memory-interval", type=float, default=0.5)
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per step")
+    parser.add_argument("--stop-above", type=float, default=20.0, help="GiB of machine memory used")
+    args = parser.parse_args()
+
+    from sales_forecast import stack
+    from sales_forecast.config import load_settings
+
+    settings = stack.ensure_services(load_settings(), mlflow=True, ray=True)
+    stores = DEFAULT_STORES * args.scale
+    commands = {"1": [sys.executable, "01_feast_features.py", "--stores", str(stores)],
+                "2": [sys.executable, "02_training.py", "--run-name", f"bench-scale x{args.scale}"]}
+    print(f"scale {args.scale}: {stores} stores x 81 depts x 52 weeks = {stores * 81 * 52:,} rows; "
+          f"load average {os.getloadavg()[0]:.1f} (2 CPUs)", flush=True)
+    summary = []
+    for step in args.steps.split(","):
+        head = pid_from(settings.stack_dir / "ray" / "head.pid")
+        postmaster = pid_from(settings.stack_dir / "postgres" / "postmaster.pid")
+        with MachineMemory(head, postmaster, args.memory_interval) as memory:
+            started = time.perf_counter()
+            process = subprocess.Popen(commands[step], cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE,
+                                       text=True, start_new_session=True)
+            memory.watch(process.pid)
+            phase = Phase(process.stdout)
+            code = watch(process, memory, args.timeout, args.stop_above * 2**30)
+            wall = time.perf_counter() - started
+            phase.thread.join()
+        print(f"\nstep {step}: wall {wall:.1f} s, exit {code}" + (f" in phase {phase.last!r}" if code != 0 else "")
+              + f", load average after {os.getloadavg()[0]:.1f}")
+        memory.report(f"step {step}")
+        summary.append((step, wall, code, memory.peak))
+        if code != 0:
+            break
+    print(f"\n| scale {args.scale} | wall | exit | peak driver | peak Ray | peak PostgreSQL | peak machine used |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for step, wall, code, peak in summary:
+        gib = {name: value / 2**30 for name, value in peak.items()}
+        print(f"| step {step} | {wall:.1f} s | {code} | {gib['driver']:.2f} GiB | {gib['ray head']:.2f} GiB | "
+              f"{gib['postgresql']:.2f} GiB | {gib['machine used (total - available)']:.2f} GiB |")
+
+
+class Phase:
+    """Echoes a step's output and remembers the phase it is in (PhaseTimer's "> phase ..." lines)."""
+
+    def __init__(self, stream):
+        self.last = "start-up"
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            sys.stdout.write(line)
+            if line.startswith("> "):
+                self.last = line[2:].strip(" .\n")
+
+
+def watch(process: subprocess.Popen, memory: MachineMemory, timeout: float, limit: float) -> int | str:
+    """The step's exit code, or why it was stopped (its whole process group)."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None:
+        used = memory.peak.get("machine used (total - available)", 0.0)
+        reason = ("timeout" if time.monotonic() > deadline
+                  else f"stopped: machine memory used {used / 2**30:.1f} GiB" if used > limit else None)
+        if reason:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return reason
+        time.sleep(0.2)
+    return process.returncode
+
+
+if __name__ == "__main__":
+    main()
