@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from sales_forecast.cli import from_environment, positive_int, run_cli
+from sales_forecast.cli import add_shape_arguments, from_environment, run_cli
 from sales_forecast.config import load_settings, load_shape_defaults
 from sales_forecast.features.generator import Shape, latest_friday
 
@@ -34,11 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = from_environment(parser, load_shape_defaults)
     settings = from_environment(parser, load_settings)
-    parser.add_argument("--stores", type=positive_int, default=defaults.stores, help="(SALES_STORES)")
-    parser.add_argument("--depts", type=positive_int, default=defaults.depts, help="(SALES_DEPTS)")
-    parser.add_argument("--weeks", type=positive_int, default=defaults.weeks,
-                        help="weeks per series, at least 6: four lags, a label, a test week (SALES_WEEKS)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="(SALES_SEED)")
+    add_shape_arguments(parser, defaults, "--weeks", "weeks per series, at least 6: four lags, a label, a test week")
     parser.add_argument("--end-date", type=week_end_date, default=None,
                         help="the series end on the Friday on or before this date (default: the latest Friday)")
     parser.add_argument("--append-week", nargs="?", const="latest", default=None, metavar="YYYY-MM-DD",

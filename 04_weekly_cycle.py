@@ -15,7 +15,7 @@ import argparse
 
 from rich.console import Console
 
-from sales_forecast.cli import from_environment, positive_float, positive_int, run_cli
+from sales_forecast.cli import add_shape_arguments, from_environment, positive_float, positive_int, run_cli
 from sales_forecast.config import EMBEDDED_MODEL_SERVER_PORT, load_settings, load_shape_defaults
 
 
@@ -35,11 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="alert when the served model's realized WMAE exceeds this x the naive forecast's")
     parser.add_argument("--max-psi", type=positive_float, default=policy.max_psi,
                         help="alert when a feature's PSI against the champion's training window exceeds this")
-    parser.add_argument("--stores", type=positive_int, default=shape.stores, help="replay: (SALES_STORES)")
-    parser.add_argument("--depts", type=positive_int, default=shape.depts, help="replay: (SALES_DEPTS)")
-    parser.add_argument("--history-weeks", type=positive_int, default=shape.weeks,
-                        help="replay: weeks of history before the first replayed week (SALES_WEEKS)")
-    parser.add_argument("--seed", type=int, default=shape.seed, help="replay: (SALES_SEED)")
+    add_shape_arguments(parser, shape, "--history-weeks", "weeks of history before the first replayed week",
+                        scope="replay: ")
     parser.add_argument("--port", type=positive_int, default=EMBEDDED_MODEL_SERVER_PORT,
                         help="replay: loopback port of the model server it starts (it keeps running)")
     parser.add_argument("--no-server", action="store_true", help="replay: do not start the model server")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from sales_forecast.errors import ConfigError, PipelineError, first_line
+
+if TYPE_CHECKING:
+    from sales_forecast.config import ShapeDefaults
 
 T = TypeVar("T")
 
@@ -30,6 +33,16 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0: {value}")
     return value
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser, defaults: ShapeDefaults, weeks_flag: str, weeks_help: str,
+                        scope: str = "") -> None:
+    """Step 1's data shape: --stores, --depts, the weeks flag, --seed, defaulting to their environment variables."""
+    parser.add_argument("--stores", type=positive_int, default=defaults.stores, help=f"{scope}(SALES_STORES)")
+    parser.add_argument("--depts", type=positive_int, default=defaults.depts, help=f"{scope}(SALES_DEPTS)")
+    parser.add_argument(weeks_flag, type=positive_int, default=defaults.weeks,
+                        help=f"{scope}{weeks_help} (SALES_WEEKS)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help=f"{scope}(SALES_SEED)")
 
 
 def from_environment(parser: argparse.ArgumentParser, read: Callable[[], T]) -> T:
