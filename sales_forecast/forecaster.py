@@ -304,6 +304,10 @@ class _EvalSteps:
         return x
 
 
+class BundleFormatError(ValueError):
+    """A bundle written by another version of the model: its inputs are not this version's."""
+
+
 @dataclass(frozen=True)
 class Inputs:
     """What the network gets for some rows, and the level that turns its outputs into sales."""
@@ -385,7 +389,8 @@ class Forecaster:
     def load(cls, directory: Path) -> Forecaster:
         meta = json.loads((directory / META_FILE).read_text())
         if meta.get("design") != DESIGN:
-            raise ValueError(f"the bundle in {directory} was built for another design matrix (an older version)")
+            raise BundleFormatError(f"the bundle in {directory} was built for another design matrix (an older "
+                                    "version of the model)")
         model = SalesForecastModel(Architecture.from_json(meta["architecture"]))
         model.load_state_dict(torch.load(directory / MODEL_FILE, weights_only=True))
         model.eval()

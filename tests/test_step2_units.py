@@ -409,3 +409,33 @@ def test_the_training_cli_passes_the_backtest_and_the_budget() -> None:
     params = cli.training_params(cli.parse_args(["--backtest", "3", "--time-budget", "20", "--no-statsforecast"]))
     assert (params.backtest, params.backtest_weeks, params.time_budget, params.statsforecast) == (3, 4, 20.0, False)
     assert cli.training_params(cli.parse_args([])) == TrainingParams()
+
+
+def test_a_champion_of_an_older_model_version_does_not_block_promotion(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A champion whose bundle has another design matrix (the model before issue 12) cannot be re-scored; the gate
+    says so and lets a model that beats the baselines replace it, instead of failing closed forever."""
+    import mlflow
+
+    from sales_forecast.training import champion
+
+    class Version:
+        version, run_id = "2", "old"
+
+    class Client:
+        def __init__(self, uri):
+            pass
+
+        def get_model_version_by_alias(self, name, alias):
+            return Version()
+
+        def download_artifacts(self, run_id, path, folder):
+            bundle = Path(folder) / path
+            bundle.mkdir(parents=True)
+            (bundle / "forecaster.json").write_text(json.dumps({"features": [], "n_inputs": 14, "hidden": [8],
+                                                                "quantiles": [0.5], "scaler": {}}))
+            return str(bundle)
+
+    monkeypatch.setattr(mlflow, "MlflowClient", Client)
+    found = champion.current_champion("http://mlflow", "m", frame_of(weeks=6))
+    assert not found.rescore_failed and "older model version" in found.note
+    assert decide(Evaluation(model=Scores(90.0, 0.1, 150.0), baselines=SCORES, rows=10), found).promote

@@ -1,12 +1,12 @@
-"""Step 2 from end to end, the same on every backend: check MLflow, retrieve, split, fit, evaluate, log, register,
-promote. Faults (MLflow unreachable, an empty training set, a diverging loss) stop it before anything is logged
-or registered.
+"""Step 2 from end to end, the same on every backend: check MLflow, retrieve, split, fit, (backtest,) evaluate
+against the baselines, log, register, promote. Faults (MLflow unreachable, an empty training set, a diverging
+loss) stop it before anything is logged or registered.
 
 ``run_training(params, settings)`` is the typed entry point (02_training.py's local backend calls it);
 ``train_sales_model(dict)`` is the Kubeflow boundary, the function LocalProcess and TrainJob pods run.
 
 Under torchrun with WORLD_SIZE > 1 rank 0 retrieves the data and shares it, every rank trains its shard with
-DDP, and only rank 0 evaluates, logs and registers.
+DDP (the backtest's models too), and only rank 0 evaluates, logs and registers.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def _train(params: TrainingParams, settings: Settings, dist: Distributed) -> Tra
         fit = fit_forecaster(split, params, dist)
         timer.note("train", f"{fit.epochs_run} epochs, best {fit.best_epoch}, {len(split.train):,} rows, "
                             f"{dist.world_size} process(es), {fit.cpu_seconds:.1f} CPU s"
-                            + (f", stopped by the {fit.stopped_by}" if fit.stopped_by else ""))
+                            + (f", stopped by {fit.stopped_by}" if fit.stopped_by else ""))
     history = None
     if params.statsforecast and dist.is_main:
         with timer.phase("read the sales history (statsforecast baselines)"):
@@ -156,7 +156,7 @@ def _train(params: TrainingParams, settings: Settings, dist: Distributed) -> Tra
             backtest = run_backtest(frame, history, params, dist)
     if not dist.is_main:
         return None
-    with timer.phase("evaluate on the holdout"):
+    with timer.phase("evaluate the model and the baselines on the holdout"):
         holdout = _evaluate(fit, split, uri, params, history)
     content = _run_content(params, frame, split, returned, fit, holdout, dist, backtest)
     with timer.phase("log to MLflow + register"):
