@@ -79,7 +79,7 @@ def network_signature(inputs: tuple[np.ndarray, ...], outputs: np.ndarray):
     return ModelSignature(inputs=Schema(specs), outputs=Schema([TensorSpec(outputs.dtype, (-1, outputs.shape[1]))]))
 
 
-def _log_network(forecaster: Forecaster, example: pd.DataFrame, registered_model: str):
+def log_network(forecaster: Forecaster, example: pd.DataFrame, registered_model: str):
     import mlflow.pytorch
     import torch
 
@@ -113,7 +113,7 @@ def log_training_run(uri: str, experiment: str, run_name: str | None, registered
         with tempfile.TemporaryDirectory() as bundle:
             content.fit.forecaster.save(Path(bundle))
             mlflow.log_artifacts(bundle, artifact_path=FORECASTER_ARTIFACT)
-        info = _log_network(content.fit.forecaster, content.example, registered_model)
+        info = log_network(content.fit.forecaster, content.example, registered_model)
     if info.registered_model_version is None:
         raise PipelineError(f"MLflow did not register run {run_id} as {registered_model!r}")
     return LoggedRun(run_id=run_id, experiment_id=experiment_id, url=run_url(uri, experiment_id, run_id),
