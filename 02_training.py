@@ -39,14 +39,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=["local", "local-process", "kubernetes"], default="local")
     parser.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="maximum epochs")
     parser.add_argument("--patience", type=positive_int, default=defaults.patience,
-                        help="stop after this many epochs without a better validation WMAE")
-    parser.add_argument("--lr", type=positive_float, default=defaults.learning_rate, help="Adam learning rate")
+                        help="stop after this many epochs without a better validation score")
+    parser.add_argument("--lr", type=positive_float, default=defaults.learning_rate, help="peak learning rate")
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     parser.add_argument("--hidden", type=layer_sizes, default=defaults.hidden, help="hidden layer sizes, e.g. 128,64")
     parser.add_argument("--test-weeks", type=positive_int, default=defaults.test_weeks,
                         help="the last weeks held out for the metrics")
     parser.add_argument("--validation-weeks", type=positive_int, default=defaults.validation_weeks,
                         help="the weeks before the holdout that steer early stopping")
+    parser.add_argument("--time-budget", type=positive_float, default=defaults.time_budget,
+                        help="CPU seconds of training; no new epoch starts after them")
+    parser.add_argument("--backtest", type=positive_int, default=None, metavar="K",
+                        help="also a rolling-origin backtest: K origins, each a model trained on the weeks before it")
+    parser.add_argument("--backtest-weeks", type=positive_int, default=defaults.backtest_weeks,
+                        help="holdout weeks per backtest origin (and the distance between origins)")
+    parser.add_argument("--no-statsforecast", action="store_true",
+                        help="skip the statsforecast baselines (SES; MSTL + AutoETS with two years of history)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=positive_int, default=defaults.threads, help="CPU threads per process")
     parser.add_argument("--run-name", default=None, help="MLflow run name")
@@ -63,6 +71,8 @@ def training_params(args: argparse.Namespace) -> TrainingParams:
     params = TrainingParams(
         epochs=args.epochs, patience=args.patience, learning_rate=args.lr, batch_size=args.batch_size,
         hidden=args.hidden, test_weeks=args.test_weeks, validation_weeks=args.validation_weeks, seed=args.seed,
+        time_budget=args.time_budget, backtest=args.backtest or 0, backtest_weeks=args.backtest_weeks,
+        statsforecast=not args.no_statsforecast,
         threads=args.threads, run_name=args.run_name, registered_model=args.registered_model)
     params.check()
     return params

@@ -1,17 +1,28 @@
 """The forecasting model and the one preprocessing path shared by training and serving.
 
-The network predicts next week's sales relative to the series level (the mean of the last four weeks), so
-one model serves series whose sizes differ by orders of magnitude; ``Forecaster`` turns Feast feature rows
-(a DataFrame in training, a mapping of column arrays in serving: the same code) into the scaled design matrix
-and the network's outputs, one per quantile, back into sales.
+The network predicts next week's sales relative to the series level L (the mean of the last four weeks, floored),
+so one model serves series whose sizes differ by orders of magnitude. ``Forecaster`` turns Feast feature rows (a
+DataFrame in training, a mapping of column arrays in serving: the same code) plus the series ids into
+
+* the design matrix: sales features relative to L (year-ago ones also relative to last year's level), the
+  calendar, the department medians and the exogenous values, clipped to the range training saw (an event or a
+  distance that training never saw cannot extrapolate; a column training never had stays missing), then
+  standardized, with NULL -> 0 plus a missing indicator per distinct missingness pattern of training;
+* store and department indices for learned embeddings (index 0: an id training never saw);
+* the predicted week's calendar events, for a learned (department x event) uplift,
+
+and the network's outputs, one per quantile, back into sales. Quantiles cannot cross: the median is one output
+and the others are the median minus / plus sums of softplus terms.
 
 A bundle (``Forecaster.save``) is plain data: the weights (``torch.load(weights_only=True)``) and a JSON file
-with the feature list, the architecture, the quantiles and the scaler's numbers. Loading it runs no code.
+with the feature list, the architecture, the quantiles and the preprocessing numbers. Loading it runs no code.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,45 +31,246 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional
 
-from sales_forecast.features.derive import MODEL_FEATURES
+from sales_forecast.features.derive import (
+    CALENDAR_FEATURES,
+    DEPT_FEATURES,
+    EXOGENOUS_FEATURES,
+    HOLIDAYS,
+    LONG_MEANS,
+    MODEL_FEATURES,
+    SALES_LAGS,
+    relative,
+    safe_level,
+)
 
-LEVEL_FLOOR = 10.0  # sales units; keeps the relative target finite for tiny or negative levels
 MODEL_FILE, META_FILE = "model.pt", "forecaster.json"
 BUNDLE_FILES = (MODEL_FILE, META_FILE)
 POINT_QUANTILE = 0.5
-Columns = Mapping[str, Any]  # a DataFrame or {feature name: 1-D array}
+ID_COLUMNS = ("store", "dept")
+Columns = Mapping[str, Any]  # a DataFrame or {column name: 1-D array}: the features and the ids
+
+DESIGN: list[str] = [
+    *(f"rel_lag_{k}" for k in range(1, SALES_LAGS + 1)),
+    "rel_std_4",
+    "log_level",
+    *(f"rel_mean_{n}" for n in LONG_MEANS),
+    "rel_ya_next",
+    "rel_ya_this",
+    "rel_ya_next2",
+    "ya_level_ratio",  # log(last year's level / this level)
+    "ya_step",  # last year's move from its level to the predicted week
+    "ya_step_this",
+    *DEPT_FEATURES,
+    *CALENDAR_FEATURES,
+    *EXOGENOUS_FEATURES,
+]
+EVENTS = [*(f"target_is_{name}" for name in HOLIDAYS), "target_is_pre_christmas"]
+_EVENT_COLUMNS = [DESIGN.index(name) for name in EVENTS]
+Z_LIMIT = 8.0  # standardized inputs are clipped to +-8
+
+
+def _column(columns: Columns, name: str) -> np.ndarray:
+    return np.asarray(columns[name], dtype="float64")
+
+
+def series_level(columns: Columns) -> np.ndarray:
+    return safe_level(_column(columns, "sales_mean_4"))
+
+
+def relative_target(columns: Columns, target: np.ndarray) -> np.ndarray:
+    return target / series_level(columns) - 1.0
+
+
+def design_matrix(columns: Columns) -> np.ndarray:
+    """Unscaled, unclipped model inputs (DESIGN's columns) from Feast feature rows (named as MODEL_FEATURES)."""
+    return _design(columns)[0]
+
+
+def _design(columns: Columns) -> tuple[np.ndarray, np.ndarray]:
+    """(design matrix, series level): the level once, for the matrix and for turning outputs back into sales."""
+    missing = [name for name in MODEL_FEATURES if name not in columns]
+    if missing:
+        raise KeyError(f"feature rows lack {missing}")
+    level = series_level(columns)
+    ya_next, ya_this = _column(columns, "sales_ya_next"), _column(columns, "sales_ya_this")
+    ya_level = safe_level(_column(columns, "sales_ya_mean_4"))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        parts = [
+            *(relative(_column(columns, f"sales_lag_{k}"), level) for k in range(1, SALES_LAGS + 1)),
+            np.clip(_column(columns, "sales_std_4") / level, 0.0, 5.0),
+            np.log(level),
+            *(relative(_column(columns, f"sales_mean_{n}"), level) for n in LONG_MEANS),
+            relative(ya_next, level),
+            relative(ya_this, level),
+            relative(_column(columns, "sales_ya_next2"), level),
+            np.clip(np.log(ya_level / level), -3.0, 3.0),
+            relative(ya_next, ya_level),
+            relative(ya_this, ya_level),
+            *(_column(columns, name) for name in [*DEPT_FEATURES, *CALENDAR_FEATURES, *EXOGENOUS_FEATURES]),
+        ]
+    # np.column_stack's result, at a fifth of its cost for a few rows
+    return np.ascontiguousarray(np.array(parts).T), level
+
+
+def _nan_to_none(values: np.ndarray) -> list[float | None]:
+    return [None if math.isnan(v) else float(v) for v in values]
+
+
+def _none_to_nan(values: Sequence[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype="float64")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Clip to the training range, standardize, NULL -> 0 plus missing indicators; ids -> embedding indices."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    low: np.ndarray  # NaN for a column training never had: it stays missing (clipping to NaN gives NaN)
+    high: np.ndarray
+    indicators: list[int]  # design columns whose missingness is an input (one per distinct training pattern)
+    stores: np.ndarray  # sorted ids training saw; index k + 1 in the embedding, 0 for any other id
+    depts: np.ndarray
+
+    @classmethod
+    def fit(cls, matrix: np.ndarray, store: np.ndarray, dept: np.ndarray) -> Preprocessing:
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: a feature without history
+            low, high = np.nanmin(matrix, axis=0), np.nanmax(matrix, axis=0)
+            mean, std = np.nanmean(matrix, axis=0), np.nanstd(matrix, axis=0)
+        missing = np.isnan(matrix)
+        patterns: dict[bytes, int] = {}
+        for j in np.flatnonzero(missing.any(axis=0) & ~missing.all(axis=0)):
+            patterns.setdefault(np.packbits(missing[:, j]).tobytes(), int(j))
+        return cls(mean=np.where(np.isfinite(mean), mean, 0.0),
+                   scale=np.where(np.isfinite(std) & (std > 1e-8), std, 1.0),
+                   low=low, high=high, indicators=sorted(patterns.values()),
+                   stores=np.unique(np.asarray(store, dtype="int64")), depts=np.unique(np.asarray(dept, dtype="int64")))
+
+    @property
+    def width(self) -> int:
+        return len(self.mean) + len(self.indicators)
+
+    def clip(self, matrix: np.ndarray) -> np.ndarray:
+        return np.clip(matrix, self.low, self.high)
+
+    def transform(self, clipped: np.ndarray) -> np.ndarray:
+        """The float32 network input of a clipped design matrix."""
+        scaled = np.clip((clipped - self.mean) / self.scale, -Z_LIMIT, Z_LIMIT)
+        scaled = np.where(np.isnan(scaled), 0.0, scaled)
+        flags = np.isnan(clipped[:, self.indicators])
+        return np.concatenate([scaled, flags], axis=1).astype(np.float32)
+
+    @staticmethod
+    def index(ids: Any, known: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype="int64")
+        position = np.minimum(np.searchsorted(known, ids), len(known) - 1)
+        return np.where(known[position] == ids, position + 1, 0)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"mean": self.mean.tolist(), "scale": self.scale.tolist(), "low": _nan_to_none(self.low),
+                "high": _nan_to_none(self.high), "indicators": self.indicators, "stores": self.stores.tolist(),
+                "depts": self.depts.tolist()}
+
+    @classmethod
+    def from_json(cls, values: Mapping[str, Any]) -> Preprocessing:
+        return cls(mean=np.asarray(values["mean"], dtype="float64"), scale=np.asarray(values["scale"], dtype="float64"),
+                   low=_none_to_nan(values["low"]), high=_none_to_nan(values["high"]),
+                   indicators=[int(j) for j in values["indicators"]],
+                   stores=np.asarray(values["stores"], dtype="int64"), depts=np.asarray(values["depts"], dtype="int64"))
+
+
+@dataclass(frozen=True)
+class Architecture:
+    n_inputs: int
+    n_stores: int
+    n_depts: int
+    hidden: tuple[int, ...] = (64, 32)
+    dropout: float = 0.0
+    quantiles: tuple[float, ...] = (POINT_QUANTILE,)
+    store_dim: int = 0
+    dept_dim: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {"n_inputs": self.n_inputs, "n_stores": self.n_stores, "n_depts": self.n_depts,
+                "hidden": list(self.hidden), "dropout": self.dropout, "quantiles": list(self.quantiles),
+                "store_dim": self.store_dim, "dept_dim": self.dept_dim}
+
+    @classmethod
+    def from_json(cls, values: Mapping[str, Any]) -> Architecture:
+        return cls(int(values["n_inputs"]), int(values["n_stores"]), int(values["n_depts"]),
+                   tuple(int(size) for size in values["hidden"]), float(values["dropout"]),
+                   tuple(float(q) for q in values["quantiles"]), int(values["store_dim"]), int(values["dept_dim"]))
 
 
 class SalesForecastModel(nn.Module):
-    """An MLP on the scaled design matrix; outputs next-week sales / level - 1, one column per quantile."""
+    """Inputs + store and department embeddings -> MLP -> one output per quantile (non-crossing), times a learned
+    (department x event) uplift for weeks that hold an event; outputs next-week sales / level - 1."""
 
-    def __init__(self, n_inputs: int, hidden: tuple[int, ...] = (64, 32), dropout: float = 0.0, n_outputs: int = 1):
+    def __init__(self, arch: Architecture):
         super().__init__()
+        if POINT_QUANTILE not in arch.quantiles or list(arch.quantiles) != sorted(set(arch.quantiles)):
+            raise ValueError(f"quantiles must be increasing and hold {POINT_QUANTILE}: {arch.quantiles}")
+        self.arch = arch
+        self.point = arch.quantiles.index(POINT_QUANTILE)
+        self.store_embedding = nn.Embedding(arch.n_stores + 1, arch.store_dim)
+        self.dept_embedding = nn.Embedding(arch.n_depts + 1, arch.dept_dim)
+        self.uplift = nn.Embedding(arch.n_depts + 1, len(EVENTS))
         layers: list[nn.Module] = []
-        width = n_inputs
-        for size in hidden:
+        width = arch.n_inputs + arch.store_dim + arch.dept_dim
+        for size in arch.hidden:
             layers += [nn.Linear(width, size), nn.ReLU()]
-            if dropout:
-                layers.append(nn.Dropout(dropout))
+            if arch.dropout:
+                layers.append(nn.Dropout(arch.dropout))
             width = size
-        layers.append(nn.Linear(width, n_outputs))
+        head = nn.Linear(width, len(arch.quantiles))
+        layers.append(head)
         self.net = nn.Sequential(*layers)
-        self.n_inputs = n_inputs
-        self.hidden = hidden
-        self.n_outputs = n_outputs
+        with torch.no_grad():
+            for emb in (self.store_embedding, self.dept_embedding):
+                nn.init.normal_(emb.weight, 0.0, 0.05)
+            nn.init.zeros_(self.uplift.weight)
+            # the spreads start at softplus(-2.25) = 0.1 (+-10 %), not softplus(0) = 0.69
+            head.bias.copy_(torch.tensor([0.0 if k == self.point else -2.25 for k in range(len(arch.quantiles))]))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Forecaster's inference path makes the same torch calls directly (_EvalSteps); a test compares them.
-        return self.net(x)
+    @property
+    def n_inputs(self) -> int:
+        return self.arch.n_inputs
+
+    @property
+    def hidden(self) -> tuple[int, ...]:
+        return self.arch.hidden
+
+    def joined(self, x: torch.Tensor, store: torch.Tensor, dept: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, functional.embedding(store, self.store_embedding.weight),
+                          functional.embedding(dept, self.dept_embedding.weight)], dim=1)
+
+    def outputs(self, raw: torch.Tensor, dept: torch.Tensor, events: torch.Tensor) -> torch.Tensor:
+        p = self.point
+        mid = raw[:, p:p + 1]
+        parts = []
+        if p:
+            parts.append(mid - functional.softplus(raw[:, :p]).flip(1).cumsum(1).flip(1))
+        parts.append(mid)
+        if p + 1 < raw.shape[1]:
+            parts.append(mid + functional.softplus(raw[:, p + 1:]).cumsum(1))
+        quantiles = torch.cat(parts, dim=1) if len(parts) > 1 else mid
+        scale = 1.0 + (functional.embedding(dept, self.uplift.weight) * events).sum(dim=1, keepdim=True)
+        return (1.0 + quantiles) * scale - 1.0
+
+    def forward(self, x: torch.Tensor, store: torch.Tensor, dept: torch.Tensor, events: torch.Tensor) -> torch.Tensor:
+        # Forecaster's inference path makes the same torch calls with ``net`` run as _EvalSteps; a test compares them.
+        return self.outputs(self.net(self.joined(x, store, dept)), dept, events)
 
 
 class _EvalSteps:
-    """``SalesForecastModel.forward`` in eval mode as the torch calls its layers make, without the module machinery
-    (hooks, autograd bookkeeping), which costs more than the arithmetic for a request's few rows: Linear is
-    ``addmm(bias, x, weight.t())`` as ``F.linear`` computes it, ReLU is ``relu``, Dropout is nothing in eval mode. The
-    same kernels on the same tensors: bit-identical outputs. The weights are detached views of the parameters, so
-    in-place updates (an optimizer step) show; ``valid`` notices replaced parameters or storage."""
+    """``model.net`` in eval mode as the torch calls its layers make, without the module machinery (hooks, autograd
+    bookkeeping), which costs more than the arithmetic for a request's few rows: Linear is ``addmm(bias, x,
+    weight.t())`` as ``F.linear`` computes it, ReLU is ``relu``, Dropout is nothing in eval mode. The same kernels
+    on the same tensors: bit-identical outputs. The weights are detached views of the parameters, so in-place
+    updates (an optimizer step) show; ``valid`` notices replaced parameters or storage."""
 
     Step = tuple[nn.Linear, torch.Tensor, torch.Tensor, int] | None  # (layer, bias, weight.t(), weight's address)
 
@@ -68,7 +280,7 @@ class _EvalSteps:
 
     @classmethod
     def of(cls, model: nn.Module) -> _EvalSteps | None:
-        """The steps of a SalesForecastModel made of Linear, ReLU and Dropout layers; None for anything else."""
+        """The steps of a SalesForecastModel's net of Linear, ReLU and Dropout layers; None for anything else."""
         if type(model) is not SalesForecastModel:
             return None
         steps: list[_EvalSteps.Step] = []
@@ -92,119 +304,103 @@ class _EvalSteps:
         return x
 
 
+class BundleFormatError(ValueError):
+    """A bundle written by another version of the model: its inputs are not this version's."""
+
+
 @dataclass(frozen=True)
-class Standardizer:
-    """Per-column (x - mean) / scale, fitted like scikit-learn's StandardScaler (population std, 1 for constants)."""
+class Inputs:
+    """What the network gets for some rows, and the level that turns its outputs into sales."""
 
-    mean: np.ndarray
-    scale: np.ndarray
+    x: np.ndarray  # float32 (rows, preprocessing.width)
+    store: np.ndarray  # int64 embedding indices
+    dept: np.ndarray
+    events: np.ndarray  # float32 (rows, len(EVENTS)), clipped to the training range
+    level: np.ndarray
 
-    @classmethod
-    def fit(cls, matrix: np.ndarray) -> Standardizer:
-        std = matrix.std(axis=0)
-        return cls(mean=matrix.mean(axis=0), scale=np.where(std > 0, std, 1.0))
-
-    def transform(self, matrix: np.ndarray) -> np.ndarray:
-        return (matrix - self.mean) / self.scale
-
-    def as_json(self) -> dict[str, list[float]]:
-        return {"mean": self.mean.tolist(), "scale": self.scale.tolist()}
-
-    @classmethod
-    def from_json(cls, values: Mapping[str, Sequence[float]]) -> Standardizer:
-        return cls(mean=np.asarray(values["mean"], dtype="float64"), scale=np.asarray(values["scale"], dtype="float64"))
-
-
-def _column(columns: Columns, name: str) -> np.ndarray:
-    return np.asarray(columns[name], dtype="float64")
-
-
-def series_level(columns: Columns) -> np.ndarray:
-    return np.maximum(np.abs(_column(columns, "sales_mean_4")), LEVEL_FLOOR)  # np.clip's result, at a third the cost
-
-
-RELATIVE_FEATURES = ("sales_lag_1", "sales_lag_2", "sales_lag_3", "sales_lag_4", "sales_std_4")
-_OTHER_FEATURES = tuple(name for name in MODEL_FEATURES if not name.startswith("sales_"))
-
-
-def design_matrix(columns: Columns) -> np.ndarray:
-    """Unscaled model inputs from Feast feature rows (columns named as MODEL_FEATURES)."""
-    return _design(columns)[0]
-
-
-def _design(columns: Columns) -> tuple[np.ndarray, np.ndarray]:
-    """(design matrix, series level): the level once, for the matrix and for turning outputs back into sales."""
-    missing = [name for name in MODEL_FEATURES if name not in columns]
-    if missing:
-        raise KeyError(f"feature rows lack {missing}")
-    level = series_level(columns)
-    relative = [_column(columns, name) / level for name in RELATIVE_FEATURES]
-    other = [_column(columns, name) for name in _OTHER_FEATURES]
-    # np.column_stack's result, at a fifth of its cost for a few rows
-    return np.ascontiguousarray(np.array([*relative, np.log(level), *other]).T), level
-
-
-def relative_target(columns: Columns, target: np.ndarray) -> np.ndarray:
-    return target / series_level(columns) - 1.0
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (torch.from_numpy(self.x), torch.from_numpy(self.store), torch.from_numpy(self.dept),
+                torch.from_numpy(self.events))
 
 
 @dataclass
 class Forecaster:
-    """Fitted scaler + network: Feast feature rows in, next-week sales out (one column per quantile)."""
+    """Fitted preprocessing + network: Feast feature rows and ids in, next-week sales out (a column per quantile)."""
 
     model: SalesForecastModel
-    scaler: Standardizer
+    preprocessing: Preprocessing
     features: list[str]
-    quantiles: tuple[float, ...] = (POINT_QUANTILE,)
     _steps: _EvalSteps | None = field(default=None, init=False, repr=False, compare=False)
 
-    def inputs(self, columns: Columns) -> np.ndarray:
-        """The exact float32 matrix the network sees for these feature rows."""
-        return self._inputs(columns)[0]
+    @property
+    def quantiles(self) -> tuple[float, ...]:
+        return self.model.arch.quantiles
 
-    def _inputs(self, columns: Columns) -> tuple[np.ndarray, np.ndarray]:
+    def prepare(self, columns: Columns) -> Inputs:
+        missing = [name for name in ID_COLUMNS if name not in columns]
+        if missing:
+            raise KeyError(f"feature rows lack {missing}")
         matrix, level = _design(columns)
-        return self.scaler.transform(matrix).astype(np.float32), level
+        clipped = self.preprocessing.clip(matrix)
+        events = np.nan_to_num(clipped[:, _EVENT_COLUMNS]).astype(np.float32)
+        return Inputs(self.preprocessing.transform(clipped),
+                      self.preprocessing.index(columns["store"], self.preprocessing.stores),
+                      self.preprocessing.index(columns["dept"], self.preprocessing.depts), events, level)
+
+    def inputs(self, columns: Columns) -> np.ndarray:
+        """The exact float32 matrix the network sees for these feature rows (without the ids)."""
+        return self.prepare(columns).x
 
     def predict_quantiles(self, columns: Columns) -> np.ndarray:
         """(rows, quantiles) sales forecasts, in the order of ``self.quantiles``.
 
-        A request's few rows cost tens of microseconds here, so the per-call overhead counts: the series level is
-        computed once, the network is switched to eval mode only when it is not in it already, and its forward
-        pass runs as direct torch calls (``_EvalSteps``: the same numbers as ``self.model(x)``)."""
-        x, level = self._inputs(columns)
+        A request's few rows cost tens of microseconds here, so the per-call overhead counts: the network is
+        switched to eval mode only when it is not in it already, and its MLP runs as direct torch calls
+        (``_EvalSteps``: the same numbers as ``self.model(...)``)."""
+        prepared = self.prepare(columns)
         if self.model.training:
             self.model.eval()
-        relative = self._network(torch.from_numpy(x)).numpy().astype("float64")
-        return level[:, None] * (1.0 + relative)
+        relative_forecast = self._network(*prepared.tensors()).numpy().astype("float64")
+        return prepared.level[:, None] * (1.0 + relative_forecast)
 
-    def _network(self, x: torch.Tensor) -> torch.Tensor:
+    def _network(self, x: torch.Tensor, store: torch.Tensor, dept: torch.Tensor, events: torch.Tensor) -> torch.Tensor:
         steps = self._steps
         if steps is None or not steps.valid(self.model):
             steps = self._steps = _EvalSteps.of(self.model)
-        if steps is None:  # a network the direct path does not know
-            with torch.inference_mode():
-                return self.model(x)
-        return steps(x)
+        with torch.no_grad():
+            if steps is None:  # a network the direct path does not know
+                return self.model(x, store, dept, events)
+            model = self.model
+            return model.outputs(steps(model.joined(x, store, dept)), dept, events)
 
     def predict(self, columns: Columns) -> np.ndarray:
         """The point forecast: the median (P50)."""
-        return self.predict_quantiles(columns)[:, self.quantiles.index(POINT_QUANTILE)]
+        return self.predict_quantiles(columns)[:, self.model.point]
 
     def save(self, directory: Path) -> list[Path]:
         directory.mkdir(parents=True, exist_ok=True)
         torch.save(self.model.state_dict(), directory / MODEL_FILE)
-        meta = {"features": self.features, "n_inputs": self.model.n_inputs, "hidden": list(self.model.hidden),
-                "quantiles": list(self.quantiles), "scaler": self.scaler.as_json()}
+        meta = {"features": self.features, "design": DESIGN, "quantiles": list(self.quantiles),
+                "architecture": self.model.arch.as_json(), "preprocessing": self.preprocessing.as_json()}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))
         return [directory / name for name in BUNDLE_FILES]
 
     @classmethod
     def load(cls, directory: Path) -> Forecaster:
         meta = json.loads((directory / META_FILE).read_text())
-        quantiles = tuple(float(q) for q in meta["quantiles"])
-        model = SalesForecastModel(meta["n_inputs"], tuple(meta["hidden"]), n_outputs=len(quantiles))
+        if meta.get("design") != DESIGN:
+            raise BundleFormatError(f"the bundle in {directory} was built for another design matrix (an older "
+                                    "version of the model)")
+        model = SalesForecastModel(Architecture.from_json(meta["architecture"]))
         model.load_state_dict(torch.load(directory / MODEL_FILE, weights_only=True))
         model.eval()
-        return cls(model=model, scaler=Standardizer.from_json(meta["scaler"]), features=list(meta["features"]),
-                   quantiles=quantiles)
+        return cls(model=model, preprocessing=Preprocessing.from_json(meta["preprocessing"]),
+                   features=list(meta["features"]))
+
+    @classmethod
+    def build(cls, train: Columns, arch: Architecture) -> Forecaster:
+        """An untrained Forecaster whose preprocessing is fitted on the training rows ``train``."""
+        pre = Preprocessing.fit(design_matrix(train), np.asarray(train["store"]), np.asarray(train["dept"]))
+        arch = Architecture(pre.width, len(pre.stores), len(pre.depts), arch.hidden, arch.dropout, arch.quantiles,
+                            arch.store_dim, arch.dept_dim)
+        return cls(model=SalesForecastModel(arch), preprocessing=pre, features=list(MODEL_FEATURES))

@@ -24,7 +24,7 @@ from conftest import database_settings
 from sales_forecast.config import REPO_ROOT, Settings
 from sales_forecast.contract import FEATURE_SERVICE, FEATURE_TABLE, FEATURE_VIEW, MODEL_NAME, RAW_TABLE
 from sales_forecast.features import store as fs_ops
-from sales_forecast.features.derive import MODEL_FEATURES, build_features
+from sales_forecast.features.derive import MODEL_FEATURES, REQUIRED_FEATURES, build_features
 from sales_forecast.features.generator import Shape, generate
 from sales_forecast.features.load import load_table
 from sales_forecast.features.store import repo_objects, repo_yaml
@@ -114,7 +114,7 @@ def test_feature_service_equals_a_merge_asof_oracle(project_db, entity_kind: str
         same = np.isclose(a, b, rtol=1e-12, atol=0.0) | (np.isnan(a) & np.isnan(b))
         assert same.all(), f"{column} differs at rows {np.flatnonzero(~same)[:5].tolist()}"
     # found rows, lags that are NULL in a series' first weeks, and nothing found a ttl after the last row
-    assert got[MODEL_FEATURES].notna().all(axis=1).any() and got["sales_lag_4"].isna().any()
+    assert got[REQUIRED_FEATURES].notna().all(axis=1).any() and got["sales_lag_4"].isna().any()
     assert got.loc[got["event_timestamp"] > features["event_timestamp"].max() + view.ttl, "sales_lag_1"].isna().all()
 
 

@@ -195,11 +195,24 @@ def test_latest_friday_and_holiday_calendar() -> None:
 
 
 def _features_from_history(history: pd.DataFrame, row: pd.Series) -> dict[str, float]:
-    """Independent computation of one feature row from the raw weeks up to and including its week."""
-    past = history[history["date"] <= row["date"]].sort_values("date")["weekly_sales"].to_numpy()
-    lags = {f"sales_lag_{k}": past[-k] if len(past) >= k else np.nan for k in range(1, 5)}
-    last4 = past[-4:] if len(past) >= 4 else np.full(4, np.nan)
-    return {**lags, "sales_mean_4": last4.mean(), "sales_std_4": np.std(last4, ddof=1)}
+    """Independent computation of one feature row's own-series features from the raw weeks up to and including its
+    week, by date: NaN (never 0) where the history is too short."""
+    dated = history.set_index("date")["weekly_sales"]
+    week = pd.Timedelta(days=7)
+
+    def sales(weeks_back: int) -> float:
+        return float(dated.get(row["date"] - weeks_back * week, np.nan))
+
+    def mean(weeks: int, first: int = 0) -> float:
+        values = [sales(k) for k in range(first, first + weeks)]
+        return float(np.mean(values)) if np.isfinite(values).all() else np.nan
+
+    last4 = np.array([sales(k) for k in range(4)])
+    return {**{f"sales_lag_{k}": sales(k - 1) for k in range(1, 5)}, "sales_mean_4": mean(4),
+            "sales_std_4": np.std(last4, ddof=1) if np.isfinite(last4).all() else np.nan,
+            **{f"sales_mean_{n}": mean(n) for n in (8, 13, 26)},
+            "sales_ya_next": sales(51), "sales_ya_this": sales(52), "sales_ya_next2": sales(50),
+            "sales_ya_mean_4": mean(4, first=52)}
 
 
 def test_features_use_only_the_past(raw: pd.DataFrame) -> None:
@@ -208,7 +221,7 @@ def test_features_use_only_the_past(raw: pd.DataFrame) -> None:
     assert len(features) == len(raw)
     merged = raw.assign(**features[MODEL_FEATURES].to_dict("series"))
     for (store, dept), history in list(merged.groupby(["store", "dept"]))[:6]:
-        for _, row in history.iloc[[0, 2, 3, 10, 40, -1]].iterrows():
+        for _, row in history.iloc[[0, 2, 3, 10, 40, 50, 51, 52, 55, 56, -1]].iterrows():
             expected = _features_from_history(history, row)
             for name, value in expected.items():
                 assert row[name] == pytest.approx(value, nan_ok=True), (store, dept, row["date"], name)
@@ -221,6 +234,7 @@ def test_changing_the_future_changes_no_feature(raw: pd.DataFrame) -> None:
     changed = raw.copy()
     changed.loc[future, "weekly_sales"] *= 3.0
     changed.loc[future, ["temperature", "fuel_price", "cpi", "unemployment"]] += 50.0
+    changed.loc[future & (changed["store"] == 2), "weekly_sales"] *= -4.0  # other stores of each department too
     before = build_features(raw)
     after = build_features(changed)
     known = before["event_timestamp"] <= pd.Timestamp(cutoff, tz="UTC")
@@ -230,9 +244,36 @@ def test_changing_the_future_changes_no_feature(raw: pd.DataFrame) -> None:
 def test_target_calendar_is_the_next_week(raw: pd.DataFrame) -> None:
     features = build_features(raw)
     next_week = (features["event_timestamp"] + pd.Timedelta(days=7)).dt.tz_localize(None)
-    expected = next_week.map(lambda day: holiday_of_week(day.date()) is not None)
-    assert (features["target_is_holiday"].astype(bool) == expected).all()
-    assert features["target_is_holiday"].sum() > 0
+    holiday = next_week.map(lambda day: holiday_of_week(day.date()))
+    for name in ("super_bowl", "labor_day", "thanksgiving", "christmas"):
+        assert (features[f"target_is_{name}"].astype(bool) == (holiday == name)).all(), name
+    assert sum(features[f"target_is_{name}"].sum() for name in ("thanksgiving", "christmas")) > 0
+    thanksgiving = features.loc[features["target_is_thanksgiving"] == 1, "target_weeks_to_thanksgiving"]
+    assert (thanksgiving == 0).all() and features["target_weeks_to_thanksgiving"].abs().max() == 1.0
+    week_before = next_week == next_week[features["target_is_thanksgiving"] == 1].iloc[0] - pd.Timedelta(days=7)
+    assert (features.loc[week_before, "target_weeks_to_thanksgiving"] == -1 / 8).all()
+
+
+def test_year_ago_features_are_null_without_a_year_of_history(raw: pd.DataFrame) -> None:
+    features = build_features(raw)
+    weeks = features.groupby(["store", "dept"]).cumcount()
+    assert features.loc[weeks < 51, "sales_ya_next"].isna().all()
+    assert features.loc[weeks >= 51, "sales_ya_next"].notna().all()
+    assert features.loc[weeks < 55, ["sales_ya_mean_4", "dept_ya_step"]].isna().all(axis=None)
+    assert features.loc[weeks < 3, ["sales_lag_4", "dept_rel_lag_1"]].isna().all(axis=None)
+    assert not (features[["sales_ya_next", "sales_ya_this", "sales_ya_mean_4"]] == 0).any(axis=None)
+
+
+def test_department_features_are_the_medians_over_its_stores_that_week(raw: pd.DataFrame) -> None:
+    features = build_features(raw)
+    level = np.maximum(features["sales_mean_4"].abs(), 10.0)
+    own = (features["sales_lag_1"] / level - 1).clip(-3, 10)
+    groups = list(features.groupby(["dept", "event_timestamp"]))
+    assert len(groups) > 500
+    for key, group in groups[::37]:
+        expected = own[group.index].median()
+        pooled = group["dept_rel_lag_1"]
+        assert pooled.eq(expected).all() or (np.isnan(expected) and pooled.isna().all()), key
 
 
 def test_feature_rows_are_keyed_by_store_dept_and_time(raw: pd.DataFrame) -> None:

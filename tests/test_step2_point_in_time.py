@@ -14,7 +14,7 @@ import pytest
 
 from sales_forecast.contract import FEATURE_TABLE, RAW_TABLE
 from sales_forecast.features import store as fs_ops
-from sales_forecast.features.derive import MODEL_FEATURES, SALES_LAGS
+from sales_forecast.features.derive import MODEL_FEATURES, OPTIONAL_FEATURES, REQUIRED_FEATURES, SALES_LAGS
 from sales_forecast.training.dataset import (
     LABEL,
     LABEL_IS_HOLIDAY,
@@ -128,6 +128,10 @@ def test_no_feature_holds_the_target_week_or_later(tables) -> None:
             want = sales.get((row.store, row.dept, week), np.nan)
             got_value = getattr(row, f"sales_lag_{k}")
             assert (np.isnan(want) and np.isnan(got_value)) or got_value == pytest.approx(want), (row, k)
+        for name, weeks_back in (("sales_ya_next", 51), ("sales_ya_this", 52), ("sales_ya_next2", 50)):
+            want = sales.get((row.store, row.dept, latest - weeks_back * WEEK), np.nan)  # NULL without that history
+            got_value = getattr(row, name)
+            assert (np.isnan(want) and np.isnan(got_value)) or got_value == pytest.approx(want), (row, name)
         checked += 1
     assert checked >= 40
 
@@ -141,7 +145,8 @@ def test_training_set_labels_are_next_week(small_features, tables) -> None:
     series = raw.groupby(KEY).size()
     assert returned == int((series - 1).sum())  # every week but each series' last one has a label
     assert len(frame) == int((series - SALES_LAGS).sum())  # minus the first weeks with incomplete lags
-    assert not frame[MODEL_FEATURES].isna().any().any()
+    assert not frame[REQUIRED_FEATURES].isna().any().any()
+    assert frame["sales_ya_next"].isna().any() and frame["sales_ya_next"].notna().any()  # 60 weeks: some rows
 
     sample = frame.sample(n=300, random_state=0)
     target = raw_by_key.loc[list(zip(sample["store"], sample["dept"], sample[TIMESTAMP] + WEEK, strict=True))]
@@ -160,6 +165,8 @@ def test_complete_rows_drops_incomplete_features() -> None:
     frame["store"], frame["dept"], frame[LABEL] = 1, 2, 5.0
     frame[TIMESTAMP] = pd.date_range("2026-01-02", periods=3, freq="7D", tz="UTC")
     assert complete_rows(frame)[TIMESTAMP].tolist() == [frame[TIMESTAMP][0], frame[TIMESTAMP][2]]
+    frame.loc[1, REQUIRED_FEATURES] = 1.0  # only optional features (year-ago sales, long means) missing: kept
+    assert complete_rows(frame)[OPTIONAL_FEATURES].isna().sum(axis=1).tolist() == [0, len(OPTIONAL_FEATURES), 0]
 
 
 def test_training_retrieval_runs_the_ray_join_by_default(small_features) -> None:

@@ -31,10 +31,11 @@ from sales_forecast.features.derive import build_features
 from sales_forecast.features.generator import Shape, generate, week_dates
 from sales_forecast.features.load import load_table
 from sales_forecast.forecaster import Forecaster
+from sales_forecast.training.params import TrainingParams
 from sales_forecast.training.pipeline import train_sales_model
 
 FIXED_SHAPE = Shape(stores=20, depts=20, weeks=60, seed=7, end_date=dt.date(2026, 6, 26))
-FAST = {"batch_size": 256, "epochs": 15, "plot_series": 2}
+FAST = {"plot_series": 2}  # the default training: about 5 s here
 MODEL = "sales-forecast-it"  # a registered model of this module's own
 
 
@@ -67,23 +68,25 @@ def champion_run(training_env):
 
 def test_model_beats_every_naive_baseline(champion_run) -> None:
     evaluation = champion_run.evaluation
-    assert set(evaluation.baselines) == {"naive_lag_1", "mean_last_4", "seasonal_lag_52"}
+    assert set(evaluation.baselines) == {"naive_lag_1", "mean_last_4", "seasonal_lag_52", "sf_ses"}
     best_name, best = evaluation.best_baseline
     assert evaluation.model.wmae < best.wmae, f"model {evaluation.model.wmae:.1f} vs {best_name} {best.wmae:.1f}"
     assert evaluation.skill > 0
     assert evaluation.rows == champion_run.rows["test"] == 20 * 20 * 8
-    assert champion_run.fit.best_epoch >= 1 and champion_run.fit.epochs_run <= FAST["epochs"]
+    assert champion_run.fit.best_epoch >= 1 and champion_run.fit.epochs_run <= TrainingParams().epochs
+    assert 0.6 < evaluation.coverage < 0.95  # P10-P90: about 0.8 when calibrated
 
 
 def test_mlflow_run_holds_params_metrics_model_plot_and_version(champion_run, mlflow_uri) -> None:
     client = mlflow.MlflowClient(mlflow_uri)
     run = client.get_run(champion_run.run.run_id)
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    assert {"epochs": "15", "batch_size": "256", "learning_rate": "0.003", "test_weeks": "8", "seed": "42",
+    assert {"epochs": "8", "batch_size": "2048", "learning_rate": "0.002", "test_weeks": "8", "seed": "42",
             "world_size": "1", "feature_service": FEATURE_SERVICE}.items() <= params.items()
     assert int(params["train_rows"]) == champion_run.rows["train"]
     for name in ("test_wmae", "test_wape", "test_rmse", "baseline_naive_lag_1_wmae", "baseline_mean_last_4_wmae",
-                 "baseline_seasonal_lag_52_wmae", "best_baseline_wmae", "skill"):
+                 "baseline_seasonal_lag_52_wmae", "baseline_sf_ses_wmae", "best_baseline_wmae", "skill",
+                 "coverage_p10_p90", "train_cpu_seconds"):
         assert np.isfinite(metrics[name]), name
     assert metrics["test_wmae"] == pytest.approx(champion_run.evaluation.model.wmae)
     history = client.get_metric_history(run.info.run_id, "train_loss")
@@ -105,13 +108,14 @@ def test_mlflow_run_holds_params_metrics_model_plot_and_version(champion_run, ml
     assert version.tags["test_wmae"] == f"{champion_run.evaluation.model.wmae:.4f}"
     # MLflow 3 saves the network with torch.export (pt2): it loads without this project's code.
     network = mlflow.pytorch.load_model(f"models:/{MODEL}/{version.version}")
-    n_inputs = champion_run.fit.forecaster.model.n_inputs
+    forecaster = champion_run.fit.forecaster
     info = mlflow.models.get_model_info(f"models:/{MODEL}/{version.version}")
-    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, n_inputs]
-    assert info.saved_input_example_info is not None
-    example = torch.ones(3, n_inputs)
+    specs = info.signature.inputs.to_dict()
+    assert [spec["name"] for spec in specs] == ["x", "store", "dept", "events"]
+    assert list(specs[0]["tensor-spec"]["shape"]) == [-1, forecaster.model.n_inputs]
+    example = forecaster.prepare(champion_run_rows(champion_run)).tensors()
     with torch.no_grad():
-        assert torch.allclose(network(example), champion_run.fit.forecaster.model(example))
+        assert torch.allclose(network(*example), forecaster.model(*example))
 
 
 def test_serving_can_load_the_champion_from_mlflow_and_from_the_model_dir(champion_run, mlflow_uri,
@@ -132,7 +136,12 @@ def test_serving_can_load_the_champion_from_mlflow_and_from_the_model_dir(champi
 def _feature_rows(result) -> pd.DataFrame:
     rng = np.random.default_rng(0)
     features = result.fit.forecaster.features
-    return pd.DataFrame({name: rng.uniform(1_000, 5_000, 10) for name in features})
+    return pd.DataFrame({**{name: rng.uniform(1_000, 5_000, 10) for name in features},
+                         "store": rng.integers(1, 25, 10), "dept": rng.integers(1, 25, 10)})
+
+
+def champion_run_rows(result) -> pd.DataFrame:
+    return _feature_rows(result).iloc[:3]
 
 
 def test_alias_moves_only_when_the_model_wins(champion_run, mlflow_uri, training_env) -> None:
@@ -166,7 +175,8 @@ def test_two_ddp_processes_still_beat_the_baselines(fixed_data, mlflow_uri, tmp_
                       "train_sales_model(json.loads(sys.argv[1]))\n")
     params = {**FAST, "registered_model": "sales-forecast-ddp", "run_name": "ddp"}
     env = {**os.environ, "POSTGRES_DB": fixed_data.postgres.database, "MODEL_DIR": str(tmp_path / "models"),
-           "MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_EXPERIMENT_NAME": "training-tests-ddp", "OMP_NUM_THREADS": "1"}
+           "MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_EXPERIMENT_NAME": "training-tests-ddp", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO_ROOT)}  # this checkout's package, whatever an installed one is
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), json.dumps(params)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=600, check=False)
@@ -180,3 +190,33 @@ def test_two_ddp_processes_still_beat_the_baselines(fixed_data, mlflow_uri, tmp_
     assert run.data.metrics["test_wmae"] < run.data.metrics["best_baseline_wmae"]
     versions = client.search_model_versions("name = 'sales-forecast-ddp'")
     assert [v.run_id for v in versions] == [run.info.run_id]
+
+
+def test_backtest_scores_every_origin_on_a_model_trained_before_it(training_env, mlflow_uri) -> None:
+    """--backtest 2: two origins 4 weeks apart, each a fresh model trained only on the weeks before its holdout;
+    the model and every baseline scored per origin and in total; metrics and plot in the run."""
+    result = train_sales_model({**FAST, "registered_model": "sales-forecast-backtest", "run_name": "backtest",
+                                "backtest": 2})
+    backtest = result.backtest
+    weeks = [f"{day:%Y-%m-%d}" for day in week_dates(FIXED_SHAPE.end_date, FIXED_SHAPE.weeks)]
+    # prediction weeks end with the last but one week (its label is the last week)
+    assert [origin.test_range for origin in backtest.origins] == [f"{weeks[-5]}..{weeks[-2]}",
+                                                                 f"{weeks[-9]}..{weeks[-6]}"]
+    for origin in backtest.origins:
+        assert origin.evaluation.rows == 20 * 20 * 4
+        assert {"naive_lag_1", "mean_last_4", "sf_ses"} <= set(origin.evaluation.baselines)
+        assert 0.5 < origin.evaluation.coverage < 1.0
+    totals = backtest.total_wmae()
+    weights = np.array([origin.weight for origin in backtest.origins])
+    model = [origin.evaluation.model.wmae for origin in backtest.origins]
+    assert totals["model"] == pytest.approx(np.dot(model, weights) / weights.sum())
+    assert totals["model"] < min(value for name, value in totals.items() if name != "model")  # beats them all
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    metrics = client.get_run(result.run.run_id).data.metrics
+    for name in ("backtest_1_model_wmae", "backtest_2_model_wmae", "backtest_1_sf_ses_wmae",
+                 "backtest_2_naive_lag_1_wmae", "backtest_total_model_wmae", "backtest_total_sf_ses_wmae"):
+        assert np.isfinite(metrics[name]), name
+    assert metrics["backtest_skill"] == pytest.approx(backtest.skill)
+    plot = Path(client.download_artifacts(result.run.run_id, "plots/backtest_wmae.png"))
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

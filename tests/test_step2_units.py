@@ -21,8 +21,8 @@ import torch
 
 from sales_forecast import model_dir
 from sales_forecast.errors import PipelineError
-from sales_forecast.features.derive import MODEL_FEATURES
-from sales_forecast.forecaster import Forecaster, SalesForecastModel, Standardizer
+from sales_forecast.features.derive import MODEL_FEATURES, REQUIRED_FEATURES
+from sales_forecast.forecaster import Forecaster, Preprocessing, SalesForecastModel
 from sales_forecast.training import local_process
 from sales_forecast.training.champion import Champion, decide
 from sales_forecast.training.dataset import LABEL, LABEL_IS_HOLIDAY, SEASONAL_NAIVE, TIMESTAMP, chronological_split
@@ -44,10 +44,16 @@ def frame_of(weeks: int = 20, series: int = 3, seed: int = 0) -> pd.DataFrame:
             rows.append({"store": 1, "dept": key + 1, TIMESTAMP: pd.Timestamp("2026-01-02", tz="UTC") + pd.Timedelta(
                 days=7 * week), **{f"sales_lag_{k}": lags[k - 1] for k in range(1, 5)},
                 "sales_mean_4": lags.mean(), "sales_std_4": lags.std(ddof=1), "lag_1_is_holiday": 0.0,
-                "target_is_holiday": float(week % 10 == 9), "target_week_sin": 0.0, "target_week_cos": 1.0,
+                "target_is_christmas": float(week % 10 == 9), "target_week_sin": 0.0, "target_week_cos": 1.0,
                 "temperature": 60.0, "fuel_price": 3.0, "cpi": 200.0, "unemployment": 7.0,
                 LABEL: sales[week + 4], LABEL_IS_HOLIDAY: week % 10 == 9, SEASONAL_NAIVE: np.nan})
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    # the other calendar features are 0; the optional ones (year-ago sales, long means) NULL, as without history
+    return frame.assign(**{name: 0.0 if name in REQUIRED_FEATURES else np.nan
+                           for name in MODEL_FEATURES if name not in frame})
+
+
+TINY = {"epochs": 1, "batch_size": 8, "hidden": (4,), "rows_per_epoch": 64}
 
 
 def test_wmae_weights_holiday_weeks_five_times() -> None:
@@ -90,7 +96,7 @@ def test_chronological_split_keeps_the_future_out_of_training() -> None:
 
 def test_fit_is_reproducible_with_a_fixed_seed() -> None:
     split = chronological_split(frame_of(weeks=30, series=4), test_weeks=4, validation_weeks=3)
-    params = TrainingParams(epochs=3, batch_size=16, hidden=(8,))
+    params = TrainingParams(epochs=3, batch_size=16, hidden=(8,), rows_per_epoch=320)
     first, second = (fit_forecaster(split, params, Distributed(0, 1)) for _ in range(2))
     assert first.history == second.history
     assert np.array_equal(first.forecaster.predict(split.test), second.forecaster.predict(split.test))
@@ -162,7 +168,7 @@ def test_params_come_from_literal_dicts() -> None:
 
 def test_publish_switches_the_shared_model_atomically(tmp_path: Path) -> None:
     split = chronological_split(frame_of(weeks=12), test_weeks=2, validation_weeks=2)
-    forecaster = fit_forecaster(split, TrainingParams(epochs=1, batch_size=8, hidden=(4,)), Distributed(0, 1))
+    forecaster = fit_forecaster(split, TrainingParams(**TINY), Distributed(0, 1))
     folder = model_dir.publish(forecaster.forecaster, tmp_path / "models", {"version": "7"})
     assert sorted(p.name for p in folder.iterdir()) == sorted(["model.pt", "forecaster.json", model_dir.INFO_FILE])
     assert [p.name for p in (tmp_path / "models").iterdir() if p.name.startswith(".")] == []
@@ -176,16 +182,15 @@ def test_readers_never_mix_two_published_versions(tmp_path: Path) -> None:
     """A reader loading while versions are published back to back always gets one version's files: the weights
     (a bias equal to the version), the scaler and model_info.json agree."""
     frame = frame_of(weeks=12)
-    base = fit_forecaster(chronological_split(frame, 2, 2), TrainingParams(epochs=1, batch_size=8, hidden=(4,)),
+    base = fit_forecaster(chronological_split(frame, 2, 2), TrainingParams(**TINY),
                           Distributed(0, 1)).forecaster
 
     def version(number: int) -> Forecaster:
-        model = SalesForecastModel(base.model.n_inputs, base.model.hidden)
+        model = SalesForecastModel(base.model.arch)
         model.load_state_dict(base.model.state_dict())
         with torch.no_grad():
             model.net[-1].bias.fill_(float(number))
-        scaler = model_dir_scaler(base, number)
-        return Forecaster(model=model, scaler=scaler, features=base.features)
+        return Forecaster(model=model, preprocessing=model_dir_preprocessing(base, number), features=base.features)
 
     directory = tmp_path / "models"
     model_dir.publish(version(0), directory, {"version": "0"})
@@ -200,8 +205,8 @@ def test_readers_never_mix_two_published_versions(tmp_path: Path) -> None:
                 errors.append(exc)
                 return
             bias = float(loaded.forecaster.model.net[-1].bias[0].detach())
-            if bias != number or loaded.forecaster.scaler.mean[0] != number:
-                mixed.append((number, bias, loaded.forecaster.scaler.mean[0]))
+            if bias != number or loaded.forecaster.preprocessing.mean[0] != number:
+                mixed.append((number, bias, loaded.forecaster.preprocessing.mean[0]))
             seen.add(number)
 
     readers = [threading.Thread(target=read) for _ in range(2)]
@@ -217,21 +222,21 @@ def test_readers_never_mix_two_published_versions(tmp_path: Path) -> None:
     assert len(list((directory / model_dir.BUNDLES).iterdir())) == model_dir.KEEP
 
 
-def model_dir_scaler(base: Forecaster, number: int) -> Standardizer:
-    mean = base.scaler.mean.copy()
+def model_dir_preprocessing(base: Forecaster, number: int) -> Preprocessing:
+    mean = base.preprocessing.mean.copy()
     mean[0] = number
-    return Standardizer(mean=mean, scale=base.scaler.scale)
+    return dataclasses.replace(base.preprocessing, mean=mean)
 
 
 def test_a_bundle_is_plain_data(tmp_path: Path) -> None:
-    """No pickle: the scaler is JSON numbers, the weights load with weights_only=True, and a pickle planted in
+    """No pickle: the preprocessing is JSON numbers, the weights load with weights_only=True, and a pickle planted in
     the folder is never opened."""
     split = chronological_split(frame_of(weeks=12), test_weeks=2, validation_weeks=2)
-    forecaster = fit_forecaster(split, TrainingParams(epochs=1, batch_size=8, hidden=(4,)), Distributed(0, 1))
+    forecaster = fit_forecaster(split, TrainingParams(**TINY), Distributed(0, 1))
     files = forecaster.forecaster.save(tmp_path)
     assert sorted(p.name for p in files) == ["forecaster.json", "model.pt"]
     meta = json.loads((tmp_path / "forecaster.json").read_text())
-    assert meta["scaler"]["mean"] == forecaster.forecaster.scaler.mean.tolist()
+    assert meta["preprocessing"]["mean"] == forecaster.forecaster.preprocessing.mean.tolist()
     (tmp_path / "scaler.pkl").write_bytes(b"cos\nsystem\n(S'touch pwned'\ntR.")  # would run a command if unpickled
     loaded = Forecaster.load(tmp_path)
     assert np.array_equal(loaded.inputs(split.test), forecaster.forecaster.inputs(split.test))
@@ -316,3 +321,121 @@ def test_follow_job_turns_failure_and_timeout_into_pipeline_errors(capsys) -> No
         follow_job(FakeJobClient("Failed"), "job-b", timeout_s=10)
     with pytest.raises(PipelineError, match="did not finish within 10 s"):
         follow_job(FakeJobClient(timeout=True), "job-c", timeout_s=10)
+
+
+def test_the_pinball_median_term_is_the_wmae_numerator() -> None:
+    """With rows weighted by level x holiday weight, P50's weighted pinball loss on the relative target is half the
+    WMAE numerator of the forecasts in sales units: |y - L (1 + f)| = L |y / L - 1 - f|."""
+    from sales_forecast.training.fit import pinball
+
+    rng = np.random.default_rng(1)
+    level, y, f = rng.uniform(10, 1e4, 50), rng.uniform(0, 2e4, 50), rng.normal(0, 0.2, 50)
+    holiday = rng.random(50) < 0.2
+    loss = pinball(torch.tensor(f)[:, None], torch.tensor(y / level - 1), torch.tensor([0.5])).numpy()
+    holiday_weight = np.where(holiday, 5.0, 1.0)
+    numerator = wmae(y, level * (1 + f), holiday) * holiday_weight.sum()
+    assert np.sum(level * holiday_weight * loss) == pytest.approx(numerator / 2)
+
+
+def test_balanced_early_stopping_score_weighs_every_week_alike() -> None:
+    from sales_forecast.training.fit import balanced_wmae
+
+    frame = frame_of(weeks=4, series=3)
+    naive = frame["sales_lag_1"].to_numpy()
+    assert balanced_wmae(frame, naive) == pytest.approx(1.0)
+    better = naive + 0.5 * (frame[LABEL].to_numpy() - naive)  # halves every week's errors
+    assert balanced_wmae(frame, better) == pytest.approx(0.5)
+
+
+def test_new_training_params_cross_the_kubeflow_boundary() -> None:
+    params = TrainingParams(backtest=3, time_budget=12.5, rows_per_epoch=1000, dropout=0.0, statsforecast=False,
+                            store_dim=2, dept_dim=0)
+    assert TrainingParams.from_dict(eval(repr(params.as_func_args()))) == params
+    with pytest.raises(PipelineError, match="time_budget must be > 0"):
+        TrainingParams.from_dict({"time_budget": 0})
+    with pytest.raises(PipelineError, match="backtest must be >= 0"):
+        TrainingParams.from_dict({"backtest": -1})
+
+
+def test_backtest_origins_train_only_before_their_holdout() -> None:
+    from sales_forecast.training.backtest import origin_split
+
+    frame = frame_of(weeks=30)
+    weeks = np.sort(frame[TIMESTAMP].unique())
+    for k in range(3):
+        split = origin_split(frame, k * 4, test_weeks=4, validation_weeks=3)
+        assert list(np.sort(split.test[TIMESTAMP].unique())) == list(weeks[len(weeks) - 4 * k - 4:len(weeks) - 4 * k])
+        assert split.train[TIMESTAMP].max() < split.validation[TIMESTAMP].min()
+        assert split.validation[TIMESTAMP].max() < split.test[TIMESTAMP].min()
+        assert split.validation[TIMESTAMP].nunique() == 3
+    with pytest.raises(PipelineError, match="leaves no training weeks"):
+        origin_split(frame, 24, test_weeks=4, validation_weeks=3)
+
+
+def test_statsforecast_baselines_forecast_each_row_from_its_past() -> None:
+    """SES one week ahead from every holdout origin; changing the sales after an origin changes none of its
+    forecasts; the seasonal MSTL + ETS baseline needs two years of history."""
+    from sales_forecast.training.baselines import statsforecast_baselines
+
+    frame = frame_of(weeks=20, series=3)
+    dates = frame[TIMESTAMP].dt.tz_localize(None)
+    history = pd.concat([  # the raw weeks: week t's sales, and the labels (week t+1's)
+        pd.DataFrame({"store": frame["store"], "dept": frame["dept"], "date": dates,
+                      "weekly_sales": frame["sales_lag_1"]}),
+        pd.DataFrame({"store": frame["store"], "dept": frame["dept"], "date": dates + pd.Timedelta(days=7),
+                      "weekly_sales": frame[LABEL]})]).drop_duplicates(["store", "dept", "date"])
+    rows = frame[frame[TIMESTAMP] >= frame[TIMESTAMP].max() - pd.Timedelta(days=14)].iloc[::-1]
+    first = statsforecast_baselines(history, rows)
+    assert set(first) == {"sf_ses"} and np.isfinite(first["sf_ses"]).all() and len(first["sf_ses"]) == len(rows)
+    changed = history.copy()
+    changed.loc[changed["date"] > rows[TIMESTAMP].min().tz_localize(None), "weekly_sales"] *= 3
+    earliest = (rows[TIMESTAMP] == rows[TIMESTAMP].min()).to_numpy()
+    again = statsforecast_baselines(changed, rows)
+    np.testing.assert_allclose(again["sf_ses"][earliest], first["sf_ses"][earliest])
+    # SES's forecast lies within the range of the series' past
+    for (dept, stamp), forecast in zip(zip(rows["dept"], rows[TIMESTAMP], strict=True), first["sf_ses"], strict=True):
+        past = history[(history["dept"] == dept) & (history["date"] <= stamp.tz_localize(None))]["weekly_sales"]
+        assert past.min() <= forecast <= past.max()
+
+
+def test_the_training_cli_passes_the_backtest_and_the_budget() -> None:
+    import importlib.util
+
+    from sales_forecast.config import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("training_cli", REPO_ROOT / "02_training.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    params = cli.training_params(cli.parse_args(["--backtest", "3", "--time-budget", "20", "--no-statsforecast"]))
+    assert (params.backtest, params.backtest_weeks, params.time_budget, params.statsforecast) == (3, 4, 20.0, False)
+    assert cli.training_params(cli.parse_args([])) == TrainingParams()
+
+
+def test_a_champion_of_an_older_model_version_does_not_block_promotion(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A champion whose bundle has another design matrix (the model before issue 12) cannot be re-scored; the gate
+    says so and lets a model that beats the baselines replace it, instead of failing closed forever."""
+    import mlflow
+
+    from sales_forecast.training import champion
+
+    class Version:
+        version, run_id = "2", "old"
+
+    class Client:
+        def __init__(self, uri):
+            pass
+
+        def get_model_version_by_alias(self, name, alias):
+            return Version()
+
+        def download_artifacts(self, run_id, path, folder):
+            bundle = Path(folder) / path
+            bundle.mkdir(parents=True)
+            (bundle / "forecaster.json").write_text(json.dumps({"features": [], "n_inputs": 14, "hidden": [8],
+                                                                "quantiles": [0.5], "scaler": {}}))
+            return str(bundle)
+
+    monkeypatch.setattr(mlflow, "MlflowClient", Client)
+    found = champion.current_champion("http://mlflow", "m", frame_of(weeks=6))
+    assert not found.rescore_failed and "older model version" in found.note
+    assert decide(Evaluation(model=Scores(90.0, 0.1, 150.0), baselines=SCORES, rows=10), found).promote

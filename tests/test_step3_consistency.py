@@ -18,7 +18,7 @@ import pytest
 
 from sales_forecast.config import Settings
 from sales_forecast.contract import FEATURE_SERVICE, FEATURE_TABLE, MODEL_NAME
-from sales_forecast.features.derive import MODEL_FEATURES
+from sales_forecast.features.derive import MODEL_FEATURES, REQUIRED_FEATURES
 from sales_forecast.features.store import open_store
 from sales_forecast.forecaster import Forecaster, design_matrix
 from sales_forecast.serving.kserve_import import hidden_argv
@@ -45,7 +45,7 @@ def training_rows(settings: Settings, all_series: pd.DataFrame) -> pd.DataFrame:
                                            features=store.get_feature_service(FEATURE_SERVICE)).to_df()
     joined = joined.set_index(["store", "dept"]).loc[pd.MultiIndex.from_frame(all_series[["store", "dept"]])]
     joined = joined.reset_index()
-    assert joined[MODEL_FEATURES].notna().all().all()
+    assert joined[REQUIRED_FEATURES].notna().all().all()
     return joined
 
 
@@ -81,8 +81,11 @@ def test_server_feeds_the_network_the_training_matrix(sales_model, all_series: p
     training_matrix = forecaster.inputs(training_rows)
     assert served_matrix.dtype == np.float32 and served_matrix.shape == (len(all_series), forecaster.model.n_inputs)
     np.testing.assert_array_equal(served_matrix, training_matrix)
-    scaled = (design_matrix(training_rows) - forecaster.scaler.mean) / forecaster.scaler.scale
-    np.testing.assert_allclose(served_matrix, scaled.astype(np.float32), rtol=1e-5, atol=1e-6)
+    pre = forecaster.preprocessing
+    scaled = np.clip((pre.clip(design_matrix(training_rows)) - pre.mean) / pre.scale, -8, 8)
+    np.testing.assert_allclose(served_matrix[:, :len(pre.mean)], np.nan_to_num(scaled).astype(np.float32),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(sales_model.forecaster.prepare(served).store, forecaster.prepare(training_rows).store)
 
 
 def test_server_predictions_equal_the_training_path(sales_model, all_series: pd.DataFrame,

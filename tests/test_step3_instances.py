@@ -80,3 +80,25 @@ def test_v2_rejects_bad_input(columns, message: str) -> None:
     with pytest.raises(BadRequest) as raised:
         parse_v2(columns, 10)
     assert message in raised.value.message
+
+
+def test_only_missing_required_features_make_a_series_unknown() -> None:
+    """A series without a year of history has NULL year-ago features: it is served. A series without its lags (no
+    online row) is a 404 (UnknownEntities)."""
+    import numpy as np
+
+    from sales_forecast.features.derive import MODEL_FEATURES, OPTIONAL_FEATURES
+    from sales_forecast.serving.http_errors import UnknownEntities
+    from sales_forecast.serving.online_features import OnlineFeatureLookup
+
+    lookup = object.__new__(OnlineFeatureLookup)
+    lookup.ttl = None
+    instances = [Instance(1, 2), Instance(3, 4)]
+    columns = {name: np.array([1.0, 2.0]) for name in MODEL_FEATURES}
+    for name in OPTIONAL_FEATURES:
+        columns[name][0] = np.nan
+    lookup._check_complete(instances, columns, [0, 0])
+    columns["sales_lag_4"][1] = np.nan
+    with pytest.raises(UnknownEntities) as raised:
+        lookup._check_complete(instances, columns, [0, 0])
+    assert [m["index"] for m in raised.value.details["missing"]] == [1]

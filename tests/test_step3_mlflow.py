@@ -27,6 +27,7 @@ from sales_forecast.serving.client import SAMPLE_REQUEST
 from sales_forecast.serving.model_source import ModelSource, champion_version, load_forecaster
 from sales_forecast.stack import model_server
 from sales_forecast.stack.processes import free_port
+from sales_forecast.training.tracking import example_rows, log_network
 from tests.support.quick_model import fit_quick_forecaster, labelled_rows
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -42,16 +43,13 @@ def bundle(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.fixture(scope="module")
-def champion(mlflow_uri: str, bundle: Path) -> str:
+def champion(mlflow_uri: str, bundle: Path, settings: Settings) -> str:
     """Publish the bundle the way training does; returns the registered version."""
     mlflow.set_tracking_uri(mlflow_uri)
     mlflow.set_experiment("serving-tests")
     with mlflow.start_run():
         mlflow.log_artifacts(str(bundle), artifact_path=FORECASTER_ARTIFACT)
-        network = Forecaster.load(bundle).model
-        example = np.zeros((1, network.n_inputs), dtype=np.float32)
-        info = mlflow.pytorch.log_model(network, name="model", input_example=example,
-                                        registered_model_name=TEST_MODEL, pip_requirements=["torch"])
+        info = log_network(Forecaster.load(bundle), example_rows(labelled_rows(settings)), TEST_MODEL)
     version = str(info.registered_model_version)
     MlflowClient(mlflow_uri).set_registered_model_alias(TEST_MODEL, "champion", version)
     return version

@@ -30,6 +30,7 @@ from sales_forecast.forecaster import META_FILE, Forecaster
 from sales_forecast.serving.client import SAMPLE_REQUEST
 from sales_forecast.stack import model_server
 from sales_forecast.stack.processes import free_port
+from sales_forecast.training.tracking import example_rows, log_network
 from tests.support.quick_model import fit_quick_forecaster, labelled_rows
 from tests.support.traffic import Answer, Traffic
 
@@ -149,19 +150,19 @@ def test_a_broken_bundle_keeps_the_old_model_and_is_counted(
 
 
 @pytest.fixture(scope="module")
-def registered(mlflow_uri: str, forecasters: list[Forecaster], tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+def registered(mlflow_uri: str, forecasters: list[Forecaster], settings: Settings,
+               tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """Two registered versions of a test-only model, each run with the Forecaster bundle as training logs it."""
     mlflow.set_tracking_uri(mlflow_uri)
     mlflow.set_experiment("serving-reload-tests")
     versions = []
+    example = example_rows(labelled_rows(settings))
     for index, forecaster in enumerate(forecasters[:2]):
         bundle = tmp_path_factory.mktemp(f"registered-{index}")
         forecaster.save(bundle)
         with mlflow.start_run():
             mlflow.log_artifacts(str(bundle), artifact_path=FORECASTER_ARTIFACT)
-            example = np.zeros((1, forecaster.model.n_inputs), dtype=np.float32)
-            info = mlflow.pytorch.log_model(forecaster.model, name="model", input_example=example,
-                                            registered_model_name=TEST_MODEL, pip_requirements=["torch"])
+            info = log_network(forecaster, example, TEST_MODEL)
         versions.append(str(info.registered_model_version))
     MlflowClient(mlflow_uri).set_registered_model_alias(TEST_MODEL, "champion", versions[0])
     return versions

@@ -1,67 +1,173 @@
 """Leakage-free model features, derived from the raw weekly sales.
 
 What a feature row means: the row of series (store, dept) stamped ``event_timestamp = t`` (the Friday that ends
-week t) holds what is known when week t has ended: sales up to and including week t, week t's exogenous values,
-and the holiday calendar of the coming week t+1 (a calendar is known in advance). It never uses week t+1's
-sales or anything later.
+week t) holds what is known when week t has ended: sales up to and including week t (of this series and of the
+other stores' same department), week t's exogenous values, and the calendar of the coming week t+1 (a calendar
+is known in advance). It never uses week t+1's sales or anything later.
 
 The label of that row is the sales of the coming week t+1. Training asks Feast for the features "as of" the
 prediction time t (the point-in-time join picks the row stamped t), with the label read from week t+1;
 serving reads the latest online row, stamped with the last week that ended, and predicts the week after it.
-Lags are named relative to the predicted week: ``sales_lag_1`` is the week just ended.
+Lags are named relative to the predicted week: ``sales_lag_1`` is the week just ended; the year-ago features
+``sales_ya_*`` are the weeks 52 weeks before the predicted week and its neighbours.
+
+A feature whose history is missing (a series' first weeks, year-ago sales in the first year) is NULL, never
+zero. Rows without the four lags are not used; the other NULLs are the model's business (missing indicators).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+
 import numpy as np
 import pandas as pd
 
-from sales_forecast.features.generator import is_holiday_week
+from sales_forecast.features.generator import HOLIDAY_EFFECTS, holiday_of_week, holidays, is_pre_christmas_week
 
 SALES_LAGS = 4
-LOOKBACK_WEEKS = SALES_LAGS - 1  # weeks before t whose sales the feature row of week t reads
-MODEL_FEATURES: list[str] = [
-    "sales_lag_1",
-    "sales_lag_2",
-    "sales_lag_3",
-    "sales_lag_4",
-    "sales_mean_4",
-    "sales_std_4",
-    "lag_1_is_holiday",
-    "target_is_holiday",
+YEAR = 52
+LONG_MEANS = (8, 13, 26)
+LOOKBACK_WEEKS = YEAR + SALES_LAGS - 1  # weeks before t whose sales a row stamped t reads (sales_ya_mean_4: t-55)
+LEVEL_FLOOR = 10.0  # sales units; keeps relative quantities finite for tiny or negative levels
+RELATIVE_RANGE = (-3.0, 10.0)  # ratios to a tiny level (or of a return) are clipped to this
+HOLIDAYS = tuple(HOLIDAY_EFFECTS)  # super_bowl, labor_day, thanksgiving, christmas
+DISTANCE_WEEKS = 8.0  # weeks_to_* saturates beyond this many weeks, and is scaled by it
+
+LAG_FEATURES = [f"sales_lag_{k}" for k in range(1, SALES_LAGS + 1)]
+CALENDAR_FEATURES = [
+    *(f"target_is_{name}" for name in HOLIDAYS),  # which holiday the predicted week holds (Walmart's flag)
+    "target_is_pre_christmas",  # the two unflagged shopping weeks before Christmas
+    "target_weeks_to_thanksgiving",  # signed, from the nearest one, clipped to +-8 weeks and scaled to +-1
+    "target_weeks_to_christmas",
     "target_week_sin",
     "target_week_cos",
-    "temperature",
-    "fuel_price",
-    "cpi",
-    "unemployment",
+    "lag_1_is_holiday",
+    "year_ago_same_holiday",  # the predicted week and the week 364 days earlier hold the same holiday (or none)
 ]
+EXOGENOUS_FEATURES = ["temperature", "fuel_price", "cpi", "unemployment"]
+REQUIRED_FEATURES = [*LAG_FEATURES, "sales_mean_4", "sales_std_4", *CALENDAR_FEATURES, *EXOGENOUS_FEATURES]
+YEAR_AGO_FEATURES = [
+    "sales_ya_next",  # week t+1-52: the predicted week, a year earlier
+    "sales_ya_this",  # week t-52
+    "sales_ya_next2",  # week t+2-52
+    "sales_ya_mean_4",  # weeks t-55..t-52: the level a year earlier
+]
+DEPT_FEATURES = [  # medians over the department's stores in week t, of relative (unit-free) quantities
+    "dept_rel_lag_1",  # sales_lag_1 / level - 1
+    "dept_rel_mean_13",  # sales_mean_13 / level - 1
+    "dept_trend_4",  # level / level 4 weeks earlier - 1
+    "dept_ya_step",  # last year's move from its level to the predicted week: sales_ya_next / sales_ya_mean_4 - 1
+]
+OPTIONAL_FEATURES = [*(f"sales_mean_{n}" for n in LONG_MEANS), *YEAR_AGO_FEATURES, *DEPT_FEATURES]
+MODEL_FEATURES: list[str] = [*REQUIRED_FEATURES, *OPTIONAL_FEATURES]
 FEATURE_COLUMNS = ["store", "dept", "event_timestamp", *MODEL_FEATURES]  # (store, dept) are the Feast entities
 
 
+def safe_level(values: np.ndarray) -> np.ndarray:
+    """A scale that is never tiny: |values| floored at LEVEL_FLOOR (NaN stays NaN)."""
+    return np.maximum(np.abs(values), LEVEL_FLOOR)
+
+
+def relative(values: np.ndarray, level: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        return np.clip(values / level - 1.0, *RELATIVE_RANGE)
+
+
+def _holiday_friday(day: dt.date) -> dt.date:
+    """The Friday that ends the week holding ``day``."""
+    return day + dt.timedelta(days=(4 - day.weekday()) % 7)
+
+
+def _weeks_to(week_end: dt.date, holiday: str) -> float:
+    distances = [(week_end - _holiday_friday(holidays(year)[holiday])).days / 7
+                 for year in (week_end.year - 1, week_end.year, week_end.year + 1)]
+    nearest = min(distances, key=abs)
+    return float(np.clip(nearest, -DISTANCE_WEEKS, DISTANCE_WEEKS) / DISTANCE_WEEKS)
+
+
+def target_calendar(week_ends: pd.DatetimeIndex) -> pd.DataFrame:
+    """The calendar features of the rows stamped ``week_ends`` (they describe the week after), one row each."""
+    targets = [(day + pd.Timedelta(days=7)).date() for day in week_ends]
+    names = [holiday_of_week(day) for day in targets]
+    year_ago = [holiday_of_week(day - dt.timedelta(days=364)) for day in targets]
+    angle = 2 * np.pi * np.array([day.isocalendar().week for day in targets], dtype="float64") / 52.18
+    return pd.DataFrame({
+        **{f"target_is_{h}": np.array([name == h for name in names], dtype="float64") for h in HOLIDAYS},
+        "target_is_pre_christmas": is_pre_christmas_week(pd.DatetimeIndex(targets)).astype("float64"),
+        "target_weeks_to_thanksgiving": [_weeks_to(day, "thanksgiving") for day in targets],
+        "target_weeks_to_christmas": [_weeks_to(day, "christmas") for day in targets],
+        "target_week_sin": np.sin(angle),
+        "target_week_cos": np.cos(angle),
+        "year_ago_same_holiday": np.array([a == b for a, b in zip(names, year_ago, strict=True)], dtype="float64"),
+    }, index=week_ends)
+
+
+class _Series:
+    """Positional lags within each series of a frame sorted by series, then week (each series contiguous)."""
+
+    def __init__(self, sorted_raw: pd.DataFrame):
+        self.position = sorted_raw.groupby(["store", "dept"], sort=False).cumcount().to_numpy()
+
+    def lag(self, values: np.ndarray, k: int) -> np.ndarray:
+        """Row i gets the value k weeks before it in its series (NaN where the series is shorter)."""
+        out = np.full(len(values), np.nan)
+        if k < len(values):
+            out[k:] = values[:len(values) - k]
+            out[self.position < k] = np.nan
+        return out
+
+    def mean(self, values: np.ndarray, weeks: int, first_lag: int = 0) -> np.ndarray:
+        """Mean of lags first_lag .. first_lag + weeks - 1, NULL unless all exist. Summed lag by lag, so a row's
+        value does not depend on how much history came before (append.py derives one week from a lookback)."""
+        total = self.lag(values, first_lag)
+        for k in range(first_lag + 1, first_lag + weeks):
+            total = total + self.lag(values, k)
+        return total / weeks
+
+
+def _dept_median(values: np.ndarray, dept: pd.Series, stamps: pd.Series) -> np.ndarray:
+    """Each row's value replaced by the median over its department's rows of the same week (NULLs skipped)."""
+    return pd.Series(values).groupby([dept.to_numpy(), stamps.to_numpy()]).transform("median").to_numpy()
+
+
 def build_features(raw: pd.DataFrame) -> pd.DataFrame:
-    """One feature row per raw row (same order); incomplete history gives NULL lags, never zeros."""
+    """One feature row per raw row (sorted by store, dept, week); incomplete history gives NULLs, never zeros."""
     raw = raw.sort_values(["store", "dept", "date"], kind="stable").reset_index(drop=True)
-    by_series = raw.groupby(["store", "dept"], sort=False)["weekly_sales"]
-    lags = {f"sales_lag_{k}": by_series.shift(k - 1) for k in range(1, SALES_LAGS + 1)}
-    window = pd.concat(lags.values(), axis=1)
-    target_week = pd.to_datetime(raw["date"]) + pd.Timedelta(days=7)
-    week_angle = 2 * np.pi * target_week.dt.isocalendar().week.astype(float) / 52.18
+    series = _Series(raw)
+    sales = raw["weekly_sales"].to_numpy(dtype="float64")
+    lags = {f"sales_lag_{k}": series.lag(sales, k - 1) for k in range(1, SALES_LAGS + 1)}
+    window = pd.DataFrame(lags)
+    mean_4 = window.mean(axis=1, skipna=False).to_numpy()
+    level = safe_level(mean_4)
+    means = {f"sales_mean_{n}": series.mean(sales, n) for n in LONG_MEANS}
+    year_ago = {
+        "sales_ya_next": series.lag(sales, YEAR - 1),
+        "sales_ya_this": series.lag(sales, YEAR),
+        "sales_ya_next2": series.lag(sales, YEAR - 2),
+        "sales_ya_mean_4": series.mean(sales, SALES_LAGS, first_lag=YEAR),
+    }
+    with np.errstate(invalid="ignore"):
+        pooled = {
+            "dept_rel_lag_1": relative(sales, level),
+            "dept_rel_mean_13": relative(means["sales_mean_13"], level),
+            "dept_trend_4": relative(level, safe_level(series.lag(mean_4, SALES_LAGS))),
+            "dept_ya_step": relative(year_ago["sales_ya_next"], safe_level(year_ago["sales_ya_mean_4"])),
+        }
+    stamps = pd.to_datetime(raw["date"])
+    calendar = target_calendar(pd.DatetimeIndex(stamps.unique())).reindex(stamps).reset_index(drop=True)
 
     features = pd.DataFrame({
         "store": raw["store"].astype("int64"),
         "dept": raw["dept"].astype("int64"),
-        "event_timestamp": pd.to_datetime(raw["date"]).dt.tz_localize("UTC"),
+        "event_timestamp": stamps.dt.tz_localize("UTC"),
         **lags,
-        "sales_mean_4": window.mean(axis=1, skipna=False),
+        "sales_mean_4": mean_4,
         "sales_std_4": window.std(axis=1, skipna=False),
+        **calendar,
         "lag_1_is_holiday": raw["is_holiday"].astype("float64"),
-        "target_is_holiday": is_holiday_week(target_week).astype("float64"),
-        "target_week_sin": np.sin(week_angle),
-        "target_week_cos": np.cos(week_angle),
-        "temperature": raw["temperature"],
-        "fuel_price": raw["fuel_price"],
-        "cpi": raw["cpi"],
-        "unemployment": raw["unemployment"],
+        **{name: raw[name] for name in EXOGENOUS_FEATURES},
+        **means,
+        **year_ago,
+        **{name: _dept_median(values, raw["dept"], stamps) for name, values in pooled.items()},
     })
     return features[FEATURE_COLUMNS]

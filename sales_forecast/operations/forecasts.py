@@ -20,7 +20,7 @@ from sales_forecast.config import Settings
 from sales_forecast.contract import FEATURE_TABLE, FORECASTS_TABLE
 from sales_forecast.errors import PipelineError
 from sales_forecast.features import store as fs_ops
-from sales_forecast.features.derive import MODEL_FEATURES
+from sales_forecast.features.derive import REQUIRED_FEATURES
 from sales_forecast.features.load import replace_week
 from sales_forecast.model_dir import Bundle
 from sales_forecast.training.dataset import TIMESTAMP, historical_features
@@ -71,7 +71,7 @@ def batch_forecast(settings: Settings, bundle: Bundle, as_of: dt.date) -> BatchR
     rows = historical_features(store, entity_sql(as_of))
     if rows.empty:
         raise PipelineError(f"no feature rows stamped {as_of} in {FEATURE_TABLE!r}: load that week first")
-    complete = rows[rows[MODEL_FEATURES].notna().all(axis=1)].sort_values(["store", "dept"]).reset_index(drop=True)
+    complete = rows[rows[REQUIRED_FEATURES].notna().all(axis=1)].sort_values(["store", "dept"]).reset_index(drop=True)
     forecasts = forecast_frame(bundle, complete, as_of)
     ensure_table(settings)
     replace_week(settings.postgres, {FORECASTS_TABLE: (forecasts, "as_of")})

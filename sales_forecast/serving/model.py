@@ -30,7 +30,7 @@ from kserve.protocol.infer_type import RequestedOutput
 
 from sales_forecast.config import Settings
 from sales_forecast.errors import PipelineError
-from sales_forecast.forecaster import POINT_QUANTILE, Forecaster
+from sales_forecast.forecaster import ID_COLUMNS, POINT_QUANTILE, Forecaster
 from sales_forecast.serving.http_errors import BadRequest, FeaturesUnavailable
 from sales_forecast.serving.instances import Instance, parse_v1_request, parse_v2
 from sales_forecast.serving.metrics import FEATURE_LOOKUP_SECONDS, MODEL_LOADED_AT, SERVED_MODEL
@@ -130,7 +130,8 @@ class SalesModel(Model):
         """Check a loaded model and make it the served one (one reference assignment: atomic for requests)."""
         self.lookup.check_features(loaded.forecaster.features)
         served = Served.of(loaded)
-        warm = served.forecaster.predict_quantiles({name: np.ones(1) for name in served.forecaster.features})
+        warm = served.forecaster.predict_quantiles({**{name: np.ones(1) for name in served.forecaster.features},
+                                                    **{name: np.ones(1, dtype="int64") for name in ID_COLUMNS}})
         if warm.shape != (1, len(served.forecaster.quantiles)) or not np.isfinite(warm).all():
             raise PipelineError(f"{loaded.origin} answers a test row with {warm!r}, not "
                                 f"{len(served.forecaster.quantiles)} finite forecasts")

@@ -37,6 +37,7 @@ import sqlalchemy.exc
 from sales_forecast.config import Settings, apply_to_environment
 from sales_forecast.contract import FEATURE_SERVICE, FEATURE_VIEW, MODEL_NAME
 from sales_forecast.errors import PipelineError, first_line
+from sales_forecast.features.derive import REQUIRED_FEATURES
 from sales_forecast.serving.http_errors import FeaturesUnavailable, UnknownEntities
 from sales_forecast.serving.instances import Instance
 from sales_forecast.serving.metrics import FEATURE_LOOKUP_TIMEOUTS, FEATURE_STORE_RECONNECTS
@@ -341,6 +342,7 @@ class OnlineFeatureLookup:
         response = self._read(entity_rows, ticket or ReadTicket())
         columns, stamps = feature_columns(response.proto, features)
         self._check_complete(instances, columns, stamps)
+        columns.update({name: np.array(ids, dtype="int64") for name, ids in entity_rows.items()})
         return columns
 
     def _read(self, entity_rows: Mapping[str, list[int]], ticket: ReadTicket) -> Any:
@@ -376,8 +378,9 @@ class OnlineFeatureLookup:
 
     def _check_complete(self, instances: Sequence[Instance], columns: FeatureRows, stamps: list) -> None:
         incomplete = np.zeros(len(instances), dtype=bool)
-        for values in columns.values():
-            incomplete |= ~np.isfinite(values)
+        for name in REQUIRED_FEATURES:  # the optional ones (year-ago sales, ...) are NULL without that history
+            if name in columns:
+                incomplete |= ~np.isfinite(columns[name])
         stale = ~incomplete & self._too_old(np.asarray(stamps, dtype="float64"))
         if not (incomplete.any() or stale.any()):
             return

@@ -20,7 +20,7 @@ import pandas as pd
 
 from sales_forecast.contract import CHAMPION_ALIAS, FORECASTER_ARTIFACT
 from sales_forecast.errors import first_line
-from sales_forecast.forecaster import META_FILE, Forecaster
+from sales_forecast.forecaster import META_FILE, BundleFormatError, Forecaster
 from sales_forecast.training.dataset import LABEL, LABEL_IS_HOLIDAY
 from sales_forecast.training.metrics import Evaluation, wmae
 
@@ -56,7 +56,12 @@ def current_champion(uri: str, registered_model: str, holdout: pd.DataFrame) -> 
                 return Champion(version=version.version, run_id=version.run_id,
                                 note=f"champion v{version.version} has no {FORECASTER_ARTIFACT}/{META_FILE} (an older "
                                      "bundle format this version can neither re-score nor serve)")
-            forecaster = Forecaster.load(local)
+            try:
+                forecaster = Forecaster.load(local)
+            except BundleFormatError:
+                return Champion(version=version.version, run_id=version.run_id,
+                                note=f"champion v{version.version} is an older model version (another design "
+                                     "matrix) this version can neither re-score nor serve")
             score = wmae(holdout[LABEL].to_numpy(dtype="float64"), forecaster.predict(holdout),
                          holdout[LABEL_IS_HOLIDAY].to_numpy())
     except Exception as exc:  # noqa: BLE001 - whatever failed, the champion is kept and the reason reported

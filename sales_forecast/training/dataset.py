@@ -18,7 +18,7 @@ import psycopg
 from sales_forecast.config import PostgresSettings
 from sales_forecast.contract import FEATURE_SERVICE, RAW_TABLE
 from sales_forecast.errors import PipelineError
-from sales_forecast.features.derive import MODEL_FEATURES
+from sales_forecast.features.derive import REQUIRED_FEATURES
 
 LABEL, LABEL_IS_HOLIDAY, SEASONAL_NAIVE = "label", "label_is_holiday", "seasonal_naive"
 TIMESTAMP = "event_timestamp"
@@ -66,8 +66,9 @@ def historical_features(store, entities: str) -> pd.DataFrame:
 
 
 def complete_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows whose features are all known (a series' first weeks have NULL lags) and whose label is known."""
-    keep = frame[[*MODEL_FEATURES, LABEL]].notna().all(axis=1)
+    """Rows whose required features are known (a series' first weeks have NULL lags) and whose label is known; the
+    optional features (year-ago sales, long means) may be NULL."""
+    keep = frame[[*REQUIRED_FEATURES, LABEL]].notna().all(axis=1)
     return frame.loc[keep].sort_values(["store", "dept", TIMESTAMP], kind="stable").reset_index(drop=True)
 
 
@@ -94,6 +95,14 @@ def fetch_training_frame(store, postgres: PostgresSettings) -> tuple[pd.DataFram
                             f"features and a next-week label in {RAW_TABLE!r} (step 1 loaded too few weeks?)")
     complete[LABEL_IS_HOLIDAY] = complete[LABEL_IS_HOLIDAY].astype(bool)
     return complete, len(frame)
+
+
+def fetch_sales_history(postgres: PostgresSettings) -> pd.DataFrame:
+    """The raw weekly sales (store, dept, date, weekly_sales), for the baselines that model whole series."""
+    with psycopg.connect(postgres.libpq_url(), connect_timeout=10) as conn, conn.cursor() as cur:
+        cur.execute(f'SELECT store, dept, date, weekly_sales FROM "{RAW_TABLE}" ORDER BY store, dept, date')
+        return pd.DataFrame(cur.fetchall(), columns=["store", "dept", "date", "weekly_sales"]).astype(
+            {"weekly_sales": "float64"})
 
 
 @dataclass(frozen=True)

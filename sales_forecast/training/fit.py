@@ -1,10 +1,13 @@
-"""Fit the scaler and the network: fixed seeds, CPU, early stopping on the validation weeks, DDP when distributed.
+"""Fit the preprocessing and the network: fixed seeds, CPU, a one-cycle schedule, early stopping on the validation
+weeks, a CPU-time budget, DDP when distributed.
 
 Distributed context: under torchrun with WORLD_SIZE > 1 the ranks join a gloo process group; a plain process
 (or LocalProcess's single worker) is a no-op single rank.
 
-The loss is a squared error on the relative target (next week's sales / level - 1) weighted by the series level
-and the WMAE holiday weight, so large series and holiday weeks count as much as the metric says they do.
+The loss is the pinball loss of P10, P50 and P90 on the relative target r = y / L - 1 (L the series level), for a
+row weighted by L x its WMAE holiday weight: |y - L (1 + f)| = L |r - f|, so the P50 term is exactly the WMAE
+numerator. The weighting is done by sampling (rows drawn with probability ~ weight, loss unweighted: the same
+expected gradient with less variance), which also bounds an epoch to ``rows_per_epoch`` draws at any data size.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,22 +25,16 @@ import pandas as pd
 import torch
 import torch.distributed as dist_api
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
 
 from sales_forecast.config import torchrun_rank
 from sales_forecast.errors import PipelineError
-from sales_forecast.features.derive import MODEL_FEATURES
-from sales_forecast.forecaster import (
-    Forecaster,
-    SalesForecastModel,
-    Standardizer,
-    design_matrix,
-    relative_target,
-    series_level,
-)
-from sales_forecast.training.dataset import LABEL, LABEL_IS_HOLIDAY, Split
+from sales_forecast.features.derive import RELATIVE_RANGE
+from sales_forecast.forecaster import Architecture, Forecaster, relative_target, series_level
+from sales_forecast.training.dataset import LABEL, LABEL_IS_HOLIDAY, TIMESTAMP, Split
 from sales_forecast.training.metrics import holiday_weights, wmae
 from sales_forecast.training.params import TrainingParams
+
+QUANTILES = (0.1, 0.5, 0.9)  # P10, P50 (the point forecast), P90
 
 
 @dataclass(frozen=True)
@@ -99,6 +97,7 @@ class EpochLog:
     epoch: int
     train_loss: float
     validation_wmae: float
+    validation_score: float  # what early stopping compares: the mean over validation weeks of WMAE / naive WMAE
 
 
 @dataclass(frozen=True)
@@ -106,6 +105,8 @@ class FitResult:
     forecaster: Forecaster
     history: list[EpochLog]
     best_epoch: int  # 0: the untrained network (epochs=0)
+    cpu_seconds: float = 0.0
+    stopped_by: str = ""  # "patience", "time budget" or "" (all epochs ran)
 
     @property
     def epochs_run(self) -> int:
@@ -128,16 +129,32 @@ def cpu_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def training_tensors(forecaster: Forecaster, frame: pd.DataFrame) -> tuple[torch.Tensor, ...]:
-    inputs = torch.from_numpy(forecaster.inputs(frame))
-    target = relative_target(frame, frame[LABEL].to_numpy(dtype="float64"))
-    weights = series_level(frame) * holiday_weights(frame[LABEL_IS_HOLIDAY].to_numpy())
-    return (inputs, torch.from_numpy(target.astype(np.float32)),
-            torch.from_numpy((weights / weights.mean()).astype(np.float32)))
+def row_weights(frame: pd.DataFrame) -> np.ndarray:
+    """The WMAE weight of a row's error on the relative target: series level x holiday weight."""
+    return series_level(frame) * holiday_weights(frame[LABEL_IS_HOLIDAY].to_numpy())
 
 
-def validation_wmae(forecaster: Forecaster, frame: pd.DataFrame) -> float:
-    return wmae(frame[LABEL].to_numpy(dtype="float64"), forecaster.predict(frame), frame[LABEL_IS_HOLIDAY].to_numpy())
+def pinball(prediction: torch.Tensor, target: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
+    """(rows,) the pinball losses of every quantile column, summed."""
+    error = target[:, None] - prediction
+    return torch.maximum(quantiles * error, (quantiles - 1.0) * error).sum(dim=1)
+
+
+def balanced_wmae(frame: pd.DataFrame, forecast: np.ndarray) -> float:
+    """The mean over prediction weeks of WMAE(week) / WMAE(last week's sales, week): every week counts the same,
+    so one holiday week (weight 5, and harder) cannot decide early stopping alone."""
+    actual = frame[LABEL].to_numpy(dtype="float64")
+    naive = np.abs(actual - frame["sales_lag_1"].to_numpy(dtype="float64"))
+    error = np.abs(actual - forecast)
+    weeks = frame[TIMESTAMP].to_numpy()
+    ratios = [error[weeks == week].mean() / max(naive[weeks == week].mean(), 1e-9) for week in np.unique(weeks)]
+    return float(np.mean(ratios))
+
+
+def rows_per_epoch(params: TrainingParams, train_rows: int) -> int:
+    """Draws per epoch: the parameter, or the training rows clipped to [200K, 600K] (small data still gets enough
+    optimizer steps, 10x data a bounded epoch)."""
+    return params.rows_per_epoch or int(np.clip(train_rows, 200_000, 600_000))
 
 
 def _check_finite(value: float, what: str, epoch: int, params: TrainingParams) -> None:
@@ -147,46 +164,69 @@ def _check_finite(value: float, what: str, epoch: int, params: TrainingParams) -
 
 
 def fit_forecaster(split: Split, params: TrainingParams, dist: Distributed) -> FitResult:
+    started = time.process_time()
     seed_everything(params.seed)
-    scaler = Standardizer.fit(design_matrix(split.train))
-    model = SalesForecastModel(len(scaler.mean), params.hidden)
-    forecaster = Forecaster(model=model, scaler=scaler, features=list(MODEL_FEATURES))
-    inputs, target, weights = training_tensors(forecaster, split.train)
+    forecaster = Forecaster.build(split.train, Architecture(
+        0, 0, 0, hidden=params.hidden, dropout=params.dropout, quantiles=QUANTILES, store_dim=params.store_dim,
+        dept_dim=params.dept_dim))
+    model = forecaster.model
+    inputs, store, dept, events = forecaster.prepare(split.train).tensors()
+    target = torch.from_numpy(np.clip(relative_target(split.train, split.train[LABEL].to_numpy(dtype="float64")),
+                                      *RELATIVE_RANGE).astype(np.float32))
+    weights = row_weights(split.train)
+    cumulative = np.cumsum(weights) / weights.sum()
+    levels = torch.tensor(QUANTILES, dtype=torch.float32)
 
-    # Every rank holds the same rows; the sampler shards them by rank (padding so all ranks run equal batches).
+    # Each rank draws its own rows (its own seed); every rank runs the same number of equal batches.
     network = DistributedDataParallel(model) if dist.enabled else model
-    optimizer = torch.optim.Adam(network.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay)
-    sampler = DistributedSampler(range(len(inputs)), num_replicas=dist.world_size, rank=dist.rank,
-                                 shuffle=True, seed=params.seed)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay)
     batch_size = max(1, params.batch_size // dist.world_size)
+    steps = max(1, math.ceil(rows_per_epoch(params, len(target)) / params.batch_size))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=params.learning_rate, total_steps=max(1, params.epochs * steps), pct_start=0.15,
+        anneal_strategy="cos", div_factor=10, final_div_factor=100)
+    rng = np.random.default_rng(params.seed + 1000 * dist.rank)
+    generator = torch.Generator().manual_seed(params.seed + 1000 * dist.rank)
 
     history: list[EpochLog] = []
-    best_wmae, best_epoch, best_state, stale = math.inf, 0, None, 0
+    best_score, best_epoch, best_state, stale, stopped_by = math.inf, 0, None, 0, ""
     for epoch in range(1, params.epochs + 1):
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(sampler))
+        draws = torch.from_numpy(np.searchsorted(cumulative, rng.random(steps * batch_size)).clip(0, len(target) - 1))
         network.train()
         total = 0.0
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+        for batch in draws.split(batch_size):
+            stores, depts = store[batch], dept[batch]
+            if params.id_dropout:  # some rows train the 'unknown id' embeddings that unseen stores/depts get
+                stores = torch.where(torch.rand(len(batch), generator=generator) < params.id_dropout, 0, stores)
+                depts = torch.where(torch.rand(len(batch), generator=generator) < params.id_dropout, 0, depts)
             optimizer.zero_grad(set_to_none=True)
-            loss = (weights[batch] * (network(inputs[batch])[:, 0] - target[batch]) ** 2).mean()
+            loss = pinball(network(inputs[batch], stores, depts, events[batch]), target[batch], levels).mean()
             loss.backward()
             optimizer.step()
-            total += float(loss.detach()) * len(batch)
-        train_loss = dist.mean(total / max(len(order), 1))
+            schedule.step()
+            total += float(loss.detach())
+        train_loss = dist.mean(total / steps)
         _check_finite(train_loss, "training loss", epoch, params)
-        val_wmae = dist.mean(validation_wmae(forecaster, split.validation))
+        forecast = forecaster.predict(split.validation)
+        val_wmae = dist.mean(wmae(split.validation[LABEL].to_numpy(dtype="float64"), forecast,
+                                  split.validation[LABEL_IS_HOLIDAY].to_numpy()))
         _check_finite(val_wmae, "validation WMAE", epoch, params)
-        history.append(EpochLog(epoch, train_loss, val_wmae))
-        if val_wmae < best_wmae:
-            best_wmae, best_epoch, stale = val_wmae, epoch, 0
+        score = dist.mean(balanced_wmae(split.validation, forecast))
+        history.append(EpochLog(epoch, train_loss, val_wmae, score))
+        if score < best_score:
+            best_score, best_epoch, stale = score, epoch, 0
             best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
         else:
             stale += 1
             if stale >= params.patience:
+                stopped_by = "patience"
                 break
+        # CPU time, not wall time: a busy machine does not cut training short (one thread: about the same)
+        if epoch < params.epochs and dist.mean(time.process_time() - started) > params.time_budget:
+            stopped_by = "time budget"
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    return FitResult(forecaster=forecaster, history=history, best_epoch=best_epoch)
+    return FitResult(forecaster=forecaster, history=history, best_epoch=best_epoch,
+                     cpu_seconds=time.process_time() - started, stopped_by=stopped_by)

@@ -1,8 +1,9 @@
-"""Holdout metrics and the naive baselines every model must beat.
+"""Holdout metrics and the baselines every model must beat.
 
-WMAE (holiday weeks weighted 5, as in Walmart's competition) is the headline; WAPE and RMSE are reported too.
-R^2 is not (the between-series variance makes it near 1 for any forecast that knows the series level), nor MAPE
-(zero and negative sales break it).
+WMAE (holiday weeks weighted 5, as in Walmart's competition) is the headline; WAPE and RMSE are reported too, and
+the share of actuals inside the P10-P90 interval (coverage; 0.8 when calibrated). R^2 is not (the between-series
+variance makes it near 1 for any forecast that knows the series level), nor MAPE (zero and negative sales break
+it). Every baseline is scored on exactly the model's rows, or not at all.
 """
 
 from __future__ import annotations
@@ -64,8 +65,16 @@ def baseline_forecasts(frame: pd.DataFrame) -> dict[str, np.ndarray]:
     return forecasts
 
 
-def baseline_scores(frame: pd.DataFrame) -> dict[str, Scores]:
-    return {name: score(frame, forecast) for name, forecast in baseline_forecasts(frame).items()}
+def baseline_scores(frame: pd.DataFrame, extra: dict[str, np.ndarray] | None = None) -> dict[str, Scores]:
+    """The naive baselines and ``extra`` ones (statsforecast's), each only when it forecasts every row."""
+    forecasts = {**baseline_forecasts(frame), **(extra or {})}
+    return {name: score(frame, forecast) for name, forecast in forecasts.items()
+            if len(forecast) and np.isfinite(forecast).all()}
+
+
+def coverage(frame: pd.DataFrame, low: np.ndarray, high: np.ndarray) -> float:
+    actual = frame[LABEL].to_numpy(dtype="float64")
+    return float(np.mean((actual >= low) & (actual <= high)))
 
 
 def best_baseline(baselines: dict[str, Scores]) -> tuple[str, Scores]:
@@ -84,6 +93,7 @@ class Evaluation:
     model: Scores
     baselines: dict[str, Scores]
     rows: int
+    coverage: float | None = None  # P10-P90
 
     @property
     def best_baseline(self) -> tuple[str, Scores]:
@@ -99,8 +109,13 @@ class Evaluation:
             values.update(scores.as_dict(f"baseline_{name}_"))
         values["best_baseline_wmae"] = self.best_baseline[1].wmae
         values["skill"] = self.skill
+        if self.coverage is not None:
+            values["coverage_p10_p90"] = self.coverage
         return values
 
 
-def evaluate(frame: pd.DataFrame, forecast: np.ndarray) -> Evaluation:
-    return Evaluation(model=score(frame, forecast), baselines=baseline_scores(frame), rows=len(frame))
+def evaluate(frame: pd.DataFrame, forecast: np.ndarray, extra: dict[str, np.ndarray] | None = None,
+             interval: tuple[np.ndarray, np.ndarray] | None = None) -> Evaluation:
+    """The model's point ``forecast`` and every baseline on ``frame``'s rows; ``interval``: its (P10, P90)."""
+    return Evaluation(model=score(frame, forecast), baselines=baseline_scores(frame, extra), rows=len(frame),
+                      coverage=coverage(frame, *interval) if interval is not None else None)

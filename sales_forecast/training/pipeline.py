@@ -1,12 +1,12 @@
-"""Step 2 from end to end, the same on every backend: check MLflow, retrieve, split, fit, evaluate, log, register,
-promote. Faults (MLflow unreachable, an empty training set, a diverging loss) stop it before anything is logged
-or registered.
+"""Step 2 from end to end, the same on every backend: check MLflow, retrieve, split, fit, (backtest,) evaluate
+against the baselines, log, register, promote. Faults (MLflow unreachable, an empty training set, a diverging
+loss) stop it before anything is logged or registered.
 
 ``run_training(params, settings)`` is the typed entry point (02_training.py's local backend calls it);
 ``train_sales_model(dict)`` is the Kubeflow boundary, the function LocalProcess and TrainJob pods run.
 
 Under torchrun with WORLD_SIZE > 1 rank 0 retrieves the data and shares it, every rank trains its shard with
-DDP, and only rank 0 evaluates, logs and registers.
+DDP (the backtest's models too), and only rank 0 evaluates, logs and registers.
 """
 
 from __future__ import annotations
@@ -25,7 +25,16 @@ from sales_forecast.features import store as fs_ops
 from sales_forecast.timing import PhaseTimer
 from sales_forecast.training import champion as registry
 from sales_forecast.training import tracking
-from sales_forecast.training.dataset import TIMESTAMP, Split, chronological_split, fetch_training_frame, week_range
+from sales_forecast.training.backtest import Backtest, run_backtest
+from sales_forecast.training.baselines import statsforecast_baselines
+from sales_forecast.training.dataset import (
+    TIMESTAMP,
+    Split,
+    chronological_split,
+    fetch_sales_history,
+    fetch_training_frame,
+    week_range,
+)
 from sales_forecast.training.fit import Distributed, FitResult, cpu_threads, distributed_context, fit_forecaster
 from sales_forecast.training.metrics import Evaluation, baseline_forecasts, evaluate
 from sales_forecast.training.params import TrainingParams
@@ -44,6 +53,7 @@ class TrainingResult:
     published: Path | None  # the bundle folder ``current`` now points at, when promoted
     timer: PhaseTimer
     registered_model: str
+    backtest: Backtest | None = None
 
 
 class _Silent:
@@ -70,22 +80,27 @@ def _retrieve(settings: Settings, timer) -> tuple[pd.DataFrame, int]:
 @dataclass(frozen=True)
 class _Holdout:
     predictions: np.ndarray
+    extra: dict[str, np.ndarray]  # the statsforecast baselines' forecasts of the holdout rows
     evaluation: Evaluation
     champion: registry.Champion
     decision: registry.Decision
 
 
-def _evaluate(fit: FitResult, split: Split, uri: str, params: TrainingParams) -> _Holdout:
-    predictions = fit.forecaster.predict(split.test)
-    evaluation = evaluate(split.test, predictions)
+def _evaluate(fit: FitResult, split: Split, uri: str, params: TrainingParams, history: pd.DataFrame | None
+              ) -> _Holdout:
+    quantiles = fit.forecaster.predict_quantiles(split.test)
+    predictions = quantiles[:, fit.forecaster.model.point]
+    extra = statsforecast_baselines(history, split.test) if history is not None else {}
+    evaluation = evaluate(split.test, predictions, extra, (quantiles[:, 0], quantiles[:, -1]))
     champion = registry.current_champion(uri, params.registered_model, split.test)
-    return _Holdout(predictions, evaluation, champion, registry.decide(evaluation, champion))
+    return _Holdout(predictions, extra, evaluation, champion, registry.decide(evaluation, champion))
 
 
 def _run_content(params: TrainingParams, frame: pd.DataFrame, split: Split, returned: int, fit: FitResult,
-                 holdout: _Holdout, dist: Distributed) -> tracking.RunContent:
+                 holdout: _Holdout, dist: Distributed, backtest: Backtest | None) -> tracking.RunContent:
     evaluation, champion, decision = holdout.evaluation, holdout.champion, holdout.decision
-    metrics = {**evaluation.metrics(), "best_epoch": float(fit.best_epoch), "epochs_run": float(fit.epochs_run)}
+    metrics = {**evaluation.metrics(), "best_epoch": float(fit.best_epoch), "epochs_run": float(fit.epochs_run),
+               "train_cpu_seconds": fit.cpu_seconds, **(backtest.metrics() if backtest else {})}
     if champion.holdout_wmae is not None:
         metrics["champion_wmae"] = champion.holdout_wmae
     run_params = {**params.loggable(), "world_size": str(dist.world_size), "entity_rows": str(returned),
@@ -97,12 +112,15 @@ def _run_content(params: TrainingParams, frame: pd.DataFrame, split: Split, retu
             **split.describe(), **params.tags}
     if params.trainjob:
         tags["trainjob"] = params.trainjob
+    if fit.stopped_by:
+        tags["stopped_by"] = fit.stopped_by
     baseline = evaluation.best_baseline[0]
     figure = forecast_figure(frame, split.test, holdout.predictions, baseline,
-                             baseline_forecasts(split.test)[baseline], params.plot_series)
+                             {**baseline_forecasts(split.test), **holdout.extra}[baseline], params.plot_series)
     return tracking.RunContent(
         params=run_params, metrics=metrics, tags=tags, fit=fit, example=tracking.example_rows(split.test),
-        figure=figure, evaluation={"metrics": metrics, "decision": decision.reason, "champion": champion.note})
+        figure=figure, evaluation={"metrics": metrics, "decision": decision.reason, "champion": champion.note},
+        figures={tracking.BACKTEST_PLOT: backtest.figure()} if backtest else {})
 
 
 def _promote(fit: FitResult, run: tracking.LoggedRun, holdout: _Holdout, uri: str, params: TrainingParams,
@@ -126,12 +144,21 @@ def _train(params: TrainingParams, settings: Settings, dist: Distributed) -> Tra
     with timer.phase("train"):
         fit = fit_forecaster(split, params, dist)
         timer.note("train", f"{fit.epochs_run} epochs, best {fit.best_epoch}, {len(split.train):,} rows, "
-                            f"{dist.world_size} process(es)")
+                            f"{dist.world_size} process(es), {fit.cpu_seconds:.1f} CPU s"
+                            + (f", stopped by {fit.stopped_by}" if fit.stopped_by else ""))
+    history = None
+    if params.statsforecast and dist.is_main:
+        with timer.phase("read the sales history (statsforecast baselines)"):
+            history = fetch_sales_history(settings.postgres)
+    backtest = None
+    if params.backtest:
+        with timer.phase(f"backtest: {params.backtest} rolling origins"):
+            backtest = run_backtest(frame, history, params, dist)
     if not dist.is_main:
         return None
-    with timer.phase("evaluate on the holdout"):
-        holdout = _evaluate(fit, split, uri, params)
-    content = _run_content(params, frame, split, returned, fit, holdout, dist)
+    with timer.phase("evaluate the model and the baselines on the holdout"):
+        holdout = _evaluate(fit, split, uri, params, history)
+    content = _run_content(params, frame, split, returned, fit, holdout, dist, backtest)
     with timer.phase("log to MLflow + register"):
         run = tracking.log_training_run(uri, params.experiment or settings.mlflow_experiment, params.run_name,
                                         params.registered_model, content)
@@ -146,7 +173,8 @@ def _train(params: TrainingParams, settings: Settings, dist: Distributed) -> Tra
         run=run, evaluation=holdout.evaluation, champion=holdout.champion, decision=holdout.decision, fit=fit,
         rows={"entity": returned, "train": len(split.train), "validation": len(split.validation),
               "test": len(split.test)},
-        ranges=split.describe(), published=published, timer=timer, registered_model=params.registered_model)
+        ranges=split.describe(), published=published, timer=timer, registered_model=params.registered_model,
+        backtest=backtest)
 
 
 def run_training(params: TrainingParams, settings: Settings) -> TrainingResult | None:

@@ -9,6 +9,7 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
+from sales_forecast.training.backtest import Backtest
 from sales_forecast.training.dataset import LABEL, TIMESTAMP
 from sales_forecast.training.metrics import Evaluation
 
@@ -29,12 +30,32 @@ def metrics_table(evaluation: Evaluation, title: str) -> Table:
     return table
 
 
+def backtest_table(backtest: Backtest) -> Table:
+    totals = backtest.total_wmae()
+    names = [name for name in totals if name != "model"]
+    table = Table(title=f"rolling-origin backtest: WMAE per origin and in total (skill {backtest.skill:+.4f})")
+    for column in ("origin (prediction weeks)", "model", *names, "skill", "coverage"):
+        table.add_column(column, justify="left" if column.startswith("origin") else "right")
+    for origin in backtest.origins:
+        e = origin.evaluation
+        table.add_row(origin.test_range, f"[bold]{e.model.wmae:,.1f}[/]",
+                      *(f"{e.baselines[n].wmae:,.1f}" if n in e.baselines else "-" for n in names),
+                      f"{e.skill:+.4f}", f"{e.coverage:.3f}" if e.coverage is not None else "-")
+    table.add_row("total", f"[bold]{totals['model']:,.1f}[/]", *(f"{totals[n]:,.1f}" for n in names),
+                  f"{backtest.skill:+.4f}", "")
+    return table
+
+
 def print_report(result) -> None:
     """``result`` is a pipeline.TrainingResult."""
     evaluation = result.evaluation
     test_range = result.ranges["test_range"]
     stdout.print(metrics_table(evaluation, f"holdout: {evaluation.rows:,} rows, prediction weeks {test_range}"))
     stdout.print(f"skill = 1 - WMAE(model) / WMAE({evaluation.best_baseline[0]}) = {evaluation.skill:+.4f}")
+    if evaluation.coverage is not None:
+        stdout.print(f"P10-P90 interval coverage on the holdout: {evaluation.coverage:.3f} (calibrated: 0.80)")
+    if result.backtest is not None:
+        stdout.print(backtest_table(result.backtest))
     stdout.print(f"MLflow run {result.run.run_id}: {result.run.url}")
     verdict = "promoted to @champion" if result.decision.promote else "not promoted"
     stdout.print(f"registered {result.registered_model} v{result.run.model_version}, {verdict}: "

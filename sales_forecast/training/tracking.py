@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
@@ -23,6 +23,8 @@ from sales_forecast.forecaster import Forecaster
 from sales_forecast.training.fit import FitResult
 
 PLOT_ARTIFACT = "plots/forecast_vs_actual.png"
+NETWORK_INPUTS = ("x", "store", "dept", "events")  # the network's forward arguments
+BACKTEST_PLOT = "plots/backtest_wmae.png"
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
@@ -52,6 +54,7 @@ class RunContent:
     example: pd.DataFrame  # a few feature rows: the input example and signature come from them
     figure: Figure
     evaluation: dict
+    figures: dict[str, Figure] = field(default_factory=dict)  # more plots, by artifact path
 
 
 def _epoch_metrics(fit: FitResult, run_id: str):
@@ -62,19 +65,30 @@ def _epoch_metrics(fit: FitResult, run_id: str):
     for log in fit.history:
         metrics.append(Metric("train_loss", log.train_loss, now, log.epoch, run_id=run_id))
         metrics.append(Metric("val_wmae", log.validation_wmae, now, log.epoch, run_id=run_id))
+        metrics.append(Metric("val_score", log.validation_score, now, log.epoch, run_id=run_id))
     return metrics
 
 
-def _log_network(forecaster: Forecaster, example: pd.DataFrame, registered_model: str):
+def network_signature(inputs: tuple[np.ndarray, ...], outputs: np.ndarray):
+    """Tensor specs of the network's four inputs (by name) and its output, the batch dimension variable."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    specs = [TensorSpec(array.dtype, (-1, *array.shape[1:]), name) for name, array in zip(NETWORK_INPUTS, inputs,
+                                                                                          strict=True)]
+    return ModelSignature(inputs=Schema(specs), outputs=Schema([TensorSpec(outputs.dtype, (-1, outputs.shape[1]))]))
+
+
+def log_network(forecaster: Forecaster, example: pd.DataFrame, registered_model: str):
     import mlflow.pytorch
     import torch
-    from mlflow.models import infer_signature
 
-    inputs = forecaster.inputs(example)
+    prepared = forecaster.prepare(example)
+    inputs = (prepared.x, prepared.store, prepared.dept, prepared.events)
     with torch.no_grad():
-        outputs = forecaster.model(torch.from_numpy(inputs)).numpy()
+        outputs = forecaster.model(*prepared.tensors()).numpy()
     return mlflow.pytorch.log_model(
-        forecaster.model, name=NETWORK_ARTIFACT, signature=infer_signature(inputs, outputs), input_example=inputs,
+        forecaster.model, name=NETWORK_ARTIFACT, signature=network_signature(inputs, outputs), input_example=inputs,
         pip_requirements=pip_requirements(), registered_model_name=registered_model)
 
 
@@ -94,10 +108,12 @@ def log_training_run(uri: str, experiment: str, run_name: str | None, registered
         mlflow.log_metrics(content.metrics)
         mlflow.log_dict(content.evaluation, "evaluation.json")
         mlflow.log_figure(content.figure, PLOT_ARTIFACT)
+        for path, figure in content.figures.items():
+            mlflow.log_figure(figure, path)
         with tempfile.TemporaryDirectory() as bundle:
             content.fit.forecaster.save(Path(bundle))
             mlflow.log_artifacts(bundle, artifact_path=FORECASTER_ARTIFACT)
-        info = _log_network(content.fit.forecaster, content.example, registered_model)
+        info = log_network(content.fit.forecaster, content.example, registered_model)
     if info.registered_model_version is None:
         raise PipelineError(f"MLflow did not register run {run_id} as {registered_model!r}")
     return LoggedRun(run_id=run_id, experiment_id=experiment_id, url=run_url(uri, experiment_id, run_id),
