@@ -3,7 +3,9 @@
 
 Runs the same function as `02_training.py` (in this process, on the local stack or the configured PostgreSQL
 and MLflow) and prints the retrieval time, the training time, the whole step's time and the holdout metrics of
-the model and the baselines, against the goals: retrieval < 20 s, whole step < 90 s, skill > 0.
+the model and the baselines and the P10-P90 coverage, against the goals: retrieval < 20 s, whole step < 90 s,
+skill >= 0.10 over the best baseline (issue 12; see the README for why the default shape cannot reach it),
+coverage 0.80 +- 0.05.
 
 Step 1 runs first (untimed) when the database does not hold the default shape. The run registers under its own
 model name (default sales-forecast-bench), so it never moves the demo's `champion`.
@@ -17,15 +19,16 @@ import argparse
 import os
 import time
 
-GOALS = {"retrieval_s": 20.0, "step_s": 90.0}
+GOALS = {"retrieval_s": 20.0, "step_s": 90.0, "skill": 0.10, "coverage": (0.75, 0.85)}
 
 
 def ensure_default_shape(settings) -> None:
     import psycopg
-    from sales_forecast.feature_pipeline import ensure_postgres, run_feature_pipeline
 
     from sales_forecast.contract import RAW_TABLE
     from sales_forecast.features.generator import Shape
+    from sales_forecast.features.pipeline import run_feature_pipeline
+    from sales_forecast.stack import ensure_postgres
 
     ensure_postgres(settings)
     try:
@@ -83,8 +86,13 @@ def print_summary(result, step_s: float) -> None:
         ("training", f"{phases['train']:.1f} s ({result.fit.epochs_run} epochs)", "", None),
         ("whole step (imports to registered model)", f"{step_s:.1f} s", f"< {GOALS['step_s']:.0f} s",
          step_s < GOALS["step_s"]),
-        ("skill vs best baseline", f"{skill:+.4f}", "> 0", skill > 0),
+        ("skill vs best baseline", f"{skill:+.4f}", f">= {GOALS['skill']:.2f}", skill >= GOALS["skill"]),
     ]
+    low, high = GOALS["coverage"]
+    covered = result.evaluation.coverage
+    if covered is not None:
+        rows.append(("P10-P90 coverage on the holdout", f"{covered:.3f}", f"{low:.2f}-{high:.2f}",
+                     low <= covered <= high))
     for name, scores in [("model", result.evaluation.model), *result.evaluation.baselines.items()]:
         rows.append((f"WMAE {name}", f"{scores.wmae:,.1f}", "", None))
     for figure, value, goal, met in rows:
