@@ -16,7 +16,7 @@ from conftest import database_settings
 from sales_forecast import model_dir
 from sales_forecast.contract import ACCURACY_TABLE, DRIFT_TABLE, FEATURE_TABLE, FORECASTS_TABLE, RAW_TABLE
 from sales_forecast.features.append import append_week
-from sales_forecast.features.derive import MODEL_FEATURES
+from sales_forecast.features.derive import CALENDAR_FEATURES, MODEL_FEATURES, REQUIRED_FEATURES
 from sales_forecast.features.generator import Shape, latest_friday
 from sales_forecast.features.pipeline import run_feature_pipeline
 from sales_forecast.operations import monitoring
@@ -97,9 +97,12 @@ def test_psi_is_zero_for_the_same_distribution_and_large_for_a_shift() -> None:
 def test_drift_of_a_week_is_stored_per_feature(world) -> None:
     week = SHAPE.end_date + WEEK
     drift = monitoring.feature_drift(world, week, (SHAPE.end_date - 20 * WEEK, SHAPE.end_date))
-    assert list(drift.index) == MODEL_FEATURES
+    assert list(drift.index) == monitoring.DRIFT_FEATURES
+    assert "sales_lag_1" in drift.index and not set(CALENDAR_FEATURES) & set(drift.index)
+    loaded = monitoring.feature_drift(world, SHAPE.end_date, (SHAPE.end_date - 20 * WEEK, SHAPE.end_date - WEEK))
+    assert loaded[[name for name in REQUIRED_FEATURES if name not in CALENDAR_FEATURES]].notna().all()
     stored = query(world, f'SELECT feature, psi FROM "{DRIFT_TABLE}" WHERE week = %s', (week,))
-    assert len(stored) == len(MODEL_FEATURES)
+    assert len(stored) == len(monitoring.DRIFT_FEATURES)
     policy = RetrainPolicy("on-alert", max_wmae_ratio=1e9, max_psi=drift.max() / 2)
     assert policy.retrain(policy.alerts(None, drift))
     assert not RetrainPolicy("on-alert", 1e9, 1e9).retrain(RetrainPolicy("on-alert", 1e9, 1e9).alerts(None, drift))

@@ -26,7 +26,7 @@ from sales_forecast.forecaster import Forecaster, Preprocessing, SalesForecastMo
 from sales_forecast.training import local_process
 from sales_forecast.training.champion import Champion, decide
 from sales_forecast.training.dataset import LABEL, LABEL_IS_HOLIDAY, SEASONAL_NAIVE, TIMESTAMP, chronological_split
-from sales_forecast.training.fit import Distributed, fit_forecaster
+from sales_forecast.training.fit import Distributed, can_start_from, fit_forecaster
 from sales_forecast.training.metrics import Evaluation, Scores, baseline_forecasts, evaluate, rmse, wape, wmae
 from sales_forecast.training.params import TrainingParams
 from sales_forecast.training.trainjob import LogPrinter
@@ -100,6 +100,27 @@ def test_fit_is_reproducible_with_a_fixed_seed() -> None:
     first, second = (fit_forecaster(split, params, Distributed(0, 1)) for _ in range(2))
     assert first.history == second.history
     assert np.array_equal(first.forecaster.predict(split.test), second.forecaster.predict(split.test))
+
+
+def test_training_continues_from_a_champion_with_the_same_layout() -> None:
+    """A weekly challenger continues the champion: its preprocessing is kept, its weights are the start, and only a
+    champion with these features and this network qualifies."""
+    split = chronological_split(frame_of(weeks=30, series=4), test_weeks=4, validation_weeks=3)
+    params = TrainingParams(epochs=2, batch_size=16, hidden=(8,), rows_per_epoch=320)
+    champion = fit_forecaster(split, params, Distributed(0, 1)).forecaster
+    assert can_start_from(champion, params)
+    assert not can_start_from(champion, dataclasses.replace(params, hidden=(16,)))
+    assert not can_start_from(dataclasses.replace(champion, features=MODEL_FEATURES[:-1]), params)
+    start = {name: value.clone() for name, value in champion.model.state_dict().items()}
+    continued = fit_forecaster(split, dataclasses.replace(params, epochs=1), Distributed(0, 1), champion).forecaster
+    assert continued.preprocessing is champion.preprocessing
+    scratch = fit_forecaster(split, dataclasses.replace(params, epochs=1), Distributed(0, 1)).forecaster
+    def moved(forecaster: Forecaster) -> float:
+        return max(float((value - start[name]).abs().max()) for name, value in forecaster.model.state_dict().items()
+                   if value.numel())
+
+    assert moved(continued) > 0  # trained further...
+    assert moved(continued) < moved(scratch)  # ...from the champion's weights, not from new ones
 
 
 SCORES = {"naive_lag_1": Scores(100.0, 0.1, 150.0), "mean_last_4": Scores(110.0, 0.1, 160.0)}

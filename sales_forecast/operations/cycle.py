@@ -38,6 +38,9 @@ WEEK = dt.timedelta(days=7)
 RETRAIN_MODES = ("weekly", "on-alert", "never")
 
 
+CHALLENGER_EPOCHS = 3  # a challenger continues last week's champion on one more week: a short schedule
+
+
 @dataclass(frozen=True)
 class RetrainPolicy:
     """When to train a challenger: every week, or only when realized accuracy or drift crosses a threshold."""
@@ -89,8 +92,12 @@ class WeeklyCycle:
 
     # ------------------------------------------------------------------ the pieces
     def train(self, run_name: str, week: dt.date | None) -> TrainingResult:
+        """The first champion (``week`` None) from scratch; a week's challenger continues the champion."""
         tags = {**self.params.tags, **({"cycle_week": week.isoformat()} if week else {})}
-        result = run_training(dataclasses.replace(self.params, run_name=run_name, tags=tags), self.settings)
+        params = dataclasses.replace(self.params, run_name=run_name, tags=tags)
+        if week is not None:
+            params = dataclasses.replace(params, warm_start=True, epochs=min(params.epochs, CHALLENGER_EPOCHS))
+        result = run_training(params, self.settings)
         assert result is not None  # this process is rank 0
         if result.decision.promote and self.on_promotion:
             self.on_promotion(result.run.model_version)

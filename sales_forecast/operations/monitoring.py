@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from sales_forecast.config import Settings
 from sales_forecast.contract import ACCURACY_TABLE, DRIFT_TABLE, FEATURE_TABLE
-from sales_forecast.features.derive import MODEL_FEATURES
+from sales_forecast.features.derive import CALENDAR_FEATURES, MODEL_FEATURES
 from sales_forecast.features.load import replace_week
 from sales_forecast.operations.forecasts import read_forecasts
 from sales_forecast.training.metrics import wape, wmae
@@ -96,11 +96,16 @@ def _feature_rows(settings: Settings, start: dt.date, end: dt.date) -> pd.DataFr
         return pd.DataFrame(cur.fetchall(), columns=list(MODEL_FEATURES)).astype("float64")
 
 
+# Calendar features are the same for every row of a week, so one week against a training window always "drifts"
+# (PSI 8-10 measured): they say which week it is, not how the data changed.
+DRIFT_FEATURES = [name for name in MODEL_FEATURES if name not in CALENDAR_FEATURES]
+
+
 def feature_drift(settings: Settings, week: dt.date, reference: tuple[dt.date, dt.date]) -> pd.Series:
-    """PSI of every model feature: the week's rows against the rows of ``reference`` (the champion's training
-    window); stored in the drift table and returned by feature."""
+    """PSI of every model feature that describes the data (DRIFT_FEATURES): the week's rows against the rows of
+    ``reference`` (the champion's training window); stored in the drift table and returned by feature."""
     base, new = _feature_rows(settings, *reference), _feature_rows(settings, week, week)
-    values = pd.Series({name: psi(base[name].to_numpy(), new[name].to_numpy()) for name in MODEL_FEATURES})
+    values = pd.Series({name: psi(base[name].to_numpy(), new[name].to_numpy()) for name in DRIFT_FEATURES})
     frame = pd.DataFrame({"week": week, "feature": values.index, "psi": values.to_numpy(),
                           "reference_start": reference[0], "reference_end": reference[1]})
     _ensure_tables(settings)

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sales_forecast.config import torchrun_rank
 from sales_forecast.errors import PipelineError
-from sales_forecast.features.derive import RELATIVE_RANGE
+from sales_forecast.features.derive import MODEL_FEATURES, RELATIVE_RANGE
 from sales_forecast.forecaster import Architecture, Forecaster, relative_target, series_level
 from sales_forecast.training.dataset import LABEL, LABEL_IS_HOLIDAY, TIMESTAMP, Split
 from sales_forecast.training.metrics import holiday_weights, wmae
@@ -163,12 +163,26 @@ def _check_finite(value: float, what: str, epoch: int, params: TrainingParams) -
                             "training diverged; lower --lr. Nothing was logged or registered.")
 
 
-def fit_forecaster(split: Split, params: TrainingParams, dist: Distributed) -> FitResult:
+def architecture(params: TrainingParams) -> Architecture:
+    """The network ``params`` ask for (the input and id counts come from the training rows)."""
+    return Architecture(0, 0, 0, hidden=params.hidden, dropout=params.dropout, quantiles=QUANTILES,
+                        store_dim=params.store_dim, dept_dim=params.dept_dim)
+
+
+def can_start_from(forecaster: Forecaster, params: TrainingParams) -> bool:
+    """Whether training may continue from ``forecaster`` (a champion): the same features and network layout."""
+    arch, wanted = forecaster.model.arch, architecture(params)
+    return forecaster.features == list(MODEL_FEATURES) and (arch.hidden, arch.dropout, arch.quantiles,
+                                                          arch.store_dim, arch.dept_dim) == (
+        wanted.hidden, wanted.dropout, wanted.quantiles, wanted.store_dim, wanted.dept_dim)
+
+
+def fit_forecaster(split: Split, params: TrainingParams, dist: Distributed,
+                   start: Forecaster | None = None) -> FitResult:
+    """Train a new Forecaster on ``split``, or continue training ``start`` (its preprocessing kept as it is)."""
     started = time.process_time()
     seed_everything(params.seed)
-    forecaster = Forecaster.build(split.train, Architecture(
-        0, 0, 0, hidden=params.hidden, dropout=params.dropout, quantiles=QUANTILES, store_dim=params.store_dim,
-        dept_dim=params.dept_dim))
+    forecaster = start if start is not None else Forecaster.build(split.train, architecture(params))
     model = forecaster.model
     inputs, store, dept, events = forecaster.prepare(split.train).tensors()
     target = torch.from_numpy(np.clip(relative_target(split.train, split.train[LABEL].to_numpy(dtype="float64")),

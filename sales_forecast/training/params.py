@@ -68,6 +68,9 @@ class TrainingParams:
     backtest: int = 0  # K > 0: also K rolling origins, each a model trained only on the weeks before its cutoff
     backtest_weeks: int = 4  # holdout weeks of a backtest origin (origins are this many weeks apart)
     statsforecast: bool = True  # the statsforecast baselines (SES; MSTL + AutoETS with two years of history)
+    # Start from the champion in MODEL_DIR (its preprocessing and weights) when it has these features and this
+    # architecture, else from scratch: the weekly cycle's challengers fine-tune last week's champion.
+    warm_start: bool = False
     seed: int = 42
     # CPU threads per process. This small MLP gains nothing from more, and on busy cores OpenMP threads that wait
     # for each other cost 10x (2.5 s vs 26 s for 3 epochs at the default shape on a loaded 2-core machine).

@@ -21,7 +21,9 @@ import pandas as pd
 from sales_forecast import model_dir, stack
 from sales_forecast.config import Settings
 from sales_forecast.contract import FEATURE_SERVICE
+from sales_forecast.errors import PipelineError, first_line
 from sales_forecast.features import store as fs_ops
+from sales_forecast.forecaster import BundleFormatError, Forecaster
 from sales_forecast.timing import PhaseTimer
 from sales_forecast.training import champion as registry
 from sales_forecast.training import tracking
@@ -35,7 +37,14 @@ from sales_forecast.training.dataset import (
     fetch_training_frame,
     week_range,
 )
-from sales_forecast.training.fit import Distributed, FitResult, cpu_threads, distributed_context, fit_forecaster
+from sales_forecast.training.fit import (
+    Distributed,
+    FitResult,
+    can_start_from,
+    cpu_threads,
+    distributed_context,
+    fit_forecaster,
+)
 from sales_forecast.training.metrics import Evaluation, baseline_forecasts, evaluate
 from sales_forecast.training.params import TrainingParams
 from sales_forecast.training.report import forecast_figure
@@ -132,6 +141,18 @@ def _promote(fit: FitResult, run: tracking.LoggedRun, holdout: _Holdout, uri: st
         "tracking_uri": uri, "test_wmae": f"{holdout.evaluation.model.wmae:.4f}", **split.describe()})
 
 
+def _warm_start(params: TrainingParams, settings: Settings) -> tuple[Forecaster | None, str]:
+    """The champion's Forecaster in the shared model directory to continue from, if it fits ``params``."""
+    try:
+        bundle = model_dir.load(settings.model_dir)
+    except (PipelineError, BundleFormatError) as exc:
+        return None, f", from scratch (no champion to start from: {first_line(exc)})"
+    version = bundle.info.get("version", "?")
+    if not can_start_from(bundle.forecaster, params):
+        return None, f", from scratch (champion v{version} has other features or another network)"
+    return bundle.forecaster, f", continued from champion v{version}"
+
+
 def _train(params: TrainingParams, settings: Settings, dist: Distributed) -> TrainingResult | None:
     """The whole step; returns the result on rank 0 and None on the other ranks."""
     timer = PhaseTimer("step 2: training") if dist.is_main else _Silent()
@@ -141,11 +162,12 @@ def _train(params: TrainingParams, settings: Settings, dist: Distributed) -> Tra
     uri = settings.tracking_uri
     frame, returned = dist.share(lambda: _retrieve(settings, timer))
     split = chronological_split(frame, params.test_weeks, params.validation_weeks)
+    start, start_note = _warm_start(params, settings) if params.warm_start else (None, "")
     with timer.phase("train"):
-        fit = fit_forecaster(split, params, dist)
+        fit = fit_forecaster(split, params, dist, start)
         timer.note("train", f"{fit.epochs_run} epochs, best {fit.best_epoch}, {len(split.train):,} rows, "
                             f"{dist.world_size} process(es), {fit.cpu_seconds:.1f} CPU s"
-                            + (f", stopped by {fit.stopped_by}" if fit.stopped_by else ""))
+                            + (f", stopped by {fit.stopped_by}" if fit.stopped_by else "") + start_note)
     history = None
     if params.statsforecast and dist.is_main:
         with timer.phase("read the sales history (statsforecast baselines)"):
