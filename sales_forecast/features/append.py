@@ -115,18 +115,21 @@ def append_week(settings: Settings, week: dt.date | None = None, now: dt.datetim
         settings = stack.ensure_services(settings, ray=True)
     dataset = read_dataset(settings)
     week = week_to_append(dataset, week, now.date())
+    ttl = fs_ops.repo_feature_ttl(settings.feast_repo_path)
+    week_end = dt.datetime.combine(week, dt.time(), dt.UTC)
+    current = week_end >= now - ttl  # an older week goes to the offline store only
+    workers = fs_ops.WarmWorkers(settings) if current else None
     with timer.phase("generate and derive the week"):
         raw, features = week_rows(settings, dataset, week)
         timer.note("generate and derive the week", f"{len(raw):,} series, week ending {week}")
     with timer.phase("append to the offline store"):
         replace_week(settings.postgres, {RAW_TABLE: (raw, "date"), FEATURE_TABLE: (features, "event_timestamp")})
-    ttl = fs_ops.repo_feature_ttl(settings.feast_repo_path)
-    week_end = dt.datetime.combine(week, dt.time(), dt.UTC)
-    if week_end < now - ttl:
+    if not current:
         timer.note("append to the offline store", f"online store not updated: the week is older than the feature "
                                                   f"ttl ({ttl.days} days); the point-in-time join serves it")
         return AppendResult(week, len(raw), materialized=False, timer=timer)
     with timer.phase("materialize the week (Ray engine)"):
+        workers.wait()
         store = fs_ops.open_store(settings)
         fs_ops.materialize_latest(store, week_end)
     with timer.phase("verify online store"):
