@@ -228,7 +228,7 @@ def prepare(args: argparse.Namespace):
 
     from sales_forecast.config import REPO_ROOT, load_settings
     from sales_forecast.contract import FEATURE_TABLE, RAW_TABLE
-    from sales_forecast.features.derive import build_features
+    from sales_forecast.features.derive import FEATURE_COLUMNS, build_features
     from sales_forecast.features.generator import Shape, generate
     from sales_forecast.features.load import load_table
     from sales_forecast.features.store import repo_objects
@@ -250,14 +250,20 @@ def prepare(args: argparse.Namespace):
                 return 0
             return conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
 
-        if rows(FEATURE_TABLE) != shape.rows or rows(RAW_TABLE) != shape.rows:
+        def columns(table: str) -> list[str]:
+            return [row[0] for row in conn.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 "
+                "AND NOT attisdropped ORDER BY attnum", (table,)).fetchall()]
+
+        stale = columns(FEATURE_TABLE) != FEATURE_COLUMNS  # the data of another version of the features
+        if stale or rows(FEATURE_TABLE) != shape.rows or rows(RAW_TABLE) != shape.rows:
             raw = generate(shape)
             features = build_features(raw)
             load_table(settings.postgres, RAW_TABLE, raw, ["store", "dept", "date"])
             load_table(settings.postgres, FEATURE_TABLE, features, ["store", "dept", "event_timestamp"])
             print(f"loaded {shape.rows:,} rows into {RAW_TABLE} and {FEATURE_TABLE}")
             conn.execute(f'DROP TABLE IF EXISTS "{SINGLE_KEY_TABLE}"')
-        if rows(SINGLE_KEY_TABLE) != shape.rows:
+        if stale or rows(SINGLE_KEY_TABLE) != shape.rows:
             conn.execute(f'DROP TABLE IF EXISTS "{SINGLE_KEY_TABLE}"')
             conn.execute(f'CREATE TABLE "{SINGLE_KEY_TABLE}" AS SELECT store * 1000 + dept AS store_dept, * '
                          f'FROM "{FEATURE_TABLE}"')
