@@ -58,7 +58,7 @@ def main() -> None:
         with MachineMemory(head, postmaster, args.memory_interval) as memory:
             started = time.perf_counter()
             process = subprocess.Popen(commands[step], cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE,
-                                       text=True, start_new_session=True)
+                                       stderr=subprocess.STDOUT, text=True, start_new_session=True)
             memory.watch(process.pid)
             phase = Phase(process.stdout)
             code = watch(process, memory, args.timeout, args.stop_above * 2**30)
@@ -79,7 +79,8 @@ def main() -> None:
 
 
 class Phase:
-    """Echoes a step's output and remembers the phase it is in (PhaseTimer's "> phase ..." lines)."""
+    """Echoes a step's output (stdout and stderr) and remembers the phase it is in (PhaseTimer's "> phase ..."
+    progress lines, which go to stderr)."""
 
     def __init__(self, stream):
         self.last = "start-up"
