@@ -102,7 +102,8 @@ class StackPorts:
 
 @dataclass(frozen=True)
 class ShapeDefaults:
-    """Step 1's data shape from SALES_STORES, SALES_DEPTS, SALES_WEEKS, SALES_SEED (flags override them)."""
+    """The default data shape (also generator.Shape's), and step 1's from SALES_STORES, SALES_DEPTS, SALES_WEEKS,
+    SALES_SEED (flags override them)."""
 
     stores: int = 143
     depts: int = 81

@@ -150,26 +150,31 @@ def test_a_champion_that_cannot_be_rescored_is_kept() -> None:
     assert decide(evaluation, older_format).promote
 
 
-def test_rescoring_errors_keep_the_champion(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """current_champion against an MLflow whose artifact download fails: rescore_failed, so decide keeps it."""
+def fake_registry(monkeypatch: pytest.MonkeyPatch, version: str, download) -> None:
+    """An MLflow client whose champion alias points at ``version`` and whose artifact download is ``download``."""
     import mlflow
-
-    from sales_forecast.training import champion
-
-    class Version:
-        version, run_id = "4", "abc"
 
     class Client:
         def __init__(self, uri):
             pass
 
         def get_model_version_by_alias(self, name, alias):
-            return Version()
+            return type("Version", (), {"version": version, "run_id": f"run-{version}"})()
 
         def download_artifacts(self, run_id, path, folder):
-            raise ConnectionError("artifact download interrupted")
+            return download(run_id, path, folder)
 
     monkeypatch.setattr(mlflow, "MlflowClient", Client)
+
+
+def test_rescoring_errors_keep_the_champion(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """current_champion against an MLflow whose artifact download fails: rescore_failed, so decide keeps it."""
+    from sales_forecast.training import champion
+
+    def download(run_id, path, folder):
+        raise ConnectionError("artifact download interrupted")
+
+    fake_registry(monkeypatch, "4", download)
     found = champion.current_champion("http://mlflow", "m", frame_of(weeks=6))
     assert found.rescore_failed and "artifact download interrupted" in found.note
     evaluation = Evaluation(model=Scores(1.0, 0.1, 1.0), baselines=SCORES, rows=10)
@@ -435,28 +440,16 @@ def test_the_training_cli_passes_the_backtest_and_the_budget() -> None:
 def test_a_champion_of_an_older_model_version_does_not_block_promotion(monkeypatch: pytest.MonkeyPatch) -> None:
     """A champion whose bundle has another design matrix (the model before issue 12) cannot be re-scored; the gate
     says so and lets a model that beats the baselines replace it, instead of failing closed forever."""
-    import mlflow
-
     from sales_forecast.training import champion
 
-    class Version:
-        version, run_id = "2", "old"
+    def download(run_id, path, folder):
+        bundle = Path(folder) / path
+        bundle.mkdir(parents=True)
+        (bundle / "forecaster.json").write_text(json.dumps({"features": [], "n_inputs": 14, "hidden": [8],
+                                                            "quantiles": [0.5], "scaler": {}}))
+        return str(bundle)
 
-    class Client:
-        def __init__(self, uri):
-            pass
-
-        def get_model_version_by_alias(self, name, alias):
-            return Version()
-
-        def download_artifacts(self, run_id, path, folder):
-            bundle = Path(folder) / path
-            bundle.mkdir(parents=True)
-            (bundle / "forecaster.json").write_text(json.dumps({"features": [], "n_inputs": 14, "hidden": [8],
-                                                                "quantiles": [0.5], "scaler": {}}))
-            return str(bundle)
-
-    monkeypatch.setattr(mlflow, "MlflowClient", Client)
+    fake_registry(monkeypatch, "2", download)
     found = champion.current_champion("http://mlflow", "m", frame_of(weeks=6))
     assert not found.rescore_failed and "older model version" in found.note
     assert decide(Evaluation(model=Scores(90.0, 0.1, 150.0), baselines=SCORES, rows=10), found).promote

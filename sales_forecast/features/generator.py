@@ -39,6 +39,8 @@ import numpy as np
 import pandas as pd
 from scipy.special import ndtri
 
+from sales_forecast.config import ShapeDefaults
+
 RAW_COLUMNS = ["store", "dept", "date", "weekly_sales", "is_holiday",
                "temperature", "fuel_price", "cpi", "unemployment"]
 
@@ -65,10 +67,10 @@ BLOCK_CELLS = 1_500_000  # series x weeks per block when generating store block 
 
 @dataclass(frozen=True)
 class Shape:
-    stores: int = 143
-    depts: int = 81
-    weeks: int = 52
-    seed: int = 42
+    stores: int = ShapeDefaults.stores
+    depts: int = ShapeDefaults.depts
+    weeks: int = ShapeDefaults.weeks
+    seed: int = ShapeDefaults.seed
     end_date: dt.date | None = None  # a Friday; None = the most recent Friday
 
     @property
