@@ -79,7 +79,8 @@ def test_repeated_outages_under_concurrent_load_only_200_and_503(server: str, se
             back = time.monotonic()
             healed = traffic.wait_for(lambda a, back=back: a.status == 200 and a.started >= back, 20)
             assert healed is not None, traffic.statuses()
-            time.sleep(2.5)
+            # at least 4 s of traffic that starts 2 s after PostgreSQL is back, however quickly it healed
+            time.sleep(max(2.5, back + 6.0 - time.monotonic()))
             back_at.append((back, time.monotonic()))
     answers = traffic.answers
     statuses = traffic.statuses()
