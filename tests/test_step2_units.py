@@ -112,7 +112,9 @@ def test_training_continues_from_a_champion_with_the_same_layout() -> None:
     assert not can_start_from(champion, dataclasses.replace(params, hidden=(16,)))
     assert not can_start_from(dataclasses.replace(champion, features=MODEL_FEATURES[:-1]), params)
     start = {name: value.clone() for name, value in champion.model.state_dict().items()}
-    continued = fit_forecaster(split, dataclasses.replace(params, epochs=1), Distributed(0, 1), champion).forecaster
+    continued_fit = fit_forecaster(split, dataclasses.replace(params, warm_epochs=1), Distributed(0, 1), champion)
+    assert continued_fit.epochs_run == 1  # warm_epochs, not epochs, when continuing
+    continued = continued_fit.forecaster
     assert continued.preprocessing is champion.preprocessing
     scratch = fit_forecaster(split, dataclasses.replace(params, epochs=1), Distributed(0, 1)).forecaster
     def moved(forecaster: Forecaster) -> float:

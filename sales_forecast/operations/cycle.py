@@ -38,9 +38,6 @@ WEEK = dt.timedelta(days=7)
 RETRAIN_MODES = ("weekly", "on-alert", "never")
 
 
-CHALLENGER_EPOCHS = 3  # a challenger continues last week's champion on one more week: a short schedule
-
-
 @dataclass(frozen=True)
 class RetrainPolicy:
     """When to train a challenger: every week, or only when realized accuracy or drift crosses a threshold."""
@@ -96,7 +93,7 @@ class WeeklyCycle:
         tags = {**self.params.tags, **({"cycle_week": week.isoformat()} if week else {})}
         params = dataclasses.replace(self.params, run_name=run_name, tags=tags)
         if week is not None:
-            params = dataclasses.replace(params, warm_start=True, epochs=min(params.epochs, CHALLENGER_EPOCHS))
+            params = dataclasses.replace(params, warm_start=True)
         result = run_training(params, self.settings)
         assert result is not None  # this process is rank 0
         if result.decision.promote and self.on_promotion:

@@ -183,6 +183,7 @@ def fit_forecaster(split: Split, params: TrainingParams, dist: Distributed,
     started = time.process_time()
     seed_everything(params.seed)
     forecaster = start if start is not None else Forecaster.build(split.train, architecture(params))
+    epochs = params.warm_epochs if start is not None else params.epochs
     model = forecaster.model
     inputs, store, dept, events = forecaster.prepare(split.train).tensors()
     target = torch.from_numpy(np.clip(relative_target(split.train, split.train[LABEL].to_numpy(dtype="float64")),
@@ -197,14 +198,14 @@ def fit_forecaster(split: Split, params: TrainingParams, dist: Distributed,
     batch_size = max(1, params.batch_size // dist.world_size)
     steps = max(1, math.ceil(rows_per_epoch(params, len(target)) / params.batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=params.learning_rate, total_steps=max(1, params.epochs * steps), pct_start=0.15,
+        optimizer, max_lr=params.learning_rate, total_steps=max(1, epochs * steps), pct_start=0.15,
         anneal_strategy="cos", div_factor=10, final_div_factor=100)
     rng = np.random.default_rng(params.seed + 1000 * dist.rank)
     generator = torch.Generator().manual_seed(params.seed + 1000 * dist.rank)
 
     history: list[EpochLog] = []
     best_score, best_epoch, best_state, stale, stopped_by = math.inf, 0, None, 0, ""
-    for epoch in range(1, params.epochs + 1):
+    for epoch in range(1, epochs + 1):
         draws = torch.from_numpy(np.searchsorted(cumulative, rng.random(steps * batch_size)).clip(0, len(target) - 1))
         network.train()
         total = 0.0
@@ -236,7 +237,7 @@ def fit_forecaster(split: Split, params: TrainingParams, dist: Distributed,
                 stopped_by = "patience"
                 break
         # CPU time, not wall time: a busy machine does not cut training short (one thread: about the same)
-        if epoch < params.epochs and dist.mean(time.process_time() - started) > params.time_budget:
+        if epoch < epochs and dist.mean(time.process_time() - started) > params.time_budget:
             stopped_by = "time budget"
             break
     if best_state is not None:
