@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.memory import MachineMemory, pid_from
+from benchmarks.memory import MachineMemory
 
 if __name__ == "__main__" and "--child" in sys.argv:  # a cold process: nothing imported before the clock starts
     CHILD_START = time.perf_counter()
@@ -298,6 +298,7 @@ def main() -> None:
         child(args)
         return
     from sales_forecast.config import process_environment
+    from sales_forecast.stack import postgres, ray_head
 
     shape, settings = prepare(args)
     env = {**os.environ, **process_environment(), **settings.environment(), "RAY_DISABLE_USAGE_STATS": "1",
@@ -305,8 +306,8 @@ def main() -> None:
                                                        os.environ.get("PYTHONPATH")]))}
     env.pop("FEAST_RAY_EXECUTION_MODE", None)
     stores = [s.strip() for s in args.stores.split(",") if s.strip()]
-    CPU_ROOTS.update({"ray head": pid_from(settings.stack_dir / "ray" / "head.pid"),
-                      "postgresql": pid_from(settings.stack_dir / "postgres" / "postmaster.pid")})
+    CPU_ROOTS.update({"ray head": ray_head.head_pid(settings.stack_dir),
+                      "postgresql": postgres.server_pid(settings.stack_dir / "postgres")})
     print(f"shape {shape.stores} x {shape.depts} x {shape.weeks} = {shape.rows:,} feature rows; entity set: "
           f"{args.entity}; Ray head {settings.ray_address}; load average {os.getloadavg()[0]:.1f} "
           f"({os.cpu_count()} CPUs)")
@@ -329,8 +330,8 @@ def main() -> None:
               f"{result.call:.2f} s); load {os.getloadavg()[0]:.1f}{phases(result.phases[-1])}")
 
     if not args.no_memory:
-        head_pid = pid_from(settings.stack_dir / "ray" / "head.pid")
-        postmaster = pid_from(settings.stack_dir / "postgres" / "postmaster.pid")
+        head_pid = ray_head.head_pid(settings.stack_dir)
+        postmaster = postgres.server_pid(settings.stack_dir / "postgres")
         for store in stores:
             with MachineMemory(head_pid, postmaster, args.memory_interval) as memory:
                 result = run_child(store, args, env, memory=memory)

@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.memory import MachineMemory, pid_from
+from benchmarks.memory import MachineMemory
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STORES = 143
@@ -44,6 +44,7 @@ def main() -> None:
 
     from sales_forecast import stack
     from sales_forecast.config import load_settings
+    from sales_forecast.stack import postgres, ray_head
 
     settings = stack.ensure_services(load_settings(), mlflow=True, ray=True)
     stores = DEFAULT_STORES * args.scale
@@ -53,8 +54,8 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f} (2 CPUs)", flush=True)
     summary = []
     for step in args.steps.split(","):
-        head = pid_from(settings.stack_dir / "ray" / "head.pid")
-        postmaster = pid_from(settings.stack_dir / "postgres" / "postmaster.pid")
+        head = ray_head.head_pid(settings.stack_dir)
+        postmaster = postgres.server_pid(settings.stack_dir / "postgres")
         with MachineMemory(head, postmaster, args.memory_interval) as memory:
             started = time.perf_counter()
             process = subprocess.Popen(commands[step], cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE,

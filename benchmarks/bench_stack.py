@@ -81,7 +81,7 @@ def postgres_server(folder: Path) -> Footprint:
     postgres.start(settings.postgres, folder / "postgres")
     ready = time.perf_counter()
     try:
-        pid = int((folder / "postgres" / "postmaster.pid").read_text().splitlines()[0])
+        pid = postgres.server_pid(folder / "postgres")
         return measure("PostgreSQL (pgserver binaries)", pid, started, ready)
     finally:
         postgres.stop(folder / "postgres")
@@ -92,7 +92,7 @@ def ray(folder: Path) -> Footprint:
     ray_head.start(folder, processes.free_port(), processes.free_port())
     ready = time.perf_counter()
     try:
-        pid = processes.pid_of(folder / "ray" / "head.pid")
+        pid = ray_head.head_pid(folder)
         return measure("Ray head (dashboard and job API included)", pid, started, ready)
     finally:
         ray_head.stop(folder)

@@ -3,14 +3,6 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
-
-
-def pid_from(path: Path) -> int | None:
-    try:
-        return int(path.read_text().split()[0])
-    except (FileNotFoundError, ValueError, IndexError):
-        return None
 
 
 class MachineMemory:

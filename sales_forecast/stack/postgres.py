@@ -18,6 +18,9 @@ import psycopg
 
 from sales_forecast.config import PostgresSettings
 from sales_forecast.errors import PipelineError
+from sales_forecast.stack import processes
+
+POSTMASTER_PID = "postmaster.pid"  # PostgreSQL's own file in the data directory
 
 DATABASES = ("feast", "mlflow")
 
@@ -108,9 +111,14 @@ def create_databases(settings: PostgresSettings) -> None:
                 conn.execute(f'CREATE DATABASE "{name}"')
 
 
+def server_pid(pgdata: Path) -> int | None:
+    """The running embedded server's postmaster pid (the first line of its postmaster.pid), else None."""
+    return processes.pid_of(pgdata / POSTMASTER_PID)
+
+
 def stop(pgdata: Path) -> bool:
     """Stop the embedded server; True when one was running."""
-    if not (pgdata / "postmaster.pid").exists():
+    if not (pgdata / POSTMASTER_PID).exists():
         return False
     user = "pgserver" if os.geteuid() == 0 else None
     result = _run([_bin("pg_ctl"), "-D", str(pgdata), "-w", "-m", "fast", "stop"], user)

@@ -22,8 +22,9 @@ def free_port() -> int:
 
 
 def pid_of(pid_file: Path) -> int | None:
+    """The live process a pid file names (its first line: PostgreSQL's postmaster.pid has more), else None."""
     try:
-        pid = int(pid_file.read_text().strip())
+        pid = int(pid_file.read_text().split("\n", 1)[0])
         os.kill(pid, 0)
         return pid
     except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):

@@ -24,6 +24,11 @@ def _paths(stack_dir: Path) -> tuple[Path, Path, Path]:
     return root, root / "head.log", root / "head.pid"
 
 
+def head_pid(stack_dir: Path) -> int | None:
+    """The running head's ``ray start --block`` process, else None."""
+    return processes.pid_of(_paths(stack_dir)[2])
+
+
 def temp_dir(stack_dir: Path) -> Path:
     """Ray's session folder: short, since its socket paths must fit in 107 bytes."""
     digest = hashlib.sha1(str(stack_dir).encode()).hexdigest()[:10]
@@ -39,7 +44,7 @@ def dashboard_url(port: int) -> str:
 
 
 def is_running(stack_dir: Path) -> bool:
-    return processes.pid_of(_paths(stack_dir)[2]) is not None
+    return head_pid(stack_dir) is not None
 
 
 def start(stack_dir: Path, port: int, dashboard_port: int, num_cpus: int | None = None,
