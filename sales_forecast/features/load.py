@@ -1,7 +1,7 @@
 """Bulk load into PostgreSQL (the offline store) with ADBC's COPY-based ingest.
 
-A load writes a staging table, indexes it, then swaps it in with one transaction, so a re-run replaces the
-data (never duplicates it) and readers never see a half-loaded table.
+A load writes a staging table, indexes it, then swaps it in, all in one transaction (several tables: all in one),
+so a re-run replaces the data (never duplicates it) and readers never see a half-loaded table.
 """
 
 from __future__ import annotations
@@ -17,24 +17,54 @@ def _connect(settings: PostgresSettings) -> adbc.Connection:
     return adbc.connect(settings.libpq_url())
 
 
+class TableLoad:
+    """Several tables replaced in one transaction: each ``stage`` fills and indexes a staging table, ``commit``
+    swaps them all in; leaving the ``with`` block without ``commit`` (an error, a refusal) rolls everything back."""
+
+    def __init__(self, settings: PostgresSettings):
+        self.conn = _connect(settings)
+        self.cur = self.conn.cursor()
+        self.staged: list[str] = []
+        self.committed = False
+
+    def stage(self, table: str, frame: pd.DataFrame, index_columns: list[str]) -> int:
+        """Fill ``table``'s staging table with ``frame`` (not visible to others until ``commit``); returns its rows."""
+        staging = f"{table}__staging"
+        cur = self.cur
+        cur.execute(f'DROP TABLE IF EXISTS "{staging}"')
+        cur.adbc_ingest(staging, pa.Table.from_pandas(frame, preserve_index=False), mode="create")
+        columns = ", ".join(f'"{c}"' for c in index_columns)
+        cur.execute(f'CREATE INDEX "{staging}_key_ts" ON "{staging}" ({columns})')
+        cur.execute(f'ANALYZE "{staging}"')
+        cur.execute(f'SELECT count(*) FROM "{staging}"')
+        self.staged.append(table)
+        return int(cur.fetchone()[0])
+
+    def commit(self) -> None:
+        for table in self.staged:
+            staging = f"{table}__staging"
+            self.cur.execute(f'DROP TABLE IF EXISTS "{table}"')
+            self.cur.execute(f'ALTER TABLE "{staging}" RENAME TO "{table}"')
+            self.cur.execute(f'ALTER INDEX "{staging}_key_ts" RENAME TO "{table}_key_ts"')
+        self.conn.commit()
+        self.committed = True
+
+    def __enter__(self) -> TableLoad:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.committed:
+            self.conn.rollback()
+        self.cur.close()
+        self.conn.close()
+
+
 def load_table(settings: PostgresSettings, table: str, frame: pd.DataFrame, index_columns: list[str]) -> int:
     """Replace ``table`` with ``frame``; returns the row count now in the table."""
-    staging = f"{table}__staging"
-    data = pa.Table.from_pandas(frame, preserve_index=False)
-    with _connect(settings) as conn:
-        with conn.cursor() as cur:
-            cur.execute(f'DROP TABLE IF EXISTS "{staging}"')
-            cur.adbc_ingest(staging, data, mode="create")
-            columns = ", ".join(f'"{c}"' for c in index_columns)
-            cur.execute(f'CREATE INDEX "{staging}_key_ts" ON "{staging}" ({columns})')
-            cur.execute(f'DROP TABLE IF EXISTS "{table}"')
-            cur.execute(f'ALTER TABLE "{staging}" RENAME TO "{table}"')
-            cur.execute(f'ALTER INDEX "{staging}_key_ts" RENAME TO "{table}_key_ts"')
-            cur.execute(f'ANALYZE "{table}"')
-            cur.execute(f'SELECT count(*) FROM "{table}"')
-            count = cur.fetchone()[0]
-        conn.commit()
-    return int(count)
+    with TableLoad(settings) as load:
+        count = load.stage(table, frame, index_columns)
+        load.commit()
+    return count
 
 
 def replace_week(settings: PostgresSettings, tables: dict[str, tuple[pd.DataFrame, str]]) -> dict[str, int]:
