@@ -94,15 +94,38 @@ def test_materialized_online_values_equal_last_week(small_features) -> None:
             assert online.loc[key, column] == pytest.approx(expected.loc[key, column]), (key, column)
 
 
+LOAD_PHASE = "generate, derive, bulk load (ADBC)"
+
+
 def test_rerun_leaves_the_same_state(stack_settings) -> None:
     settings = database_settings(stack_settings, "rerun")
     shape = Shape(stores=3, depts=4, weeks=8, seed=5)
-    run_feature_pipeline(shape, settings)
+    first_run = run_feature_pipeline(shape, settings)
+    assert "kept" not in first_run.timer.notes[LOAD_PHASE]
     first = _snapshot(settings)
-    run_feature_pipeline(shape, settings)
+    again = run_feature_pipeline(shape, settings)
+    assert "weekly_sales, sales_features unchanged: kept" in again.timer.notes[LOAD_PHASE]
     assert _snapshot(settings) == first
     assert first["counts"] == (96, 96)
     assert first["online"][0] == 12
+
+
+def test_a_full_run_after_an_append_writes_the_tables_again(stack_settings) -> None:
+    """An appended week changed both tables since their load: the next full run must replace them (dropping that
+    week again), not keep them."""
+    from sales_forecast.features.append import append_week
+    from sales_forecast.features.generator import latest_friday
+
+    settings = database_settings(stack_settings, "append_then_full")
+    last_week = latest_friday(dt.datetime.now(dt.UTC).date()) - dt.timedelta(days=7)
+    shape = Shape(stores=2, depts=3, weeks=8, seed=5, end_date=last_week)
+    run_feature_pipeline(shape, settings, online=False)
+    before = _offline_snapshot(settings)
+    append_week(settings)  # the week after the loaded ones
+    assert _offline_snapshot(settings)["counts"] == (54, 54)
+    result = run_feature_pipeline(shape, settings, online=False)
+    assert "kept" not in result.timer.notes[LOAD_PHASE]
+    assert _offline_snapshot(settings) == before
 
 
 def test_rerun_with_fewer_series_serves_only_those(stack_settings) -> None:

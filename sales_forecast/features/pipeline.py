@@ -50,8 +50,9 @@ def run_feature_pipeline(shape: Shape, settings: Settings, online: bool = True) 
                 fs_ops.check_materializable(data_end, ttl)
             offline.commit()
             child = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in staged.seconds.items())
+            kept = f" ({', '.join(staged.kept)} unchanged: kept)" if staged.kept else ""
             timer.note("generate, derive, bulk load (ADBC)",
-                       f"{RAW_TABLE} + {FEATURE_TABLE}, {staged.rows:,} rows each, ending {shape.end_date}; "
+                       f"{RAW_TABLE} + {FEATURE_TABLE}, {staged.rows:,} rows each{kept}, ending {shape.end_date}; "
                        f"in a child process: {child}")
     record_dataset(settings, shape)
     with timer.phase("feast apply"):

@@ -31,6 +31,7 @@ T = TypeVar("T")
 class StagedData:
     rows: int  # rows generated, and staged in each table
     latest: pd.DataFrame  # the feature rows of the last week
+    kept: list[str]  # tables that already held exactly this data (load.py), so nothing was staged for them
     seconds: dict[str, float]  # the child's own phases
 
 
@@ -68,7 +69,7 @@ def _staged(shape: Shape, postgres: PostgresSettings) -> StagedData:
     seconds["bulk load (ADBC)"] = time.perf_counter() - started
     _staged_load = load
     latest = features[features["event_timestamp"] == features["event_timestamp"].max()].reset_index(drop=True)
-    return StagedData(rows=rows, latest=latest, seconds=seconds)
+    return StagedData(rows=rows, latest=latest, kept=list(load.kept), seconds=seconds)
 
 
 def _finish(commit: bool) -> None:
