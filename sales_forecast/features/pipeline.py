@@ -32,6 +32,11 @@ def run_feature_pipeline(shape: Shape, settings: Settings, online: bool = True) 
     the repo's ttl has been checked, so data the Ray engine would not materialize is refused before anything is
     loaded.
     """
+    with fs_ops.collecting_rarely():  # Feast's import and its millions of objects
+        return _run(shape, settings, online)
+
+
+def _run(shape: Shape, settings: Settings, online: bool) -> FeatureRunResult:
     shape = dataclasses.replace(shape, end_date=shape.resolved_end_date())  # one end date in both processes
     timer = PhaseTimer(f"step 1: {shape.stores} stores x {shape.depts} depts x {shape.weeks} weeks")
     with timer.phase("connect PostgreSQL and Ray"):
@@ -39,9 +44,9 @@ def run_feature_pipeline(shape: Shape, settings: Settings, online: bool = True) 
     with OfflineLoad(shape, settings.postgres) as offline:
         with timer.phase("start a Ray worker, read the feature repo"):  # while the child makes the data
             workers = fs_ops.WarmWorkers(settings) if online else None
-            objects = fs_ops.repo_objects(settings.feast_repo_path)
-            ttl = fs_ops.defined_feature_ttl(objects, settings.feast_repo_path)
+            objects = fs_ops.repo_objects(settings.feast_repo_path)  # Feast's import
             store = fs_ops.open_store(settings)
+            ttl = fs_ops.defined_feature_ttl(objects, settings.feast_repo_path)
         with timer.phase("generate, derive, bulk load (ADBC)"):
             staged = offline.staged()
             latest = staged.latest

@@ -8,6 +8,7 @@ what the rest of the step needs: the row counts and the last week's feature rows
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from sales_forecast.errors import PipelineError, first_line
 from sales_forecast.features.derive import build_features
 from sales_forecast.features.generator import Shape, generate
 from sales_forecast.features.load import TableLoad
+from sales_forecast.features.store import RARE_COLLECTIONS
 
 T = TypeVar("T")
 
@@ -89,8 +91,10 @@ class OfflineLoad:
     in. Leaving the ``with`` block without ``commit`` rolls the load back."""
 
     def __init__(self, shape: Shape, postgres: PostgresSettings):
-        # spawn: a fresh interpreter, safe whatever threads this process runs (Ray's, Feast's, torch's)
-        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        # spawn: a fresh interpreter, safe whatever threads this process runs (Ray's, Feast's, torch's); it collects
+        # garbage rarely (store.collecting_rarely) from its first import on
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=gc.set_threshold, initargs=RARE_COLLECTIONS)
         self._staged = self._pool.submit(_stage, shape, postgres)
         self._committed = False
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import gc
 import importlib.util
 import os
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +19,21 @@ import yaml
 from sales_forecast.config import Settings, apply_to_environment
 from sales_forecast.contract import ENTITY_KEYS, FEAST_PROJECT, FEATURE_SERVICE, FEATURE_VIEW
 from sales_forecast.errors import PipelineError
+
+RARE_COLLECTIONS = (100_000, 50, 1000)  # gc thresholds: Python's are (700, 10, 10)
+
+
+@contextlib.contextmanager
+def collecting_rarely() -> Iterator[None]:
+    """Python's cyclic garbage collector, run rarely for a while: importing Feast creates millions of objects that
+    live as long as the process (typeguard recompiles its classes' methods, torch loads), and every full collection
+    walks all of them again (1.1-1.5 s of the import's 5.5-6.5 s of CPU). The usual pace returns afterwards."""
+    thresholds = gc.get_threshold()
+    gc.set_threshold(*RARE_COLLECTIONS)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
 
 
 def open_store(settings: Settings):
@@ -89,11 +107,15 @@ def store_classes(settings: Settings) -> list[str]:
 
 
 def _import_materialization_modules(store_types: list[str]) -> int:
-    import feast.infra.compute_engines.ray.nodes  # noqa: F401  what the engine's Ray tasks import first
+    with collecting_rarely():
+        import feast.infra.compute_engines.ray.nodes  # noqa: F401  what the engine's Ray tasks import first
 
-    for store_type in store_types:
-        module, name = store_type.rsplit(".", 1)
-        getattr(importlib.import_module(module), name)
+        for store_type in store_types:
+            module, name = store_type.rsplit(".", 1)
+            getattr(importlib.import_module(module), name)
+    # This worker lives for this driver's materialization: later collections need not walk what the import made
+    # (Feast's conversion of 370K values to protos in the write: 1.1 s with, 0.55 s without).
+    gc.freeze()
     return os.getpid()
 
 
