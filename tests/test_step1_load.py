@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 
 import numpy as np
 import pandas as pd
@@ -164,3 +165,20 @@ def test_the_child_process_reports_its_failure(db: Settings) -> None:
     with OfflineLoad(Shape(stores=1, depts=1, weeks=6, end_date=dt.date(2026, 11, 27)), nowhere) as offline, \
             pytest.raises(PipelineError, match="making the offline data failed: .*(?i:connect|refused)"):
         offline.staged()
+
+
+def test_a_killed_child_process_is_one_clear_error(db: Settings) -> None:
+    """The data's process dies (as under the kernel's OOM killer): the step says which work died, and nothing is
+    loaded."""
+    import multiprocessing
+    import signal
+
+    from sales_forecast.stack.processes import wait_until
+
+    with OfflineLoad(Shape(end_date=dt.date(2026, 11, 27)), db.postgres) as offline:
+        assert wait_until(lambda: bool(multiprocessing.active_children()), 30)
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGKILL)
+        with pytest.raises(PipelineError, match="child process making the offline data .* died"):
+            offline.staged()
+    assert _oid(db, "weekly_sales") is None

@@ -13,6 +13,7 @@ import multiprocessing
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -99,7 +100,11 @@ class OfflineLoad:
         self._committed = False
 
     def staged(self) -> StagedData:
-        return self._staged.result()
+        try:
+            return self._staged.result()
+        except BrokenProcessPool as exc:  # killed, e.g. by the kernel's OOM killer at a large shape
+            raise PipelineError(f"the child process making the offline data (generate, derive, stage) died: {exc}; "
+                                "out of memory? a smaller shape needs less") from exc
 
     def commit(self) -> None:
         self._pool.submit(_finish, True).result()
