@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sales_forecast import stack
@@ -65,11 +66,13 @@ def _run(shape: Shape, settings: Settings, online: bool) -> FeatureRunResult:
         timer.note("feast apply", f"{len(applied)} objects")
     if not online:
         return FeatureRunResult(rows=staged.rows, series=len(latest), online_entities=0, timer=timer)
-    with timer.phase("materialize (Ray engine)"):
+    with timer.phase("materialize (Ray engine), prune stale series"), ThreadPoolExecutor(1) as pool:
+        # Pruning deletes the series the data no longer has, the materialization upserts the ones it has: other
+        # rows, so the delete runs while this process waits for Ray.
+        pruned = pool.submit(fs_ops.prune_online, settings, latest)
         workers.wait()
         fs_ops.materialize_latest(store, data_end)
-    with timer.phase("prune stale series"):
-        timer.note("prune stale series", f"{fs_ops.prune_online(settings, latest):,} online rows deleted")
+        timer.note("materialize (Ray engine), prune stale series", f"{pruned.result():,} stale online rows deleted")
     with timer.phase("verify online store"):
         stats = fs_ops.verify_online(settings, store, latest)
         timer.note("verify online store", f"{stats.entities:,} series stamped {data_end:%Y-%m-%d}")
