@@ -1,0 +1,93 @@
+"""The server's online read on a feature repo that is not the project's: Feast's SQLite online store (the generic
+``online_read`` path), two feature views in the service, a NULL value, a stale row, a missing entity; compared with
+Feast's own ``get_online_features``. And what the server refuses to serve, with a message at load."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sales_forecast.contract import FEATURE_SERVICE
+from sales_forecast.errors import PipelineError
+from sales_forecast.serving.http_errors import UnknownEntities
+from sales_forecast.serving.instances import Instance
+from sales_forecast.serving.online_features import OnlineFeatureLookup
+
+NOW = pd.Timestamp.now(tz="UTC").floor("s")
+
+
+def other_repo(tmp_path: Path, service_views: str = "both"):
+    """A FeatureStore on SQLite: views ``levels`` (store, dept; ttl 7 days) and ``prices`` (store, dept; no ttl)."""
+    from feast import Entity, FeatureService, FeatureStore, FeatureView, Field, FileSource, RepoConfig, ValueType
+    from feast.on_demand_feature_view import on_demand_feature_view
+    from feast.types import Float64, Int64
+
+    frame = pd.DataFrame({"store": [1, 2, 3], "dept": [10, 20, 30], "event_timestamp": [NOW] * 3,
+                          "level": [1.5, np.nan, 3.5], "price": [9.0, 8.0, 7.0]})
+    frame.to_parquet(tmp_path / "rows.parquet")
+    source = FileSource(path=str(tmp_path / "rows.parquet"), timestamp_field="event_timestamp")
+    store_entity = Entity(name="store", join_keys=["store"], value_type=ValueType.INT64)
+    dept_entity = Entity(name="dept", join_keys=["dept"], value_type=ValueType.INT64)
+    fields = [Field(name="store", dtype=Int64), Field(name="dept", dtype=Int64)]
+    levels = FeatureView(name="levels", entities=[store_entity, dept_entity], ttl=dt.timedelta(days=7),
+                         schema=[*fields, Field(name="level", dtype=Float64)], source=source)
+    prices = FeatureView(name="prices", entities=[store_entity, dept_entity], ttl=dt.timedelta(0),
+                         schema=[*fields, Field(name="price", dtype=Float64)], source=source)
+    by_store = FeatureView(name="by_store", entities=[store_entity], ttl=dt.timedelta(0),
+                           schema=[Field(name="store", dtype=Int64), Field(name="store_price", dtype=Float64)],
+                           source=source)
+
+    @on_demand_feature_view(sources=[prices], schema=[Field(name="double_price", dtype=Float64)], mode="pandas")
+    def doubled(inputs: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame({"double_price": inputs["price"] * 2})
+
+    views = {"both": [levels, prices], "on_demand": [levels, doubled], "by_store": [levels, by_store]}[service_views]
+    service = FeatureService(name=FEATURE_SERVICE, features=views)
+    config = RepoConfig(project="other", provider="local", registry=str(tmp_path / "registry.db"),
+                        online_store={"type": "sqlite", "path": str(tmp_path / "online.db")},
+                        offline_store={"type": "file"}, entity_key_serialization_version=3, repo_path=str(tmp_path))
+    store = FeatureStore(config=config)
+    store.apply([store_entity, dept_entity, levels, prices, by_store, doubled, service])
+    online = frame.drop(columns=["level"]).assign(event_timestamp=NOW - pd.Timedelta(days=30))  # older than 7 days
+    store.write_to_online_store("prices", online.iloc[:2])
+    store.write_to_online_store("levels", frame.drop(columns=["price"]).iloc[:2])
+    return store
+
+
+def test_another_online_store_reads_like_get_online_features(tmp_path: Path) -> None:
+    store = other_repo(tmp_path)
+    lookup = OnlineFeatureLookup(store, ["price", "level"], where="sqlite")
+    assert lookup.connection is None  # not PostgreSQL: the store's own online_read
+    keys = [Instance(2, 20), Instance(1, 10), Instance(2, 20)]
+    got = lookup.rows(keys)
+    reference = store.get_online_features(features=store.get_feature_service(FEATURE_SERVICE),
+                                          entity_rows=[k.as_dict() for k in keys]).to_dict()
+    for name in ("price", "level"):
+        np.testing.assert_array_equal(got[name], [np.nan if v is None else v for v in reference[name]])
+    assert np.isnan(got["level"][0]) and reference["level"][0] is None  # a NULL value is served as NaN
+    np.testing.assert_array_equal(got["dept"], [20, 10, 20])
+
+
+def test_a_missing_row_is_refused_and_the_ttl_is_each_views(tmp_path: Path) -> None:
+    store = other_repo(tmp_path)
+    lookup = OnlineFeatureLookup(store, ["price", "level"], where="sqlite")
+    with pytest.raises(UnknownEntities) as raised:
+        lookup.rows([Instance(1, 10), Instance(3, 30)])  # (3, 30) has no online row in either view
+    assert [(m["index"], m["reason"]) for m in raised.value.details["missing"]] == [(1, "no online features")]
+    # prices' rows are 30 days old but prices has no ttl; levels' are fresh: served
+    assert lookup.rows([Instance(1, 10)])["price"].tolist() == [9.0]
+
+
+@pytest.mark.parametrize(("views", "message"), [
+    ("on_demand", "not a feature view"),
+    ("by_store", r"keyed by \['store'\]"),
+])
+def test_what_the_server_cannot_serve_is_refused_at_load(tmp_path: Path, views: str, message: str) -> None:
+    store = other_repo(tmp_path, views)
+    features = ["level", "double_price" if views == "on_demand" else "store_price"]
+    with pytest.raises(PipelineError, match=message):
+        OnlineFeatureLookup(store, features, where="sqlite")
