@@ -257,8 +257,13 @@ class SalesForecastModel(nn.Module):
         return self.arch.hidden
 
     def joined(self, x: torch.Tensor, store: torch.Tensor, dept: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, functional.embedding(store, self.store_embedding.weight),
-                          functional.embedding(dept, self.dept_embedding.weight)], dim=1)
+        # Zero-width embeddings (the default) add nothing: leaving them out saves three calls per batch.
+        parts = [x]
+        if self.arch.store_dim:
+            parts.append(functional.embedding(store, self.store_embedding.weight))
+        if self.arch.dept_dim:
+            parts.append(functional.embedding(dept, self.dept_embedding.weight))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else x
 
     def outputs(self, raw: torch.Tensor, dept: torch.Tensor, events: torch.Tensor) -> torch.Tensor:
         p = self.point
@@ -355,7 +360,8 @@ class Forecaster:
             raise KeyError(f"feature rows lack {missing}")
         matrix, level = _design(columns)
         clipped = self.preprocessing.clip(matrix)
-        events = np.nan_to_num(clipped[:, _EVENT_COLUMNS]).astype(np.float32)
+        events = clipped[:, _EVENT_COLUMNS]
+        events = np.where(np.isnan(events), 0.0, events).astype(np.float32)  # clipped: finite or NaN
         return Inputs(self.preprocessing.transform(clipped),
                       self.preprocessing.index(columns["store"], self.preprocessing.stores),
                       self.preprocessing.index(columns["dept"], self.preprocessing.depts), events, level)
