@@ -89,10 +89,17 @@ def prepare_model(settings: Settings, directory: Path) -> Path:
 # ---------------------------------------------------------------- the no-op server (the framework's floor)
 
 def serve_noop(port: int) -> None:
-    """A kserve.Model that answers two constant predictions, on the model server's REST server and settings."""
+    """A kserve.Model that answers two constant predictions, on the model server's REST server: the same app, with
+    its error handlers and body limit, and settings."""
     from kserve import Model
+    from kserve import model_server as kserve_server
 
-    from sales_forecast.serving.server import HostModelServer, quiet_request_logs
+    from sales_forecast.serving.server import (
+        HostModelServer,
+        install_body_limit,
+        install_error_handlers,
+        quiet_request_logs,
+    )
 
     class NoopModel(Model):
         def load(self) -> bool:
@@ -104,6 +111,8 @@ def serve_noop(port: int) -> None:
 
     server = HostModelServer("127.0.0.1", port, enable_latency_logging=False)
     quiet_request_logs()
+    install_error_handlers(kserve_server.app)  # the model server's app as it is: the same handlers and body limit
+    install_body_limit(kserve_server.app, load_settings().max_body_bytes)
     model = NoopModel("sales-model")
     model.load()
     server.start([model])

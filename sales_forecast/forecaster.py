@@ -269,11 +269,13 @@ class SalesForecastModel(nn.Module):
         p = self.point
         mid = raw[:, p:p + 1]
         parts = []
-        if p:
-            parts.append(mid - functional.softplus(raw[:, :p]).flip(1).cumsum(1).flip(1))
+        if p:  # the spreads below the median, summed outwards (a single one is its own sum)
+            below = functional.softplus(raw[:, :p])
+            parts.append(mid - (below.flip(1).cumsum(1).flip(1) if p > 1 else below))
         parts.append(mid)
         if p + 1 < raw.shape[1]:
-            parts.append(mid + functional.softplus(raw[:, p + 1:]).cumsum(1))
+            above = functional.softplus(raw[:, p + 1:])
+            parts.append(mid + (above.cumsum(1) if raw.shape[1] - p > 2 else above))
         quantiles = torch.cat(parts, dim=1) if len(parts) > 1 else mid
         scale = 1.0 + (functional.embedding(dept, self.uplift.weight) * events).sum(dim=1, keepdim=True)
         return (1.0 + quantiles) * scale - 1.0

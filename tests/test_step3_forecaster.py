@@ -137,3 +137,20 @@ def test_zero_width_embeddings_are_left_out_with_the_same_result() -> None:
     x, store, dept = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 1, 0]), torch.tensor([4, 3, 2, 1, 0, 4])
     with_empty = torch.cat([x, model.store_embedding(store), model.dept_embedding(dept)], dim=1)
     assert torch.equal(model.joined(x, store, dept), with_empty)
+
+
+@pytest.mark.parametrize("quantiles", [(0.5,), (0.1, 0.5), (0.5, 0.9), (0.1, 0.5, 0.9), (0.05, 0.25, 0.5, 0.75, 0.95)])
+def test_outputs_sum_the_spreads_outwards(quantiles: tuple[float, ...]) -> None:
+    """The reference formula, cumulative sums of a single column included, bit for bit."""
+    from torch.nn import functional
+
+    model = SalesForecastModel(Architecture(5, 3, 4, (8,), 0.0, quantiles))
+    raw, dept, events = torch.randn(9, len(quantiles)), torch.randint(0, 5, (9,)), torch.rand(9, len(EVENTS))
+    p = quantiles.index(0.5)
+    mid = raw[:, p:p + 1]
+    want = torch.cat([mid - functional.softplus(raw[:, :p]).flip(1).cumsum(1).flip(1), mid,
+                      mid + functional.softplus(raw[:, p + 1:]).cumsum(1)], dim=1)
+    with torch.no_grad():
+        model.uplift.weight.normal_(0, 0.3)
+        scale = 1.0 + (model.uplift(dept) * events).sum(dim=1, keepdim=True)
+        assert torch.equal(model.outputs(raw, dept, events), (1.0 + want) * scale - 1.0)
