@@ -311,7 +311,7 @@ class ViewRead:
     join_keys: list[str]
     key_types: dict[str, Any]  # join key -> feast ValueType
     ttl: dt.timedelta | None
-    query: bytes  # PostgreSQL: every online row of the entity keys given as %s
+    query: bytes  # PostgreSQL: every online row of the entity keys given as a parameter
 
     def entity_keys(self, entity_rows: Mapping[str, list[int]]) -> list[Any]:
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
@@ -339,12 +339,13 @@ def _serialized_key(join_keys: tuple[str, ...], types: tuple[Any, ...], ids: tup
 
 
 def _postgres_query(store: Any, view: Any) -> bytes:
-    """Feast's PostgreSQL online read (``PostgreSQLOnlineStore.online_read``) of all of an entity's rows."""
+    """Feast's PostgreSQL online read (``PostgreSQLOnlineStore.online_read``) of all of an entity's rows. The keys
+    go as a binary parameter (%b): as text, every key of the bytea array is escaped by a regular expression."""
     from feast.infra.online_stores.helpers import compute_table_id
     from psycopg import sql
 
     table = compute_table_id(store.config.project, view, store.config.registry.enable_online_feature_view_versioning)
-    return sql.SQL("SELECT entity_key, feature_name, value, event_ts FROM {} WHERE entity_key = ANY(%s)").format(
+    return sql.SQL("SELECT entity_key, feature_name, value, event_ts FROM {} WHERE entity_key = ANY(%b)").format(
         sql.Identifier(table)).as_bytes(None)
 
 
