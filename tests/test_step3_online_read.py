@@ -20,6 +20,18 @@ from sales_forecast.serving.online_features import OnlineFeatureLookup
 NOW = pd.Timestamp.now(tz="UTC").floor("s")
 
 
+@pytest.fixture(autouse=True)
+def feasts_sqlite_timestamps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sqlite3's converters are global: Feast registers its epoch-seconds "timestamp" converter when its SQLite store
+    is imported, and IPython's history (imported by other tests' libraries) replaces it with an ISO-format one, which
+    fails on Feast's rows. Feast's own, for these tests."""
+    import sqlite3
+
+    from feast.infra.online_stores.sqlite import convert_timestamp
+
+    monkeypatch.setitem(sqlite3.converters, "TIMESTAMP", convert_timestamp)
+
+
 def other_repo(tmp_path: Path, service_views: str = "both"):
     """A FeatureStore on SQLite: views ``levels`` (store, dept; ttl 7 days) and ``prices`` (store, dept; no ttl)."""
     from feast import Entity, FeatureService, FeatureStore, FeatureView, Field, FileSource, RepoConfig, ValueType
