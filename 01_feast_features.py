@@ -18,6 +18,7 @@ from pathlib import Path
 from sales_forecast.cli import add_shape_arguments, from_environment, run_cli
 from sales_forecast.config import load_settings, load_shape_defaults
 from sales_forecast.features.generator import Shape, latest_friday
+from sales_forecast.stack import disconnect_ray
 
 
 def week_end_date(text: str) -> dt.date:
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         from sales_forecast.features.append import append_week
 
         appended = append_week(settings, None if args.append_week == "latest" else args.append_week)
+        disconnect_ray()
         appended.timer.print_summary()
         where = "offline and online stores" if appended.materialized else "offline store only (older than the ttl)"
         print(f"appended the week ending {appended.week}: {appended.rows:,} series, {where}")
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     from sales_forecast.features.pipeline import run_feature_pipeline
 
     result = run_feature_pipeline(shape, settings)
+    disconnect_ray()
     result.timer.print_summary()
     print(f"online store: {result.online_entities:,} series with next-week features "
           f"({result.rows:,} rows loaded)")

@@ -14,6 +14,7 @@ ENTITY_KEYS = ("store", "dept")  # the two Feast entities, each a single INT64 j
 RAW_TABLE = "weekly_sales"  # the raw history (labels, seasonal-naive baseline)
 FEATURE_TABLE = "sales_features"  # the feature view's source
 DATASET_TABLE = "sales_dataset"  # the generator's seed and shape of the loaded history (read by appends)
+LOADS_TABLE = "offline_loads"  # what each bulk-loaded table holds (features/load.py: a re-run keeps unchanged ones)
 FORECASTS_TABLE = "sales_forecasts"  # batch forecasts: every series' next week, with model version and as-of week
 ACCURACY_TABLE = "forecast_accuracy"  # realized accuracy of each week's forecasts, scored when its actuals arrive
 DRIFT_TABLE = "feature_drift"  # PSI of each week's features against the champion's training window

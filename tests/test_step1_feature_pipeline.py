@@ -94,15 +94,38 @@ def test_materialized_online_values_equal_last_week(small_features) -> None:
             assert online.loc[key, column] == pytest.approx(expected.loc[key, column]), (key, column)
 
 
+LOAD_PHASE = "generate, derive, bulk load (ADBC)"
+
+
 def test_rerun_leaves_the_same_state(stack_settings) -> None:
     settings = database_settings(stack_settings, "rerun")
     shape = Shape(stores=3, depts=4, weeks=8, seed=5)
-    run_feature_pipeline(shape, settings)
+    first_run = run_feature_pipeline(shape, settings)
+    assert "kept" not in first_run.timer.notes[LOAD_PHASE]
     first = _snapshot(settings)
-    run_feature_pipeline(shape, settings)
+    again = run_feature_pipeline(shape, settings)
+    assert "weekly_sales, sales_features unchanged: kept" in again.timer.notes[LOAD_PHASE]
     assert _snapshot(settings) == first
     assert first["counts"] == (96, 96)
     assert first["online"][0] == 12
+
+
+def test_a_full_run_after_an_append_writes_the_tables_again(stack_settings) -> None:
+    """An appended week changed both tables since their load: the next full run must replace them (dropping that
+    week again), not keep them."""
+    from sales_forecast.features.append import append_week
+    from sales_forecast.features.generator import latest_friday
+
+    settings = database_settings(stack_settings, "append_then_full")
+    last_week = latest_friday(dt.datetime.now(dt.UTC).date()) - dt.timedelta(days=7)
+    shape = Shape(stores=2, depts=3, weeks=8, seed=5, end_date=last_week)
+    run_feature_pipeline(shape, settings, online=False)
+    before = _offline_snapshot(settings)
+    append_week(settings)  # the week after the loaded ones
+    assert _offline_snapshot(settings)["counts"] == (54, 54)
+    result = run_feature_pipeline(shape, settings, online=False)
+    assert "kept" not in result.timer.notes[LOAD_PHASE]
+    assert _offline_snapshot(settings) == before
 
 
 def test_rerun_with_fewer_series_serves_only_those(stack_settings) -> None:
@@ -114,13 +137,19 @@ def test_rerun_with_fewer_series_serves_only_those(stack_settings) -> None:
     assert gone[MODEL_FEATURES].isna().all(axis=None)
 
 
-def _snapshot(settings) -> dict:
-    store = fs_ops.open_store(settings)
+def _offline_snapshot(settings) -> dict:
     return {
         "counts": (_query(settings, f"SELECT count(*) FROM {RAW_TABLE}")[0][0],
                    _query(settings, f"SELECT count(*) FROM {FEATURE_TABLE}")[0][0]),
         "features": _query(settings, f"SELECT md5(string_agg(t::text, ',' ORDER BY store, dept, event_timestamp)) "
                                      f"FROM {FEATURE_TABLE} t"),
+    }
+
+
+def _snapshot(settings) -> dict:
+    store = fs_ops.open_store(settings)
+    return {
+        **_offline_snapshot(settings),
         "online": dataclasses.astuple(fs_ops.online_stats(settings))[:2],
         "registry": sorted(v.name for v in store.list_feature_views())
                     + sorted(s.name for s in store.list_feature_services()),
@@ -133,6 +162,7 @@ def test_stale_end_date_is_refused_before_loading(stack_settings) -> None:
     with pytest.raises(PipelineError, match="ttl"):
         run_feature_pipeline(old, settings)
     assert _query(settings, "SELECT to_regclass('weekly_sales')")[0][0] is None
+    assert _query(settings, "SELECT count(*) FROM pg_class WHERE relname LIKE '%sales%'")[0][0] == 0  # no staging
 
 
 def _run_step1(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -186,6 +216,40 @@ def test_step1_as_a_ray_job_on_a_ray_cluster(stack_settings) -> None:
     submitted = JobSubmissionClient(jobs_api).get_job_info(job_id).runtime_env["env_vars"]
     assert submitted["POSTGRES_DB"] == "ray_job"
     assert not {"POSTGRES_USER", "POSTGRES_PASSWORD", "RAY_ADDRESS"} & set(submitted)
+
+
+def test_feasts_engine_runs_in_the_one_ray_worker_the_step_warms(stack_settings) -> None:
+    """Step 1 starts one Ray worker (importing Feast) while the data is made, and Feast's engine runs its tasks in
+    it: a second worker would import Feast (5-6 s of CPU) for nothing."""
+    from ray.util.state import list_jobs, list_tasks
+
+    settings = database_settings(stack_settings, "one_worker")
+    step = subprocess.Popen([sys.executable, STEP1, "--stores", "3", "--depts", "4", "--weeks", "8"], cwd=REPO_ROOT,
+                            env={**os.environ, **settings.environment()}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _, stderr = step.communicate(timeout=300)
+    assert step.returncode == 0, stderr[-3000:]
+    address = os.environ["RAY_DASHBOARD_URL"]
+    job, = [job for job in list_jobs(address=address, detail=True)
+            if job.driver_info is not None and int(job.driver_info.pid) == step.pid]
+
+    def job_tasks() -> list:  # its plain tasks (method calls to Ray Data's own actors run in those actors)
+        tasks = list_tasks(address=address, filters=[("job_id", "=", job.job_id)], detail=True)
+        return [task for task in tasks if task.type == "NORMAL_TASK"]
+
+    def worker_of(tasks: list, name: str) -> int | None:
+        return next((task.worker_pid for task in tasks if task.name == name and task.worker_pid), None)
+
+    # Task events reach the dashboard asynchronously, and a task's last ones can be lost when the job's workers are
+    # stopped with it (Feast's write often shows no worker): wait for the warm-up's and Feast's first task's workers;
+    # then no task may name another worker.
+    warm_up, feast_task = "_import_materialization_modules", "MapBatches(wrapper)->MapBatches(_dedup_block)"
+    assert wait_until(lambda: all(worker_of(job_tasks(), name) for name in (warm_up, feast_task)), 30), [
+        (task.name, task.state, task.worker_pid) for task in job_tasks()]
+    tasks = job_tasks()
+    assert {"MapBatches(wrapper)", feast_task} <= {task.name for task in tasks}  # Feast's filter, dedup, write
+    assert worker_of(tasks, feast_task) == worker_of(tasks, warm_up)
+    assert len({task.worker_pid for task in tasks if task.worker_pid}) == 1, [(t.name, t.worker_pid) for t in tasks]
 
 
 def feast_cli_env(settings) -> dict[str, str]:

@@ -82,3 +82,13 @@ def ensure_services(settings: Settings, *, mlflow: bool = False, ray: bool = Fal
         settings = ensure_ray(settings)
     apply_to_environment(settings)
     return settings
+
+
+def disconnect_ray() -> None:
+    """Leave Ray at once when a command is done with it: at interpreter exit, Ray's own hook first sleeps 0.5 s for
+    log lines still in flight (steps attach with log_to_driver=False: there are none)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

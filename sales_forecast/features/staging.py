@@ -1,0 +1,113 @@
+"""A full load's offline data, made in a child process: generated, derived and staged in PostgreSQL, uncommitted,
+while the step's own process imports Feast (5-6 s of CPU, nearly all of it holding the GIL) and warms Ray.
+
+In one process the two halves shared one GIL and took as long as both together; in two they run on two cores.
+The step then commits the staged tables, or refuses them (a rollback: nothing is loaded). The child answers with
+what the rest of the step needs: the row counts and the last week's feature rows (one row per series).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import pandas as pd
+
+from sales_forecast.config import PostgresSettings
+from sales_forecast.contract import FEATURE_TABLE, RAW_TABLE
+from sales_forecast.errors import PipelineError, first_line
+from sales_forecast.features.derive import build_features
+from sales_forecast.features.generator import Shape, generate
+from sales_forecast.features.load import TableLoad
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StagedData:
+    rows: int  # rows generated, and staged in each table
+    latest: pd.DataFrame  # the feature rows of the last week
+    kept: list[str]  # tables that already held exactly this data (load.py), so nothing was staged for them
+    seconds: dict[str, float]  # the child's own phases
+
+
+_staged_load: TableLoad | None = None  # in the child: the staged tables, between _stage and _finish
+
+
+def _in_child(work: Callable[[], T]) -> T:
+    """Run ``work`` in the child; its errors come back as PipelineError (the pool pickles them back to the step, and
+    ADBC's errors do not survive unpickling: the pool would report a crashed process instead)."""
+    try:
+        return work()
+    except Exception as exc:
+        raise PipelineError(f"making the offline data failed: {type(exc).__name__}: {first_line(exc)}") from None
+
+
+def _stage(shape: Shape, postgres: PostgresSettings) -> StagedData:
+    return _in_child(lambda: _staged(shape, postgres))
+
+
+def _staged(shape: Shape, postgres: PostgresSettings) -> StagedData:
+    global _staged_load
+    seconds = {}
+    started = time.perf_counter()
+    raw = generate(shape)
+    seconds["generate"], started = time.perf_counter() - started, time.perf_counter()
+    features = build_features(raw)
+    seconds["derive"], started = time.perf_counter() - started, time.perf_counter()
+    load = TableLoad(postgres)
+    try:
+        load.stage(RAW_TABLE, raw, ["store", "dept", "date"])
+        rows = load.stage(FEATURE_TABLE, features, ["store", "dept", "event_timestamp"])
+    except BaseException:
+        load.__exit__()
+        raise
+    seconds["bulk load (ADBC)"] = time.perf_counter() - started
+    _staged_load = load
+    latest = features[features["event_timestamp"] == features["event_timestamp"].max()].reset_index(drop=True)
+    return StagedData(rows=rows, latest=latest, kept=list(load.kept), seconds=seconds)
+
+
+def _finish(commit: bool) -> None:
+    _in_child(lambda: _finished(commit))
+
+
+def _finished(commit: bool) -> None:
+    global _staged_load
+    load, _staged_load = _staged_load, None
+    with load:
+        if commit:
+            load.commit()
+
+
+class OfflineLoad:
+    """The child process, started on construction; ``staged()`` waits for its data, ``commit()`` swaps the tables
+    in. Leaving the ``with`` block without ``commit`` rolls the load back."""
+
+    def __init__(self, shape: Shape, postgres: PostgresSettings):
+        # spawn: a fresh interpreter, safe whatever threads this process runs (Ray's, Feast's, torch's)
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        self._staged = self._pool.submit(_stage, shape, postgres)
+        self._committed = False
+
+    def staged(self) -> StagedData:
+        return self._staged.result()
+
+    def commit(self) -> None:
+        self._pool.submit(_finish, True).result()
+        self._committed = True
+
+    def __enter__(self) -> OfflineLoad:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if not self._committed and self._staged.done() and self._staged.exception() is None:
+                self._pool.submit(_finish, False).result()
+        finally:
+            # a child still staging finishes, then exits uncommitted: PostgreSQL rolls its transaction back
+            self._pool.shutdown(wait=True, cancel_futures=True)

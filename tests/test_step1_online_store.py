@@ -1,0 +1,175 @@
+"""The bulk online store (sales_forecast/online_store.py) against Feast's own PostgreSQLOnlineStore on a real
+PostgreSQL: the same writes leave the same table rows, Feast's reads (and the model server's) read them, unchanged
+rows are not rewritten, and a failed write leaves the store usable. The Ray engine writing through it is step 1's
+own test (test_step1_feature_pipeline)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pandas as pd
+import psycopg
+import pytest
+from conftest import database_settings
+
+from sales_forecast.config import Settings
+from sales_forecast.online_store import STORE_TYPE, BulkPostgreSQLOnlineStore
+
+T0 = pd.Timestamp("2026-11-27", tz="UTC")
+# as text: Feast stores a NaT created timestamp as year 48113, which psycopg cannot read back as a datetime
+COLUMNS = "entity_key, feature_name, value, value_text, vector_value, event_ts::text, created_ts::text"
+
+
+def _definitions():
+    from feast import Entity, FeatureView, Field, ValueType
+    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import PostgreSQLSource
+    from feast.types import Float64, Int64, String
+
+    store = Entity(name="store", join_keys=["store"], value_type=ValueType.INT64)
+    dept = Entity(name="dept", join_keys=["dept"], value_type=ValueType.INT64)
+    source = PostgreSQLSource(name="rows_source", table="rows_source", timestamp_field="event_timestamp",
+                              created_timestamp_column="created")
+    view = FeatureView(name="series", entities=[store, dept], ttl=dt.timedelta(days=3650), source=source,
+                       schema=[Field(name="store", dtype=Int64), Field(name="dept", dtype=Int64),
+                               Field(name="level", dtype=Float64), Field(name="units", dtype=Int64),
+                               Field(name="label", dtype=String)])
+    return [store, dept, source, view]
+
+
+def _feature_store(settings: Settings, project: str, online_type: str):
+    from feast import FeatureStore, RepoConfig
+
+    pg = settings.postgres
+    connection = {"host": pg.host, "port": pg.port, "database": pg.database, "db_schema": "public", "user": pg.user,
+                  "password": pg.password, "sslmode": "disable"}
+    config = RepoConfig(project=project, provider="local", entity_key_serialization_version=3,
+                        registry={"registry_type": "sql", "path": pg.sqlalchemy_url(), "cache_ttl_seconds": 0},
+                        offline_store={"type": "postgres", **connection},
+                        online_store={"type": online_type, **connection})
+    store = FeatureStore(config=config)
+    store.apply(_definitions())
+    return store
+
+
+@pytest.fixture(scope="module")
+def stores(stack_settings: Settings):
+    """(Feast's PostgreSQL online store, the bulk one), each its own project (and so its own online table) on one
+    database whose TimeZone is not UTC: Feast writes naive UTC timestamps, which PostgreSQL reads in that zone."""
+    settings = database_settings(stack_settings, "bulk_online_store")
+    with psycopg.connect(settings.postgres.libpq_url(), autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{settings.postgres.database}" SET timezone TO \'America/New_York\'')
+    return settings, _feature_store(settings, "feast_pg", "postgres"), _feature_store(settings, "bulk_pg", STORE_TYPE)
+
+
+def _rows(settings: Settings, project: str) -> list[tuple]:
+    with psycopg.connect(settings.postgres.libpq_url()) as conn:
+        return conn.execute(f'SELECT {COLUMNS} FROM "{project}_series" ORDER BY entity_key, feature_name').fetchall()
+
+
+def _xmins(settings: Settings, project: str) -> dict[tuple, str]:
+    with psycopg.connect(settings.postgres.libpq_url()) as conn:
+        rows = conn.execute(f'SELECT entity_key, feature_name, xmin::text FROM "{project}_series"').fetchall()
+    return {(key, name): xmin for key, name, xmin in rows}
+
+
+def _frame(stores_depts: list[tuple[int, int]], level: list[float | None], units: list[int | None],
+           label: list[str | None], when: list[pd.Timestamp], created: list[pd.Timestamp | None]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "store": [s for s, _ in stores_depts], "dept": [d for _, d in stores_depts],
+        "level": pd.array(level, dtype="Float64"), "units": pd.array(units, dtype="Int64"),
+        "label": pd.array(label, dtype="string"), "event_timestamp": when,
+        "created": pd.Series(created, dtype="datetime64[ns, UTC]")})
+
+
+def _write_both(stores, frame: pd.DataFrame) -> None:
+    settings, feast_store, bulk_store = stores
+    for store in (feast_store, bulk_store):
+        store.write_to_online_store("series", frame)
+
+
+def test_the_config_is_feasts_postgres_store_with_the_bulk_write(stores) -> None:
+    _, _, bulk = stores
+    assert bulk.config.online_store.type == "postgres"  # what Feast's store and the model server check
+    assert type(bulk._get_provider().online_store) is BulkPostgreSQLOnlineStore
+
+
+def test_writes_leave_the_rows_feasts_store_leaves(stores) -> None:
+    """New rows, NULL values, strings and integers, a key twice in one write (the later wins), aware timestamps
+    with and without a created timestamp, then a second write changing some rows and repeating others."""
+    settings = stores[0]
+    later = T0 + pd.Timedelta(hours=5)
+    _write_both(stores, _frame(
+        [(1, 12), (11, 2), (1, 12), (3, 4), (5, 6)], [1.5, None, 2.5, 1e300, -0.1], [7, 8, None, 2**40, -3],
+        ["a", None, "ü b", "", "x"], [T0, T0, later, T0, T0], [None, T0, later, None, T0]))
+    assert _rows(settings, "bulk_pg") == _rows(settings, "feast_pg")
+    assert len(_rows(settings, "bulk_pg")) == 4 * 3
+    _write_both(stores, _frame(
+        [(1, 12), (11, 2), (7, 7)], [2.5, 3.0, 4.0], [None, 8, 1], ["ü b", "new", None],
+        [later, T0 + pd.Timedelta(days=1), T0], [later, T0, None]))
+    assert _rows(settings, "bulk_pg") == _rows(settings, "feast_pg")
+    assert len(_rows(settings, "bulk_pg")) == 5 * 3
+
+
+def test_feasts_reads_read_the_bulk_writes(stores) -> None:
+    """get_online_features through the bulk store, and through Feast's plain PostgreSQL store on the same table."""
+    settings, _, bulk = stores
+    frame = _frame([(21, 1), (21, 2)], [10.25, None], [3, 4], ["p", "q"], [T0, T0], [None, None])
+    bulk.write_to_online_store("series", frame)
+    plain = _feature_store(settings, "bulk_pg", "postgres")
+    rows = [{"store": 21, "dept": 1}, {"store": 21, "dept": 2}, {"store": 99, "dept": 1}]
+    for store in (bulk, plain):
+        read = store.get_online_features(features=["series:level", "series:units", "series:label"],
+                                         entity_rows=rows).to_dict()
+        assert read["level"] == [10.25, None, None]
+        assert read["units"] == [3, 4, None]
+        assert read["label"] == ["p", "q", None]
+
+
+def test_unchanged_rows_are_not_rewritten(stores) -> None:
+    settings, _, bulk = stores
+    frame = _frame([(31, 1), (31, 2)], [1.0, 2.0], [1, 2], ["a", "b"], [T0, T0], [None, None])
+    bulk.write_to_online_store("series", frame)
+    before = _xmins(settings, "bulk_pg")
+    bulk.write_to_online_store("series", frame)
+    assert _xmins(settings, "bulk_pg") == before
+    frame.loc[1, "level"] = 2.5
+    bulk.write_to_online_store("series", frame)
+    after = _xmins(settings, "bulk_pg")
+    changed = {key for key in before if after[key] != before[key]}
+    assert len(changed) == 1 and next(iter(changed))[1] == "level"
+
+
+def test_the_model_servers_lookup_reads_through_its_connection_keeper(small_features) -> None:
+    """The model server replaces a PostgreSQL online store's connection with its own keeper (outages, timeouts):
+    on the project's repo, where step 1 wrote through the bulk store, it still does, and reads step 1's rows."""
+    from sales_forecast.features.derive import MODEL_FEATURES
+    from sales_forecast.serving.instances import Instance
+    from sales_forecast.serving.online_features import OnlineFeatureLookup
+
+    settings, _ = small_features
+    lookup = OnlineFeatureLookup.open(settings, MODEL_FEATURES)
+    assert isinstance(lookup.store._get_provider().online_store, BulkPostgreSQLOnlineStore)
+    assert lookup.connection is not None
+    rows = lookup.rows([Instance(store=1, dept=12), Instance(store=11, dept=2)])
+    assert lookup.connection.current is not None  # the read went through the keeper's connection
+    assert rows["sales_lag_1"][0] != rows["sales_lag_1"][1]
+
+
+def test_a_failed_write_leaves_the_store_usable(stores) -> None:
+    """A write that fails (here: its table is gone) rolls back, so the store's cached connection keeps working."""
+    from feast.infra.online_stores.postgres_online_store.postgres import PostgreSQLOnlineStore
+
+    settings, _, bulk = stores
+    frame = _frame([(51, 1)], [1.0], [1], ["a"], [T0], [None])
+    with psycopg.connect(settings.postgres.libpq_url(), autocommit=True) as conn:
+        conn.execute('ALTER TABLE "bulk_pg_series" RENAME TO "bulk_pg_series_away"')
+    try:
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            bulk.write_to_online_store("series", frame)
+    finally:
+        with psycopg.connect(settings.postgres.libpq_url(), autocommit=True) as conn:
+            conn.execute('ALTER TABLE "bulk_pg_series_away" RENAME TO "bulk_pg_series"')
+    bulk.write_to_online_store("series", frame)
+    assert isinstance(bulk._get_provider().online_store, PostgreSQLOnlineStore)
+    assert bulk.get_online_features(features=["series:level"], entity_rows=[{"store": 51, "dept": 1}]).to_dict()[
+        "level"] == [1.0]
