@@ -257,13 +257,8 @@ class SalesForecastModel(nn.Module):
         return self.arch.hidden
 
     def joined(self, x: torch.Tensor, store: torch.Tensor, dept: torch.Tensor) -> torch.Tensor:
-        # Zero-width embeddings (the default) add nothing: leaving them out saves three calls per batch.
-        parts = [x]
-        if self.arch.store_dim:
-            parts.append(functional.embedding(store, self.store_embedding.weight))
-        if self.arch.dept_dim:
-            parts.append(functional.embedding(dept, self.dept_embedding.weight))
-        return torch.cat(parts, dim=1) if len(parts) > 1 else x
+        return torch.cat([x, functional.embedding(store, self.store_embedding.weight),
+                          functional.embedding(dept, self.dept_embedding.weight)], dim=1)
 
     def outputs(self, raw: torch.Tensor, dept: torch.Tensor, events: torch.Tensor) -> torch.Tensor:
         p = self.point

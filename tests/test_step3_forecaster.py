@@ -132,13 +132,6 @@ def test_missing_optional_features_are_flagged_and_unseen_ones_stay_missing() ->
     assert flags.max() == 1.0 and set(np.unique(flags)) <= {0.0, 1.0}
 
 
-def test_zero_width_embeddings_are_left_out_with_the_same_result() -> None:
-    model = SalesForecastModel(Architecture(5, 3, 4, (8,), 0.0, (0.5,), store_dim=0, dept_dim=0))
-    x, store, dept = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 1, 0]), torch.tensor([4, 3, 2, 1, 0, 4])
-    with_empty = torch.cat([x, model.store_embedding(store), model.dept_embedding(dept)], dim=1)
-    assert torch.equal(model.joined(x, store, dept), with_empty)
-
-
 @pytest.mark.parametrize("quantiles", [(0.5,), (0.1, 0.5), (0.5, 0.9), (0.1, 0.5, 0.9), (0.05, 0.25, 0.5, 0.75, 0.95)])
 def test_outputs_sum_the_spreads_outwards(quantiles: tuple[float, ...]) -> None:
     """The reference formula, cumulative sums of a single column included, bit for bit."""
