@@ -314,11 +314,10 @@ class ViewRead:
     query: bytes  # PostgreSQL: every online row of the entity keys given as a parameter
 
     def entity_keys(self, entity_rows: Mapping[str, list[int]]) -> list[Any]:
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-        from feast.type_map import python_values_to_proto_values
-
-        values = [python_values_to_proto_values(entity_rows[key], self.key_types[key]) for key in self.join_keys]
-        return [EntityKey(join_keys=self.join_keys, entity_values=list(row)) for row in zip(*values, strict=True)]
+        """Feast's EntityKey protos of the rows, in order."""
+        types = tuple(self.key_types[key] for key in self.join_keys)
+        return [_entity_key(tuple(self.join_keys), types, ids)
+                for ids in zip(*(entity_rows[key] for key in self.join_keys), strict=True)]
 
     def serialized_keys(self, entity_rows: Mapping[str, list[int]], version: int) -> list[bytes]:
         """Feast's serialized entity keys (the online table's ``entity_key``), remembered per key."""
@@ -327,15 +326,19 @@ class ViewRead:
                 for ids in zip(*(entity_rows[key] for key in self.join_keys), strict=True)]
 
 
-@functools.lru_cache(maxsize=200_000)
-def _serialized_key(join_keys: tuple[str, ...], types: tuple[Any, ...], ids: tuple[int, ...], version: int) -> bytes:
-    from feast.infra.key_encoding_utils import serialize_entity_key
+def _entity_key(join_keys: tuple[str, ...], types: tuple[Any, ...], ids: tuple[int, ...]) -> Any:
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.type_map import python_values_to_proto_values
 
     values = [python_values_to_proto_values([value], kind)[0] for value, kind in zip(ids, types, strict=True)]
-    return serialize_entity_key(EntityKey(join_keys=join_keys, entity_values=values),
-                                entity_key_serialization_version=version)
+    return EntityKey(join_keys=join_keys, entity_values=values)
+
+
+@functools.lru_cache(maxsize=200_000)
+def _serialized_key(join_keys: tuple[str, ...], types: tuple[Any, ...], ids: tuple[int, ...], version: int) -> bytes:
+    from feast.infra.key_encoding_utils import serialize_entity_key
+
+    return serialize_entity_key(_entity_key(join_keys, types, ids), entity_key_serialization_version=version)
 
 
 def _postgres_query(store: Any, view: Any) -> bytes:
