@@ -292,6 +292,9 @@ class _EvalSteps:
     def __init__(self, model: SalesForecastModel, steps: list[Step]):
         self.model, self.net, self.size = model, model.net, len(model.net)
         self.steps = steps
+        # Embeddings of width 0 (the default) add no columns: x goes to the first Linear as it is (it is only read)
+        self.widths = self._widths(model)
+        self.bare = self.widths == (0, 0) and bool(steps) and steps[0] is not None
 
     @classmethod
     def of(cls, model: nn.Module) -> _EvalSteps | None:
@@ -308,10 +311,18 @@ class _EvalSteps:
                 return None
         return cls(model, steps)
 
+    @staticmethod
+    def _widths(model: SalesForecastModel) -> tuple[int, int]:
+        return model.store_embedding.weight.shape[1], model.dept_embedding.weight.shape[1]
+
     def valid(self, model: nn.Module) -> bool:
-        return model is self.model and model.net is self.net and len(model.net) == self.size and all(
+        return model is self.model and model.net is self.net and len(model.net) == self.size and (
+            self._widths(model) == self.widths) and all(
             step is None or step[0].weight.data_ptr() == step[3] and step[0].bias.data_ptr() == step[1].data_ptr()
             for step in self.steps)
+
+    def joined(self, x: torch.Tensor, store: torch.Tensor, dept: torch.Tensor) -> torch.Tensor:
+        return x if self.bare else self.model.joined(x, store, dept)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         for step in self.steps:
@@ -387,7 +398,7 @@ class Forecaster:
             if steps is None:  # a network the direct path does not know
                 return self.model(x, store, dept, events)
             model = self.model
-            return model.outputs(steps(model.joined(x, store, dept)), dept, events)
+            return model.outputs(steps(steps.joined(x, store, dept)), dept, events)
 
     def predict(self, columns: Columns) -> np.ndarray:
         """The point forecast: the median (P50)."""

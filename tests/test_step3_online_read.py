@@ -103,3 +103,66 @@ def test_what_the_server_cannot_serve_is_refused_at_load(tmp_path: Path, views: 
     features = ["level", "double_price" if views == "on_demand" else "store_price"]
     with pytest.raises(PipelineError, match=message):
         OnlineFeatureLookup(store, features, where="sqlite")
+
+
+def test_stored_values_read_as_protobuf_reads_them() -> None:
+    """The PostgreSQL read decodes Feast's serialized ValueProtos in bulk when all are doubles or NULL, and value by
+    value with protobuf otherwise: either way, protobuf's numbers."""
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    from sales_forecast.serving.online_features import _doubles, _float
+
+    rng = np.random.default_rng(7)
+    doubles = [*rng.normal(0, 1e6, 50), 0.0, -0.0, np.nan, np.inf, -np.inf, 5e-324, 1.7976931348623157e308]
+    batches = {
+        "doubles and NULLs": [Value(double_val=v) for v in doubles] + [Value(), Value()],
+        "an int64 among them": [Value(double_val=1.5), Value(int64_val=2**40), Value()],
+        "a float": [Value(float_val=0.1), Value(double_val=0.1)],
+        "an int64 nine bytes long": [Value(int64_val=2**50), Value(double_val=3.0)],  # the length of a double
+        "a bool": [Value(bool_val=True), Value()],
+        "nothing": [],
+    }
+    for name, protos in batches.items():
+        blobs = [proto.SerializeToString() for proto in protos]
+        expected = np.array([_float(Value.FromString(blob)) for blob in blobs], dtype="float64")
+        got = _doubles(blobs)
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+        np.testing.assert_array_equal(np.signbit(got), np.signbit(expected), err_msg=name)  # -0.0 stays -0.0
+
+
+def test_only_the_models_features_age_an_entity_and_keys_may_repeat() -> None:
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    from sales_forecast.serving.online_features import _view_rows
+
+    def blob(v: float) -> bytes:
+        return Value(double_val=v).SerializeToString()
+
+    rows = [(b"a", "x", blob(1.0), 100.0), (b"a", "y", blob(2.0), 300.0), (b"a", "other", blob(9.0), 5.0),
+            (b"b", "x", b"", 200.0), (b"c", "other", blob(7.0), 50.0)]
+    values, oldest = _view_rows(rows, [b"b", b"a", b"c", b"a", b"d"], ["x", "y"])
+    np.testing.assert_array_equal(values, [[np.nan, 1.0, np.nan, 1.0, np.nan], [np.nan, 2.0, np.nan, 2.0, np.nan]])
+    # a's oldest row of x and y (not of "other"); c holds only a feature the model does not read: no row for it
+    np.testing.assert_array_equal(oldest, [200.0, 100.0, np.nan, 100.0, np.nan])
+
+
+@pytest.mark.parametrize("zone", ["Asia/Tokyo", "America/New_York"])
+def test_naive_event_times_are_utc_in_any_server_time_zone(monkeypatch: pytest.MonkeyPatch, zone: str) -> None:
+    """Feast writes event times as naive UTC and its stores read them back so: a naive time is UTC, never the server's
+    local time (which would make rows fresher or staler by the zone's offset)."""
+    import time
+
+    from sales_forecast.serving.online_features import _epoch, _older_than
+
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        aware = dt.datetime.now(dt.UTC) - dt.timedelta(days=7, hours=-2)  # 2 h inside a 7-day ttl
+        naive = aware.replace(tzinfo=None)
+        assert _epoch(naive) == _epoch(aware) == aware.timestamp()
+        stale = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(days=7, hours=2)
+        stamps = np.array([_epoch(naive), _epoch(stale), _epoch(None)])
+        assert _older_than(stamps, dt.timedelta(days=7)).tolist() == [False, True, False]
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()

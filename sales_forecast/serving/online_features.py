@@ -57,7 +57,10 @@ LISTED_KEYS = 20  # instances named in a 404 message; the body lists them all
 APPLICATION_NAME = f"{MODEL_NAME}-server"  # pg_stat_activity.application_name of the server's connections
 CANCEL_TIMEOUT_SECONDS = 3.0
 FeatureRows = dict[str, np.ndarray]  # feature name -> one float64 value per instance, in request order
-Found = tuple[dt.datetime | None, dict[str, float]]  # an entity's event time and feature values ({} without a row)
+# One view's rows of the requested entities: (values (features, entities) float64, NaN for NULL or no row; each
+# entity's oldest event time among them in epoch seconds, NaN without a row)
+ViewRows = tuple[np.ndarray, np.ndarray]
+DOUBLE_TAG = 0x29  # a ValueProto holding double_val (field 5, 64-bit): this byte, then the IEEE double
 
 
 def open_serving_store(settings: Settings) -> Any:
@@ -348,8 +351,8 @@ def _postgres_query(store: Any, view: Any) -> bytes:
     from psycopg import sql
 
     table = compute_table_id(store.config.project, view, store.config.registry.enable_online_feature_view_versioning)
-    return sql.SQL("SELECT entity_key, feature_name, value, event_ts FROM {} WHERE entity_key = ANY(%b)").format(
-        sql.Identifier(table)).as_bytes(None)
+    return sql.SQL("SELECT entity_key, feature_name, value, extract(epoch FROM event_ts)::float8 FROM {} "
+                   "WHERE entity_key = ANY(%b)").format(sql.Identifier(table)).as_bytes(None)
 
 
 def plan_reads(store: Any, service: Any, features: Sequence[str]) -> list[ViewRead]:
@@ -446,17 +449,15 @@ class OnlineFeatureLookup:
         stale, absent = np.zeros(len(instances), dtype=bool), np.zeros(len(instances), dtype=bool)
         reads = self.reads(features)
         for read in reads:
-            found = self._read(read, entity_rows, ticket)
-            values = np.array([[row.get(name, np.nan) for name in read.features] for _, row in found], dtype="float64")
-            columns.update(zip(read.features, values.reshape(len(found), len(read.features)).T, strict=True))
-            stamps = [stamp for stamp, _ in found]
+            values, stamps = self._read(read, entity_rows, ticket)
+            columns.update(zip(read.features, values, strict=True))
             stale |= _older_than(stamps, read.ttl)
-            absent |= np.array([stamp is None for stamp in stamps], dtype=bool)
+            absent |= np.isnan(stamps)
         self._check_complete(instances, columns, stale, [read.ttl for read in reads if read.ttl], absent)
         columns.update({name: np.array(ids, dtype="int64") for name, ids in entity_rows.items()})
         return columns
 
-    def _read(self, read: ViewRead, entity_rows: Mapping[str, list[int]], ticket: ReadTicket) -> list[Found]:
+    def _read(self, read: ViewRead, entity_rows: Mapping[str, list[int]], ticket: ReadTicket) -> ViewRows:
         local = self.connection.local if self.connection is not None else threading.local()
         local.ticket = ticket
         try:
@@ -477,26 +478,18 @@ class OnlineFeatureLookup:
         finally:
             local.ticket = None
 
-    def _read_once(self, read: ViewRead, entity_rows: Mapping[str, list[int]]) -> list[Found]:
+    def _read_once(self, read: ViewRead, entity_rows: Mapping[str, list[int]]) -> ViewRows:
         if self.connection is None:  # another online store: its online_read
             keys = read.entity_keys(entity_rows)
             found = self._online_store().online_read(self.store.config, read.view, keys, read.features)
-            return [(stamp, {name: _float(value) for name, value in (values or {}).items()}) for stamp, values in found]
-        from feast.protos.feast.types.Value_pb2 import Value
-
+            values = np.array([[_float(row[name]) if row and name in row else np.nan for row in (r for _, r in found)]
+                               for name in read.features], dtype="float64").reshape(len(read.features), len(found))
+            return values, np.array([_epoch(stamp) for stamp, _ in found], dtype="float64")
         serialized = read.serialized_keys(entity_rows, self.store.config.entity_key_serialization_version)
         with self.connection.connection(autocommit=True) as conn, conn.cursor() as cur:
             cur.execute(read.query, (serialized,), prepare=True)
             rows = cur.fetchall()
-        wanted = set(read.features)
-        by_key: dict[bytes, Found] = {}
-        for key, name, value, stamp in rows:
-            if name in wanted:
-                values = by_key.setdefault(key, (stamp, {}))[1]
-                values[name] = _float(Value.FromString(value))
-                if stamp < by_key[key][0]:  # the entity's oldest feature row counts for the ttl
-                    by_key[key] = (stamp, values)
-        return [by_key.get(key, (None, {})) for key in serialized]
+        return _view_rows(rows, serialized, read.features)
 
     def abandon(self, ticket: ReadTicket) -> None:
         """A lookup that timed out: retire the connection it reads through and cancel its query, so the next
@@ -551,12 +544,57 @@ def _float(value: Any) -> float:
     return float(getattr(value, kind)) if kind else np.nan
 
 
-def _older_than(stamps: Sequence[dt.datetime | None], ttl: dt.timedelta | None) -> np.ndarray:
-    """Per entity: its row's event time is older than ``ttl`` before now (no row: False, it is missing instead)."""
+def _doubles(values: Sequence[bytes]) -> np.ndarray:
+    """Serialized ValueProtos -> float64, NaN for a NULL (Feast writes an empty Value). Numeric features are stored as
+    double_val, whose wire form is one tag byte and the double: those are read as one array, anything else (another
+    type in the batch) value by value with protobuf."""
+    lengths = np.fromiter(map(len, values), dtype=np.intp, count=len(values))
+    doubles = lengths == 9
+    if (doubles | (lengths == 0)).all():
+        wire = np.frombuffer(b"".join(values), dtype=np.uint8).reshape(-1, 9)
+        if (wire[:, 0] == DOUBLE_TAG).all():
+            out = np.full(len(values), np.nan)
+            out[doubles] = wire[:, 1:].copy().view("<f8").ravel()
+            return out
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    return np.array([_float(Value.FromString(value)) for value in values], dtype="float64")
+
+
+def _view_rows(rows: Sequence[tuple[bytes, str, bytes, float]], keys: Sequence[bytes],
+               features: Sequence[str]) -> ViewRows:
+    """Online rows (entity_key, feature_name, value, event time in epoch seconds) -> ``ViewRows`` for ``keys`` in
+    order (a key may repeat). Only the wanted features count, for the values and for the entity's oldest event time
+    (the ttl ages an entity by it)."""
+    position = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    column = {name: j for j, name in enumerate(features)}
+    values = np.full((len(features), len(position)), np.nan)
+    oldest = np.full(len(position), np.inf)
+    wanted = [(column[name], position[key], value, stamp) for key, name, value, stamp in rows if name in column]
+    found = np.zeros(len(position), dtype=bool)
+    if wanted:
+        columns, entities, blobs, stamps = zip(*wanted, strict=True)
+        values[columns, entities] = _doubles(blobs)
+        np.minimum.at(oldest, np.array(entities), np.array(stamps, dtype="float64"))  # NaN for a NULL event time
+        found[list(entities)] = True
+    oldest[~found] = np.nan
+    order = [position[key] for key in keys]
+    return values[:, order], oldest[order]
+
+
+def _epoch(stamp: dt.datetime | None) -> float:
+    """An event time in epoch seconds; naive times are UTC (what Feast writes and its stores return); NaN for none."""
+    if stamp is None:
+        return np.nan
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def _older_than(stamps: np.ndarray, ttl: dt.timedelta | None) -> np.ndarray:
+    """Per entity: its row's event time (epoch seconds) is older than ``ttl`` before now (no row: False, it is
+    missing instead)."""
     if ttl is None:
         return np.zeros(len(stamps), dtype=bool)
-    oldest = time.time() - ttl.total_seconds()
-    return np.array([stamp is not None and stamp.timestamp() < oldest for stamp in stamps], dtype=bool)
+    return stamps < time.time() - ttl.total_seconds()
 
 
 def _duration(delta: dt.timedelta) -> str:
