@@ -10,9 +10,11 @@ stack of its own: SALES_STACK_DIR, POSTGRES_PORT, SALES_*_PORT, as for bench_pit
 - memory: peak PSS of the step's process tree, of the Ray head's processes (workers included), of PostgreSQL, and
   the machine's used memory (total - available), each with its baseline before the step, sampled every
   --memory-interval seconds.
---steps 1 or 2 runs one step only (2 needs step 1's data at the same scale). What breaks first at 100x is part
-of the report, so a step is stopped, and reported with the phase it was in, when it passes --timeout or when the
-machine's used memory passes --stop-above GiB (before the kernel's OOM killer picks a victim among the stack's
+--steps 1 or 2 runs one step only (2 needs step 1's data at the same scale); --steps floor measures the read floor
+of step 2's retrieval: PostgreSQL sending the whole feature table (what the point-in-time join reads) to one ADBC
+reader per CPU, each a range of stores, in parallel; no join, nothing sent to a driver. What breaks first at 100x
+is part of the report, so a step is stopped, and reported with the phase it was in, when it passes --timeout or when
+the machine's used memory passes --stop-above GiB (before the kernel's OOM killer picks a victim among the stack's
 processes).
 """
 
@@ -36,7 +38,7 @@ DEFAULT_STORES = 143
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=int, default=10)
-    parser.add_argument("--steps", default="1,2", help="which steps to run: 1, 2 or 1,2")
+    parser.add_argument("--steps", default="1,2", help="which steps to run: 1, 2, 1,2 or floor")
     parser.add_argument("--memory-interval", type=float, default=0.5)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per step")
     parser.add_argument("--stop-above", type=float, default=20.0, help="GiB of machine memory used")
@@ -52,6 +54,9 @@ def main() -> None:
                 "2": [sys.executable, "02_training.py", "--run-name", f"bench-scale x{args.scale}"]}
     print(f"scale {args.scale}: {stores} stores x 81 depts x 52 weeks = {stores * 81 * 52:,} rows; "
           f"load average {os.getloadavg()[0]:.1f} (2 CPUs)", flush=True)
+    if args.steps == "floor":
+        read_floor(settings, os.cpu_count() or 1)
+        return
     summary = []
     for step in args.steps.split(","):
         head = ray_head.head_pid(settings.stack_dir)
@@ -77,6 +82,36 @@ def main() -> None:
         gib = {name: value / 2**30 for name, value in peak.items()}
         print(f"| step {step} | {wall:.1f} s | {code} | {gib['driver']:.2f} GiB | {gib['ray head']:.2f} GiB | "
               f"{gib['postgresql']:.2f} GiB | {gib['machine used (total - available)']:.2f} GiB |")
+
+
+def read_floor(settings, readers: int) -> None:
+    import adbc_driver_postgresql.dbapi as adbc
+    import psycopg
+
+    from sales_forecast.contract import FEATURE_TABLE
+
+    url = settings.postgres.libpq_url()
+    with psycopg.connect(url) as conn:
+        low, high = conn.execute(f'SELECT min(store), max(store) FROM "{FEATURE_TABLE}"').fetchone()
+    bounds = [low + (high + 1 - low) * k // readers for k in range(readers + 1)]
+    sizes: list[tuple[int, int]] = []
+
+    def read(start: int, end: int) -> None:
+        with adbc.connect(url) as conn, conn.cursor() as cur:
+            cur.execute(f'SELECT * FROM "{FEATURE_TABLE}" WHERE store >= {start} AND store < {end}')
+            table = cur.fetch_arrow_table()
+            sizes.append((table.num_rows, table.nbytes))
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=read, args=bounds[k:k + 2]) for k in range(readers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    rows, size = sum(r for r, _ in sizes), sum(b for _, b in sizes)
+    print(f"read floor: {rows:,} rows ({size / 2**30:.2f} GiB as Arrow) of {FEATURE_TABLE} in {seconds:.1f} s by "
+          f"{readers} parallel ADBC readers (store ranges); load average after {os.getloadavg()[0]:.1f}")
 
 
 class Phase:

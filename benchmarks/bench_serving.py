@@ -17,8 +17,9 @@ the parsed answer):
 
 - ratio: p50 of 2-instance requests, model server / no-op, each the best p50 of R rounds of N sequential
   requests, the two servers alternating round by round (the goal is at most 2.2);
-- Feast lookup: ``get_online_features`` through the feature service for the same 2 series, called in this process
-  (no HTTP, no model), best p50 of R rounds: the part of the request the server cannot make cheaper;
+- lookups alone, called in this process (no HTTP, no model), best p50 of R rounds, for the same 2 series: Feast's
+  ``get_online_features`` through the feature service (what the server called before), and the server's own lookup
+  (``OnlineFeatureLookup.rows``: one prepared statement on Feast's online table, the values converted and checked);
 - 1 and 2 instances, sequential: p50/p95/p99/max of N requests of the model server (after the rounds);
 - 2 instances, C clients: requests/s and latency with C threads, each its own connection, back to back;
 - server CPU per request: the model server's process CPU time (``process_cpu_seconds_total``) over the N
@@ -88,10 +89,17 @@ def prepare_model(settings: Settings, directory: Path) -> Path:
 # ---------------------------------------------------------------- the no-op server (the framework's floor)
 
 def serve_noop(port: int) -> None:
-    """A kserve.Model that answers two constant predictions, on the model server's REST server and settings."""
+    """A kserve.Model that answers two constant predictions, on the model server's REST server: the same app, with
+    its error handlers and body limit, and settings."""
     from kserve import Model
+    from kserve import model_server as kserve_server
 
-    from sales_forecast.serving.server import HostModelServer, quiet_request_logs
+    from sales_forecast.serving.server import (
+        HostModelServer,
+        install_body_limit,
+        install_error_handlers,
+        quiet_request_logs,
+    )
 
     class NoopModel(Model):
         def load(self) -> bool:
@@ -103,6 +111,8 @@ def serve_noop(port: int) -> None:
 
     server = HostModelServer("127.0.0.1", port, enable_latency_logging=False)
     quiet_request_logs()
+    install_error_handlers(kserve_server.app)  # the model server's app as it is: the same handlers and body limit
+    install_body_limit(kserve_server.app, load_settings().max_body_bytes)
     model = NoopModel("sales-model")
     model.load()
     server.start([model])
@@ -134,6 +144,7 @@ class SideBySide:
     model: LatencyStats  # best round (lowest p50)
     noop: LatencyStats
     feast_p50_ms: float
+    lookup_p50_ms: float
     rounds: int
 
     @property
@@ -141,27 +152,35 @@ class SideBySide:
         return self.model.p50 / self.noop.p50
 
 
-def feast_lookup_p50(settings: Settings, requests: int, rounds: int) -> float:
-    """Best p50 (ms) of ``get_online_features`` through the feature service for the sample's 2 series."""
+def lookup_p50s(settings: Settings, requests: int, rounds: int) -> tuple[float, float]:
+    """Best p50s (ms) of Feast's ``get_online_features`` through the feature service and of the server's lookup,
+    for the sample's 2 series, alternating round by round."""
     from sales_forecast.config import set_library_defaults
     from sales_forecast.contract import FEATURE_SERVICE
-    from sales_forecast.serving.online_features import open_serving_store
+    from sales_forecast.features.derive import MODEL_FEATURES
+    from sales_forecast.serving.instances import Instance
+    from sales_forecast.serving.online_features import OnlineFeatureLookup
 
     set_library_defaults({"PGCONNECT_TIMEOUT": "3"})
-    store = open_serving_store(settings)
-    service = store.get_feature_service(FEATURE_SERVICE)
+    lookup = OnlineFeatureLookup.open(settings, MODEL_FEATURES)
+    service = lookup.store.get_feature_service(FEATURE_SERVICE)
     rows = SAMPLE_REQUEST["instances"]
+    instances = [Instance(row["store"], row["dept"]) for row in rows]
+    calls = {"feast": lambda: lookup.store.get_online_features(features=service, entity_rows=rows),
+             "server": lambda: lookup.rows(instances)}
+    best = dict.fromkeys(calls, float("inf"))
     for _ in range(50):
-        store.get_online_features(features=service, entity_rows=rows)
-    best = float("inf")
+        for call in calls.values():
+            call()
     for _ in range(rounds):
-        seconds = []
-        for _ in range(requests):
-            start = time.perf_counter()
-            store.get_online_features(features=service, entity_rows=rows)
-            seconds.append(time.perf_counter() - start)
-        best = min(best, float(np.median(seconds)) * 1000)
-    return best
+        for name, call in calls.items():
+            seconds = []
+            for _ in range(requests):
+                start = time.perf_counter()
+                call()
+                seconds.append(time.perf_counter() - start)
+            best[name] = min(best[name], float(np.median(seconds)) * 1000)
+    return best["feast"], best["server"]
 
 
 def side_by_side(model_url: str, noop_url: str, requests: int, rounds: int) -> tuple[LatencyStats, LatencyStats]:
@@ -189,7 +208,7 @@ def run(settings: Settings, requests: int, rounds: int, clients: int, model_dir:
             model, noop = side_by_side(url, noop_url, requests, rounds)
         finally:
             stop_noop(settings)
-        pair = SideBySide(model, noop, feast_lookup_p50(settings, requests, rounds), rounds)
+        pair = SideBySide(model, noop, *lookup_p50s(settings, requests, rounds), rounds)
         with httpx.Client(base_url=url, timeout=30.0) as client:
             one = time_requests(client, ONE_INSTANCE, requests)
             cpu_before = server_cpu_seconds(client)
@@ -212,7 +231,8 @@ def comparison(pair: SideBySide, requests: int, load_before: tuple[float, float,
         table.add_column(column, justify="left" if column == "server" else "right")
     for label, stats in (("model server", pair.model), ("no-op kserve.Model", pair.noop)):
         table.add_row(label, f"{stats.p50:.2f}", f"{stats.p95:.2f}", f"{stats.p99:.2f}", f"{stats.max:.2f}")
-    table.add_row("Feast lookup alone (in process)", f"{pair.feast_p50_ms:.2f}", "", "", "")
+    table.add_row("Feast get_online_features alone (in process)", f"{pair.feast_p50_ms:.2f}", "", "", "")
+    table.add_row("the server's lookup alone (in process)", f"{pair.lookup_p50_ms:.2f}", "", "", "")
     table.add_row("ratio model / no-op (p50)", f"{pair.ratio:.2f}", "", "", "")
     return table
 

@@ -40,8 +40,8 @@ from sales_forecast.features.derive import (
     HOLIDAYS,
     LONG_MEANS,
     MODEL_FEATURES,
+    RELATIVE_RANGE,
     SALES_LAGS,
-    relative,
     safe_level,
 )
 
@@ -88,30 +88,43 @@ def design_matrix(columns: Columns) -> np.ndarray:
     return _design(columns)[0]
 
 
+# _design's inputs, read into one matrix: sales relative to the level L, then to last year's level, then as they are
+_TO_LEVEL = [*(f"sales_lag_{k}" for k in range(1, SALES_LAGS + 1)), *(f"sales_mean_{n}" for n in LONG_MEANS),
+             "sales_ya_next", "sales_ya_this", "sales_ya_next2"]
+_TO_YA_LEVEL = ["sales_ya_next", "sales_ya_this"]
+_AS_THEY_ARE = [*DEPT_FEATURES, *CALENDAR_FEATURES, *EXOGENOUS_FEATURES]
+_READ = [*_TO_LEVEL, "sales_mean_4", "sales_std_4", "sales_ya_mean_4", *_AS_THEY_ARE]
+_MEAN_4, _STD_4, _YA_MEAN_4 = (_READ.index(name) for name in ("sales_mean_4", "sales_std_4", "sales_ya_mean_4"))
+_YA_ROWS = [_READ.index(name) for name in _TO_YA_LEVEL]
+_LAGS = SALES_LAGS  # the first rows of _TO_LEVEL; the long means and year-ago weeks follow
+
+
 def _design(columns: Columns) -> tuple[np.ndarray, np.ndarray]:
-    """(design matrix, series level): the level once, for the matrix and for turning outputs back into sales."""
+    """(design matrix, series level): the level once, for the matrix and for turning outputs back into sales.
+
+    Whole blocks of columns at a time (a request's few rows cost per numpy call, not per value): the same float64
+    arithmetic as ``relative`` and ``safe_level`` column by column."""
     missing = [name for name in MODEL_FEATURES if name not in columns]
     if missing:
         raise KeyError(f"feature rows lack {missing}")
-    level = series_level(columns)
-    ya_next, ya_this = _column(columns, "sales_ya_next"), _column(columns, "sales_ya_this")
-    ya_level = safe_level(_column(columns, "sales_ya_mean_4"))
+    raw = np.array([_column(columns, name) for name in _READ])
+    level = safe_level(raw[_MEAN_4])
+    ya_level = safe_level(raw[_YA_MEAN_4])
+    low, high = RELATIVE_RANGE
     with np.errstate(invalid="ignore", divide="ignore"):
-        parts = [
-            *(relative(_column(columns, f"sales_lag_{k}"), level) for k in range(1, SALES_LAGS + 1)),
-            np.clip(_column(columns, "sales_std_4") / level, 0.0, 5.0),
-            np.log(level),
-            *(relative(_column(columns, f"sales_mean_{n}"), level) for n in LONG_MEANS),
-            relative(ya_next, level),
-            relative(ya_this, level),
-            relative(_column(columns, "sales_ya_next2"), level),
-            np.clip(np.log(ya_level / level), -3.0, 3.0),
-            relative(ya_next, ya_level),
-            relative(ya_this, ya_level),
-            *(_column(columns, name) for name in [*DEPT_FEATURES, *CALENDAR_FEATURES, *EXOGENOUS_FEATURES]),
-        ]
-    # np.column_stack's result, at a fifth of its cost for a few rows
-    return np.ascontiguousarray(np.array(parts).T), level
+        to_level = np.clip(raw[:len(_TO_LEVEL)] / level - 1.0, low, high)
+        to_ya_level = np.clip(raw[_YA_ROWS] / ya_level - 1.0, low, high)
+        std = np.clip(raw[_STD_4] / level, 0.0, 5.0)
+        log_level = np.log(level)
+        ya_ratio = np.clip(np.log(ya_level / level), -3.0, 3.0)
+    matrix = np.empty((raw.shape[1], len(DESIGN)))  # written block by block: no stacked copy to transpose
+    blocks = [to_level[:_LAGS], std[None], log_level[None], to_level[_LAGS:], ya_ratio[None], to_ya_level,
+              raw[len(_READ) - len(_AS_THEY_ARE):]]
+    start = 0
+    for block in blocks:
+        matrix[:, start:start + len(block)] = block.T
+        start += len(block)
+    return matrix, level
 
 
 def _nan_to_none(values: np.ndarray) -> list[float | None]:
@@ -251,11 +264,13 @@ class SalesForecastModel(nn.Module):
         p = self.point
         mid = raw[:, p:p + 1]
         parts = []
-        if p:
-            parts.append(mid - functional.softplus(raw[:, :p]).flip(1).cumsum(1).flip(1))
+        if p:  # the spreads below the median, summed outwards (a single one is its own sum)
+            below = functional.softplus(raw[:, :p])
+            parts.append(mid - (below.flip(1).cumsum(1).flip(1) if p > 1 else below))
         parts.append(mid)
         if p + 1 < raw.shape[1]:
-            parts.append(mid + functional.softplus(raw[:, p + 1:]).cumsum(1))
+            above = functional.softplus(raw[:, p + 1:])
+            parts.append(mid + (above.cumsum(1) if raw.shape[1] - p > 2 else above))
         quantiles = torch.cat(parts, dim=1) if len(parts) > 1 else mid
         scale = 1.0 + (functional.embedding(dept, self.uplift.weight) * events).sum(dim=1, keepdim=True)
         return (1.0 + quantiles) * scale - 1.0
@@ -277,6 +292,9 @@ class _EvalSteps:
     def __init__(self, model: SalesForecastModel, steps: list[Step]):
         self.model, self.net, self.size = model, model.net, len(model.net)
         self.steps = steps
+        # Embeddings of width 0 (the default) add no columns: x goes to the first Linear as it is (it is only read)
+        self.widths = self._widths(model)
+        self.bare = self.widths == (0, 0) and bool(steps) and steps[0] is not None
 
     @classmethod
     def of(cls, model: nn.Module) -> _EvalSteps | None:
@@ -293,10 +311,18 @@ class _EvalSteps:
                 return None
         return cls(model, steps)
 
+    @staticmethod
+    def _widths(model: SalesForecastModel) -> tuple[int, int]:
+        return model.store_embedding.weight.shape[1], model.dept_embedding.weight.shape[1]
+
     def valid(self, model: nn.Module) -> bool:
-        return model is self.model and model.net is self.net and len(model.net) == self.size and all(
+        return model is self.model and model.net is self.net and len(model.net) == self.size and (
+            self._widths(model) == self.widths) and all(
             step is None or step[0].weight.data_ptr() == step[3] and step[0].bias.data_ptr() == step[1].data_ptr()
             for step in self.steps)
+
+    def joined(self, x: torch.Tensor, store: torch.Tensor, dept: torch.Tensor) -> torch.Tensor:
+        return x if self.bare else self.model.joined(x, store, dept)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         for step in self.steps:
@@ -342,7 +368,8 @@ class Forecaster:
             raise KeyError(f"feature rows lack {missing}")
         matrix, level = _design(columns)
         clipped = self.preprocessing.clip(matrix)
-        events = np.nan_to_num(clipped[:, _EVENT_COLUMNS]).astype(np.float32)
+        events = clipped[:, _EVENT_COLUMNS]
+        events = np.where(np.isnan(events), 0.0, events).astype(np.float32)  # clipped: finite or NaN
         return Inputs(self.preprocessing.transform(clipped),
                       self.preprocessing.index(columns["store"], self.preprocessing.stores),
                       self.preprocessing.index(columns["dept"], self.preprocessing.depts), events, level)
@@ -371,7 +398,7 @@ class Forecaster:
             if steps is None:  # a network the direct path does not know
                 return self.model(x, store, dept, events)
             model = self.model
-            return model.outputs(steps(model.joined(x, store, dept)), dept, events)
+            return model.outputs(steps(steps.joined(x, store, dept)), dept, events)
 
     def predict(self, columns: Columns) -> np.ndarray:
         """The point forecast: the median (P50)."""

@@ -218,40 +218,6 @@ def test_step1_as_a_ray_job_on_a_ray_cluster(stack_settings) -> None:
     assert not {"POSTGRES_USER", "POSTGRES_PASSWORD", "RAY_ADDRESS"} & set(submitted)
 
 
-def test_feasts_engine_runs_in_the_one_ray_worker_the_step_warms(stack_settings) -> None:
-    """Step 1 starts one Ray worker (importing Feast) while the data is made, and Feast's engine runs its tasks in
-    it: a second worker would import Feast (5-6 s of CPU) for nothing."""
-    from ray.util.state import list_jobs, list_tasks
-
-    settings = database_settings(stack_settings, "one_worker")
-    step = subprocess.Popen([sys.executable, STEP1, "--stores", "3", "--depts", "4", "--weeks", "8"], cwd=REPO_ROOT,
-                            env={**os.environ, **settings.environment()}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    _, stderr = step.communicate(timeout=300)
-    assert step.returncode == 0, stderr[-3000:]
-    address = os.environ["RAY_DASHBOARD_URL"]
-    job, = [job for job in list_jobs(address=address, detail=True)
-            if job.driver_info is not None and int(job.driver_info.pid) == step.pid]
-
-    def job_tasks() -> list:  # its plain tasks (method calls to Ray Data's own actors run in those actors)
-        tasks = list_tasks(address=address, filters=[("job_id", "=", job.job_id)], detail=True)
-        return [task for task in tasks if task.type == "NORMAL_TASK"]
-
-    def worker_of(tasks: list, name: str) -> int | None:
-        return next((task.worker_pid for task in tasks if task.name == name and task.worker_pid), None)
-
-    # Task events reach the dashboard asynchronously, and a task's last ones can be lost when the job's workers are
-    # stopped with it (Feast's write often shows no worker): wait for the warm-up's and Feast's first task's workers;
-    # then no task may name another worker.
-    warm_up, feast_task = "_import_materialization_modules", "MapBatches(wrapper)->MapBatches(_dedup_block)"
-    assert wait_until(lambda: all(worker_of(job_tasks(), name) for name in (warm_up, feast_task)), 30), [
-        (task.name, task.state, task.worker_pid) for task in job_tasks()]
-    tasks = job_tasks()
-    assert {"MapBatches(wrapper)", feast_task} <= {task.name for task in tasks}  # Feast's filter, dedup, write
-    assert worker_of(tasks, feast_task) == worker_of(tasks, warm_up)
-    assert len({task.worker_pid for task in tasks if task.worker_pid}) == 1, [(t.name, t.worker_pid) for t in tasks]
-
-
 def feast_cli_env(settings) -> dict[str, str]:
     """Only what a user sets: PATH, HOME and the README's POSTGRES_* variables."""
     postgres = {k: v for k, v in settings.environment().items() if k.startswith("POSTGRES_")}

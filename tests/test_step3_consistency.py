@@ -8,7 +8,9 @@ The serving side is the server's own code path in-process: ``SalesModel.load`` t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -97,17 +99,46 @@ def test_server_predictions_equal_the_training_path(sales_model, all_series: pd.
     np.testing.assert_array_equal(served, Forecaster.load(bundle).predict(training_rows))
 
 
-def test_lookup_columns_equal_feasts_to_dict(sales_model, all_series: pd.DataFrame) -> None:
-    """The server reads the response proto itself (to_dict costs twice as much); same values, NaN for None."""
-    from sales_forecast.contract import FEATURE_SERVICE
-    from sales_forecast.serving.online_features import TIMESTAMP_SUFFIX, feature_columns
+@contextlib.contextmanager
+def null_online_value(settings: Settings, lookup, key: tuple[int, int], feature: str) -> Iterator[None]:
+    """One online value replaced by an empty ValueProto (a NULL feature), restored afterwards."""
+    from feast.protos.feast.types.Value_pb2 import Value
 
-    store = sales_model.lookup.store
-    rows = {"store": [int(s) for s in all_series["store"]] + [99], "dept": [int(d) for d in all_series["dept"]] + [3]}
-    response = store.get_online_features(features=store.get_feature_service(FEATURE_SERVICE), entity_rows=rows)
-    columns, stamps = feature_columns(response.proto, MODEL_FEATURES)
-    reference = response.to_dict(include_event_timestamps=True)
+    read = lookup.reads(MODEL_FEATURES)[0]
+    entity_key = read.serialized_keys({"store": [key[0]], "dept": [key[1]]},
+                                      lookup.store.config.entity_key_serialization_version)[0]
+    where = 'WHERE entity_key = %s AND feature_name = %s'
+    table = f'"{lookup.store.config.project}_{read.view.name}"'
+    with psycopg.connect(settings.postgres.libpq_url(), autocommit=True) as conn:
+        original = conn.execute(f"SELECT value FROM {table} {where}", (entity_key, feature)).fetchone()[0]
+        conn.execute(f"UPDATE {table} SET value = %s {where}", (Value().SerializeToString(), entity_key, feature))
+        try:
+            yield
+        finally:
+            conn.execute(f"UPDATE {table} SET value = %s {where}", (original, entity_key, feature))
+
+
+def test_lookup_equals_feasts_get_online_features(settings: Settings, sales_model, all_series: pd.DataFrame) -> None:
+    """The server reads Feast's online table itself (one prepared statement, Feast's keys and values); Feast's own
+    ``get_online_features`` through the feature service is the reference: same values (NULL -> NaN), request
+    order, duplicates; an entity without a row is refused, never filled in."""
+    from sales_forecast.serving.http_errors import UnknownEntities
+    from sales_forecast.serving.instances import Instance
+
+    lookup = sales_model.lookup
+    store = lookup.store
+    keys = [(int(s), int(d)) for s, d in zip(all_series["store"], all_series["dept"], strict=True)]
+    keys += keys[:3]  # duplicates keep their places
+    rows = {"store": [s for s, _ in keys], "dept": [d for _, d in keys]}
+    with null_online_value(settings, lookup, keys[1], "sales_ya_next"):  # what Feast writes for a NULL feature
+        reference = store.get_online_features(features=store.get_feature_service(FEATURE_SERVICE),
+                                              entity_rows=rows).to_dict()
+        got = lookup.rows([Instance(s, d) for s, d in keys])
     for name in MODEL_FEATURES:
-        np.testing.assert_array_equal(columns[name], np.asarray(reference[name], dtype="float64"))
-    assert np.isnan(columns["sales_lag_1"][-1])  # (99, 3) has no row
-    assert stamps == reference[f"{MODEL_FEATURES[0]}{TIMESTAMP_SUFFIX}"]
+        want = np.array([np.nan if v is None else v for v in reference[name]], dtype="float64")
+        np.testing.assert_array_equal(got[name], want, err_msg=name)
+    np.testing.assert_array_equal(got["store"], rows["store"])
+    assert np.isnan(got["sales_ya_next"][1]) and reference["sales_ya_next"][1] is None
+    with pytest.raises(UnknownEntities) as raised:
+        lookup.rows([Instance(*keys[0]), Instance(99, 3)])
+    assert [m["index"] for m in raised.value.details["missing"]] == [1]

@@ -130,3 +130,20 @@ def test_missing_optional_features_are_flagged_and_unseen_ones_stay_missing() ->
     assert np.isfinite(x).all() and x.shape[1] == f.preprocessing.width > len(DESIGN)
     flags = x[:, len(DESIGN):]
     assert flags.max() == 1.0 and set(np.unique(flags)) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("quantiles", [(0.5,), (0.1, 0.5), (0.5, 0.9), (0.1, 0.5, 0.9), (0.05, 0.25, 0.5, 0.75, 0.95)])
+def test_outputs_sum_the_spreads_outwards(quantiles: tuple[float, ...]) -> None:
+    """The reference formula, cumulative sums of a single column included, bit for bit."""
+    from torch.nn import functional
+
+    model = SalesForecastModel(Architecture(5, 3, 4, (8,), 0.0, quantiles))
+    raw, dept, events = torch.randn(9, len(quantiles)), torch.randint(0, 5, (9,)), torch.rand(9, len(EVENTS))
+    p = quantiles.index(0.5)
+    mid = raw[:, p:p + 1]
+    want = torch.cat([mid - functional.softplus(raw[:, :p]).flip(1).cumsum(1).flip(1), mid,
+                      mid + functional.softplus(raw[:, p + 1:]).cumsum(1)], dim=1)
+    with torch.no_grad():
+        model.uplift.weight.normal_(0, 0.3)
+        scale = 1.0 + (model.uplift(dept) * events).sum(dim=1, keepdim=True)
+        assert torch.equal(model.outputs(raw, dept, events), (1.0 + want) * scale - 1.0)

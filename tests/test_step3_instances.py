@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 from sales_forecast.serving.http_errors import BadRequest, TooManyInstances
@@ -91,14 +93,18 @@ def test_only_missing_required_features_make_a_series_unknown() -> None:
     from sales_forecast.serving.http_errors import UnknownEntities
     from sales_forecast.serving.online_features import OnlineFeatureLookup
 
-    lookup = object.__new__(OnlineFeatureLookup)
-    lookup.ttl = None
     instances = [Instance(1, 2), Instance(3, 4)]
+    fresh = np.zeros(2, dtype=bool)
     columns = {name: np.array([1.0, 2.0]) for name in MODEL_FEATURES}
     for name in OPTIONAL_FEATURES:
         columns[name][0] = np.nan
-    lookup._check_complete(instances, columns, [0, 0])
-    columns["sales_lag_4"][1] = np.nan
+    OnlineFeatureLookup._check_complete(instances, columns, fresh)
+    columns["sales_lag_4"][1] = np.inf
     with pytest.raises(UnknownEntities) as raised:
-        lookup._check_complete(instances, columns, [0, 0])
+        OnlineFeatureLookup._check_complete(instances, columns, fresh)
     assert [m["index"] for m in raised.value.details["missing"]] == [1]
+    with pytest.raises(UnknownEntities) as raised:  # a stale complete row, and an incomplete one
+        OnlineFeatureLookup._check_complete(instances, columns, np.array([True, True]), [dt.timedelta(days=7)])
+    assert [(m["index"], m["reason"]) for m in raised.value.details["missing"]] == [
+        (0, "older than the ttl"), (1, "no online features")]
+    assert "older than the feature ttl (7 days)" in raised.value.message

@@ -1,4 +1,13 @@
-"""The online feature lookup: Feast ``get_online_features`` through the training feature service.
+"""The online feature lookup: the training feature service's views, read with Feast's online store.
+
+The feature service names the feature views (and the features of each) the model reads. On Feast's PostgreSQL
+online store a lookup reads each view's rows of the requested entities with one prepared statement on the server's
+own connection (Feast's table, Feast's serialized entity keys, Feast's ValueProto values); on any other online
+store with the store's ``online_read`` (the plugin interface ``FeatureStore.get_online_features`` calls too). That
+skips what ``get_online_features`` repeats on every call (resolving the service, grouping references, building and
+converting a response proto) and Feast's per-feature-name filter, which PostgreSQL evaluates by string comparison
+for every row: together about twice the database round trip at a request's few rows. The values are
+``get_online_features``'s (a test compares them). On-demand views are not served.
 
 Feature rows come back in request order as column arrays (``{feature: float64 array}``), which
 ``Forecaster.inputs`` turns into the network's matrix exactly as in training (it takes a DataFrame or such a
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import os
 import socket
 import threading
@@ -35,19 +45,22 @@ import psycopg
 import sqlalchemy.exc
 
 from sales_forecast.config import Settings, apply_to_environment
-from sales_forecast.contract import FEATURE_SERVICE, FEATURE_VIEW, MODEL_NAME
+from sales_forecast.contract import FEATURE_SERVICE, MODEL_NAME
 from sales_forecast.errors import PipelineError, first_line
 from sales_forecast.features.derive import REQUIRED_FEATURES
 from sales_forecast.serving.http_errors import FeaturesUnavailable, UnknownEntities
 from sales_forecast.serving.instances import Instance
 from sales_forecast.serving.metrics import FEATURE_LOOKUP_TIMEOUTS, FEATURE_STORE_RECONNECTS
 
-TIMESTAMP_SUFFIX = "__ts"  # feast.online_response.TIMESTAMP_POSTFIX
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (psycopg.Error, sqlalchemy.exc.SQLAlchemyError)
 LISTED_KEYS = 20  # instances named in a 404 message; the body lists them all
 APPLICATION_NAME = f"{MODEL_NAME}-server"  # pg_stat_activity.application_name of the server's connections
 CANCEL_TIMEOUT_SECONDS = 3.0
 FeatureRows = dict[str, np.ndarray]  # feature name -> one float64 value per instance, in request order
+# One view's rows of the requested entities: (values (features, entities) float64, NaN for NULL or no row; each
+# entity's oldest event time among them in epoch seconds, NaN without a row)
+ViewRows = tuple[np.ndarray, np.ndarray]
+DOUBLE_TAG = 0x29  # a ValueProto holding double_val (field 5, 64-bit): this byte, then the IEEE double
 
 
 def open_serving_store(settings: Settings) -> Any:
@@ -291,15 +304,93 @@ def _connect_function(online_config: Any, statement_timeout_ms: int) -> Any:
     return connect
 
 
+@dataclass(frozen=True)
+class ViewRead:
+    """One feature view of the feature service: the model's features it holds, and how to key, read and age its
+    rows."""
+
+    view: Any  # feast.FeatureView
+    features: list[str]
+    join_keys: list[str]
+    key_types: dict[str, Any]  # join key -> feast ValueType
+    ttl: dt.timedelta | None
+    query: bytes  # PostgreSQL: every online row of the entity keys given as a parameter
+
+    def entity_keys(self, entity_rows: Mapping[str, list[int]]) -> list[Any]:
+        """Feast's EntityKey protos of the rows, in order."""
+        types = tuple(self.key_types[key] for key in self.join_keys)
+        return [_entity_key(tuple(self.join_keys), types, ids)
+                for ids in zip(*(entity_rows[key] for key in self.join_keys), strict=True)]
+
+    def serialized_keys(self, entity_rows: Mapping[str, list[int]], version: int) -> list[bytes]:
+        """Feast's serialized entity keys (the online table's ``entity_key``), remembered per key."""
+        types = tuple(self.key_types[key] for key in self.join_keys)
+        return [_serialized_key(tuple(self.join_keys), types, ids, version)
+                for ids in zip(*(entity_rows[key] for key in self.join_keys), strict=True)]
+
+
+def _entity_key(join_keys: tuple[str, ...], types: tuple[Any, ...], ids: tuple[int, ...]) -> Any:
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.type_map import python_values_to_proto_values
+
+    values = [python_values_to_proto_values([value], kind)[0] for value, kind in zip(ids, types, strict=True)]
+    return EntityKey(join_keys=join_keys, entity_values=values)
+
+
+@functools.lru_cache(maxsize=200_000)
+def _serialized_key(join_keys: tuple[str, ...], types: tuple[Any, ...], ids: tuple[int, ...], version: int) -> bytes:
+    from feast.infra.key_encoding_utils import serialize_entity_key
+
+    return serialize_entity_key(_entity_key(join_keys, types, ids), entity_key_serialization_version=version)
+
+
+def _postgres_query(store: Any, view: Any) -> bytes:
+    """Feast's PostgreSQL online read (``PostgreSQLOnlineStore.online_read``) of all of an entity's rows. The keys
+    go as a binary parameter (%b): as text, every key of the bytea array is escaped by a regular expression."""
+    from feast.infra.online_stores.helpers import compute_table_id
+    from psycopg import sql
+
+    table = compute_table_id(store.config.project, view, store.config.registry.enable_online_feature_view_versioning)
+    return sql.SQL("SELECT entity_key, feature_name, value, extract(epoch FROM event_ts)::float8 FROM {} "
+                   "WHERE entity_key = ANY(%b)").format(sql.Identifier(table)).as_bytes(None)
+
+
+def plan_reads(store: Any, service: Any, features: Sequence[str]) -> list[ViewRead]:
+    """The feature views to read for ``features``, from the service's projections (PipelineError for what the
+    server cannot read online: an on-demand view, an entity alias, a view not keyed by store and dept)."""
+    from feast.errors import FeatureViewNotFoundException
+
+    holder: dict[str, Any] = {}
+    for projection in service.feature_view_projections:
+        try:
+            view = store.get_feature_view(projection.name)
+        except FeatureViewNotFoundException:
+            raise PipelineError(f"feature service {service.name} holds {projection.name}, which is not a feature view "
+                                "(the server reads feature views online; on-demand views are not served)") from None
+        if projection.join_key_map:
+            raise PipelineError(f"feature service {service.name} maps the join keys of {projection.name} "
+                                f"({projection.join_key_map}); the server reads views keyed by store and dept")
+        for feature in projection.features:
+            holder.setdefault(feature.name, view)
+    reads = []
+    for view in {id(v): v for v in holder.values()}.values():
+        wanted = [name for name in features if holder.get(name) is view]
+        if not wanted:
+            continue
+        key_types = {column.name: column.dtype.to_value_type() for column in view.entity_columns}
+        if sorted(key_types) != sorted(Instance._fields):
+            raise PipelineError(f"feature view {view.name} is keyed by {sorted(key_types)}; the server's instances "
+                                f"name {list(Instance._fields)}")
+        reads.append(ViewRead(view, wanted, list(key_types), key_types, view.ttl or None, _postgres_query(store, view)))
+    return reads
+
+
 class OnlineFeatureLookup:
     def __init__(self, store: Any, features: Sequence[str], where: str, statement_timeout_ms: int = 5000):
         self.store = store
-        self.service = store.get_feature_service(FEATURE_SERVICE)
-        self.ttl: dt.timedelta | None = store.get_feature_view(FEATURE_VIEW).ttl or None
         self.features = list(features)
         self.where = where
-        self.served_features = frozenset(f.name for projection in self.service.feature_view_projections
-                                         for f in projection.features)
+        self._load_service()
         self.check_features(self.features)
         online = self._online_store()
         self.connection: OnlineConnection | None = None
@@ -309,6 +400,12 @@ class OnlineFeatureLookup:
             self.watchdog = Watchdog(self.connection)
             online._conn, online._conn_pool = None, None
             online._get_conn = self.connection.connection  # the instance attribute shadows Feast's method
+
+    def _load_service(self) -> None:
+        self.service = self.store.get_feature_service(FEATURE_SERVICE)
+        self.served_features = frozenset(f.name for projection in self.service.feature_view_projections
+                                         for f in projection.features)
+        self._plans: dict[tuple[str, ...], list[ViewRead]] = {}
 
     @classmethod
     def open(cls, settings: Settings, features: Sequence[str], timeout_seconds: float = 5.0) -> OnlineFeatureLookup:
@@ -320,6 +417,14 @@ class OnlineFeatureLookup:
         missing = [name for name in features if name not in self.served_features]
         if missing:
             raise PipelineError(f"the model needs features that feature service {FEATURE_SERVICE} lacks: {missing}")
+        self.reads(features)
+
+    def reads(self, features: Sequence[str]) -> list[ViewRead]:
+        key = tuple(features)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = plan_reads(self.store, self.service, features)
+        return plan
 
     def can_read_inline(self) -> bool:
         """Whether a read can run on the event loop now: an open connection (no connecting) and a watchdog."""
@@ -339,20 +444,27 @@ class OnlineFeatureLookup:
         UnknownEntities unless all are complete and fresher than the ttl."""
         features = self.features if features is None else features
         entity_rows = {"store": [i.store for i in instances], "dept": [i.dept for i in instances]}
-        response = self._read(entity_rows, ticket or ReadTicket())
-        columns, stamps = feature_columns(response.proto, features)
-        self._check_complete(instances, columns, stamps)
+        ticket = ticket or ReadTicket()
+        columns: FeatureRows = {}
+        stale, absent = np.zeros(len(instances), dtype=bool), np.zeros(len(instances), dtype=bool)
+        reads = self.reads(features)
+        for read in reads:
+            values, stamps = self._read(read, entity_rows, ticket)
+            columns.update(zip(read.features, values, strict=True))
+            stale |= _older_than(stamps, read.ttl)
+            absent |= np.isnan(stamps)
+        self._check_complete(instances, columns, stale, [read.ttl for read in reads if read.ttl], absent)
         columns.update({name: np.array(ids, dtype="int64") for name, ids in entity_rows.items()})
         return columns
 
-    def _read(self, entity_rows: Mapping[str, list[int]], ticket: ReadTicket) -> Any:
+    def _read(self, read: ViewRead, entity_rows: Mapping[str, list[int]], ticket: ReadTicket) -> ViewRows:
         local = self.connection.local if self.connection is not None else threading.local()
         local.ticket = ticket
         try:
             for attempt in (1, 2):
                 ticket.conn, ticket.fresh = None, False
                 try:
-                    return self.store.get_online_features(features=self.service, entity_rows=entity_rows)
+                    return self._read_once(read, entity_rows)
                 except DATABASE_ERRORS as exc:
                     if ticket.timed_out:
                         raise LookupTimedOut(f"the online feature lookup took over {ticket.timeout:g} s (PostgreSQL at "
@@ -366,6 +478,19 @@ class OnlineFeatureLookup:
         finally:
             local.ticket = None
 
+    def _read_once(self, read: ViewRead, entity_rows: Mapping[str, list[int]]) -> ViewRows:
+        if self.connection is None:  # another online store: its online_read
+            keys = read.entity_keys(entity_rows)
+            found = self._online_store().online_read(self.store.config, read.view, keys, read.features)
+            values = np.array([[_float(row[name]) if row and name in row else np.nan for row in (r for _, r in found)]
+                               for name in read.features], dtype="float64").reshape(len(read.features), len(found))
+            return values, np.array([_epoch(stamp) for stamp, _ in found], dtype="float64")
+        serialized = read.serialized_keys(entity_rows, self.store.config.entity_key_serialization_version)
+        with self.connection.connection(autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(read.query, (serialized,), prepare=True)
+            rows = cur.fetchall()
+        return _view_rows(rows, serialized, read.features)
+
     def abandon(self, ticket: ReadTicket) -> None:
         """A lookup that timed out: retire the connection it reads through and cancel its query, so the next
         requests connect afresh instead of queueing behind it; its thread closes the connection when it returns."""
@@ -376,26 +501,27 @@ class OnlineFeatureLookup:
         self.connection.retire(conn)
         threading.Thread(target=_cancel_quietly, args=(conn,), name="cancel-abandoned-lookup", daemon=True).start()
 
-    def _check_complete(self, instances: Sequence[Instance], columns: FeatureRows, stamps: list) -> None:
-        incomplete = np.zeros(len(instances), dtype=bool)
-        for name in REQUIRED_FEATURES:  # the optional ones (year-ago sales, ...) are NULL without that history
-            if name in columns:
-                incomplete |= ~np.isfinite(columns[name])
-        stale = ~incomplete & self._too_old(np.asarray(stamps, dtype="float64"))
+    @staticmethod
+    def _check_complete(instances: Sequence[Instance], columns: FeatureRows, stale: np.ndarray,
+                        ttls: Sequence[dt.timedelta] = (), absent: np.ndarray | None = None) -> None:
+        """UnknownEntities for instances without an online row (``absent``), with a missing required feature (the
+        optional ones, year-ago sales..., are NULL without that history), or with a row older than the ttl."""
+        required = [columns[name] for name in REQUIRED_FEATURES if name in columns]
+        incomplete = (~np.isfinite(np.array(required)).all(axis=0) if required
+                      else np.zeros(len(instances), dtype=bool))
+        if absent is not None:
+            incomplete |= absent
+        stale = ~incomplete & stale
         if not (incomplete.any() or stale.any()):
             return
         missing = [{**instances[i].as_dict(), "index": int(i), "reason": "older than the ttl" if stale[i]
                     else "no online features"} for i in np.flatnonzero(incomplete | stale)]
         named = ", ".join(f"store {m['store']} dept {m['dept']}" for m in missing[:LISTED_KEYS])
         more = f" and {len(missing) - LISTED_KEYS} more" if len(missing) > LISTED_KEYS else ""
-        ttl = f"; rows older than the feature ttl ({_duration(self.ttl)}) count as missing" if self.ttl else ""
+        ttl = (f"; rows older than the feature ttl ({', '.join(sorted({_duration(t) for t in ttls}))}) count as "
+               "missing" if ttls else "")
         raise UnknownEntities(f"no current online features for {len(missing)} of {len(instances)} instances: "
                               f"{named}{more}{ttl}", missing=missing)
-
-    def _too_old(self, stamps: np.ndarray) -> np.ndarray:
-        if self.ttl is None:
-            return np.zeros(len(stamps), dtype=bool)
-        return stamps < time.time() - self.ttl.total_seconds()
 
     def _online_store(self) -> Any:
         return self.store._get_provider().online_store
@@ -406,24 +532,69 @@ class OnlineFeatureLookup:
             self.connection.reset()
 
     def refresh_registry(self) -> None:
-        """Re-read the Feast registry (the serving store's cache never expires by itself: see open_serving_store)."""
+        """Re-read the Feast registry (the serving store's cache never expires by itself: see open_serving_store),
+        and with it the service's views (their ttl, their features)."""
         self.store.refresh_registry()
+        self._load_service()
 
 
-def feature_columns(proto: Any, features: Sequence[str]) -> tuple[FeatureRows, list[int]]:
-    """The features of a GetOnlineFeaturesResponse (``OnlineResponse.proto``) as float64 columns (NaN where a value
-    is missing), and the first feature's event timestamps (seconds; 0 where missing).
+def _float(value: Any) -> float:
+    """A ValueProto's number (NaN when it holds none: a NULL feature)."""
+    kind = value.WhichOneof("val")
+    return float(getattr(value, kind)) if kind else np.nan
 
-    The same values as ``OnlineResponse.to_dict()`` (a test compares them), in half its time: this runs once per
-    request and to_dict converts every value through Feast's generic type map."""
-    index = {name: i for i, name in enumerate(proto.metadata.feature_names.val)}
-    columns: FeatureRows = {}
-    for name in features:
-        values = proto.results[index[name]].values
-        columns[name] = np.array([getattr(v, kind) if (kind := v.WhichOneof("val")) else np.nan for v in values],
-                                 dtype="float64")
-    stamps = [stamp.seconds for stamp in proto.results[index[features[0]]].event_timestamps]
-    return columns, stamps
+
+def _doubles(values: Sequence[bytes]) -> np.ndarray:
+    """Serialized ValueProtos -> float64, NaN for a NULL (Feast writes an empty Value). Numeric features are stored as
+    double_val, whose wire form is one tag byte and the double: those are read as one array, anything else (another
+    type in the batch) value by value with protobuf."""
+    lengths = np.fromiter(map(len, values), dtype=np.intp, count=len(values))
+    doubles = lengths == 9
+    if (doubles | (lengths == 0)).all():
+        wire = np.frombuffer(b"".join(values), dtype=np.uint8).reshape(-1, 9)
+        if (wire[:, 0] == DOUBLE_TAG).all():
+            out = np.full(len(values), np.nan)
+            out[doubles] = wire[:, 1:].copy().view("<f8").ravel()
+            return out
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    return np.array([_float(Value.FromString(value)) for value in values], dtype="float64")
+
+
+def _view_rows(rows: Sequence[tuple[bytes, str, bytes, float]], keys: Sequence[bytes],
+               features: Sequence[str]) -> ViewRows:
+    """Online rows (entity_key, feature_name, value, event time in epoch seconds) -> ``ViewRows`` for ``keys`` in
+    order (a key may repeat). Only the wanted features count, for the values and for the entity's oldest event time
+    (the ttl ages an entity by it)."""
+    position = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    column = {name: j for j, name in enumerate(features)}
+    values = np.full((len(features), len(position)), np.nan)
+    oldest = np.full(len(position), np.inf)
+    wanted = [(column[name], position[key], value, stamp) for key, name, value, stamp in rows if name in column]
+    found = np.zeros(len(position), dtype=bool)
+    if wanted:
+        columns, entities, blobs, stamps = zip(*wanted, strict=True)
+        values[columns, entities] = _doubles(blobs)
+        np.minimum.at(oldest, np.array(entities), np.array(stamps, dtype="float64"))  # NaN for a NULL event time
+        found[list(entities)] = True
+    oldest[~found] = np.nan
+    order = [position[key] for key in keys]
+    return values[:, order], oldest[order]
+
+
+def _epoch(stamp: dt.datetime | None) -> float:
+    """An event time in epoch seconds; naive times are UTC (what Feast writes and its stores return); NaN for none."""
+    if stamp is None:
+        return np.nan
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def _older_than(stamps: np.ndarray, ttl: dt.timedelta | None) -> np.ndarray:
+    """Per entity: its row's event time (epoch seconds) is older than ``ttl`` before now (no row: False, it is
+    missing instead)."""
+    if ttl is None:
+        return np.zeros(len(stamps), dtype=bool)
+    return stamps < time.time() - ttl.total_seconds()
 
 
 def _duration(delta: dt.timedelta) -> str:
