@@ -20,6 +20,7 @@ with the feature list, the architecture, the quantiles and the preprocessing num
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import warnings
@@ -69,6 +70,7 @@ DESIGN: list[str] = [
 EVENTS = [*(f"target_is_{name}" for name in HOLIDAYS), "target_is_pre_christmas"]
 _EVENT_COLUMNS = [DESIGN.index(name) for name in EVENTS]
 Z_LIMIT = 8.0  # standardized inputs are clipped to +-8
+PREPARE_ROWS = 1 << 18  # rows Forecaster.prepare works on at a time
 
 
 def _column(columns: Columns, name: str) -> np.ndarray:
@@ -84,8 +86,15 @@ def relative_target(columns: Columns, target: np.ndarray) -> np.ndarray:
 
 
 def design_matrix(columns: Columns) -> np.ndarray:
-    """Unscaled, unclipped model inputs (DESIGN's columns) from Feast feature rows (named as MODEL_FEATURES)."""
-    return _design(columns)[0]
+    """Unscaled, unclipped model inputs (DESIGN's columns) from Feast feature rows (named as MODEL_FEATURES), built
+    ``PREPARE_ROWS`` rows at a time (as ``Forecaster.prepare``)."""
+    count = len(columns[_READ[0]]) if _READ[0] in columns else 0
+    if count <= PREPARE_ROWS:
+        return _design(columns)[0]
+    matrix = np.empty((count, len(DESIGN)))
+    for start in range(0, count, PREPARE_ROWS):
+        matrix[start:start + PREPARE_ROWS] = _design(_row_range(columns, start, start + PREPARE_ROWS))[0]
+    return matrix
 
 
 # _design's inputs, read into one matrix: sales relative to the level L, then to last year's level, then as they are
@@ -125,6 +134,12 @@ def _design(columns: Columns) -> tuple[np.ndarray, np.ndarray]:
         matrix[:, start:start + len(block)] = block.T
         start += len(block)
     return matrix, level
+
+
+def _row_range(columns: Columns, start: int, stop: int) -> Columns:
+    if hasattr(columns, "iloc"):
+        return columns.iloc[start:stop]
+    return {name: np.asarray(values)[start:stop] for name, values in columns.items()}
 
 
 def _nan_to_none(values: np.ndarray) -> list[float | None]:
@@ -344,6 +359,9 @@ class Inputs:
     events: np.ndarray  # float32 (rows, len(EVENTS)), clipped to the training range
     level: np.ndarray
 
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return self.x, self.store, self.dept, self.events, self.level
+
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return (torch.from_numpy(self.x), torch.from_numpy(self.store), torch.from_numpy(self.dept),
                 torch.from_numpy(self.events))
@@ -363,9 +381,28 @@ class Forecaster:
         return self.model.arch.quantiles
 
     def prepare(self, columns: Columns) -> Inputs:
+        """The network's inputs for feature rows. Every step works row by row, so many rows (a training set) are
+        prepared ``PREPARE_ROWS`` at a time into the result: the design matrix's temporaries, several times the
+        result's size, stay bounded (at 10x the default rows: gigabytes otherwise). Same values either way."""
         missing = [name for name in ID_COLUMNS if name not in columns]
         if missing:
             raise KeyError(f"feature rows lack {missing}")
+        count = len(columns[ID_COLUMNS[0]])
+        if count <= PREPARE_ROWS:
+            return self._prepare(columns)
+        parts = (self._prepare(_row_range(columns, start, start + PREPARE_ROWS))
+                 for start in range(0, count, PREPARE_ROWS))
+        first = next(parts)
+        out = Inputs(*(np.empty((count, *array.shape[1:]), dtype=array.dtype) for array in first.arrays()))
+        start = 0
+        for part in itertools.chain([first], parts):
+            stop = start + len(part.x)
+            for target, values in zip(out.arrays(), part.arrays(), strict=True):
+                target[start:stop] = values
+            start = stop
+        return out
+
+    def _prepare(self, columns: Columns) -> Inputs:
         matrix, level = _design(columns)
         clipped = self.preprocessing.clip(matrix)
         events = clipped[:, _EVENT_COLUMNS]

@@ -220,3 +220,29 @@ def test_backtest_scores_every_origin_on_a_model_trained_before_it(training_env,
     assert metrics["backtest_skill"] == pytest.approx(backtest.skill)
     plot = Path(client.download_artifacts(result.run.run_id, "plots/backtest_wmae.png"))
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_sales_history_is_the_raw_table_in_order(fixed_data) -> None:
+    """The statsforecast baselines' history, read as Arrow: every raw row, in series and date order, with the raw
+    table's values; the baselines forecast the same from it as from the rows psycopg reads."""
+    import psycopg
+
+    from sales_forecast.training.baselines import statsforecast_baselines
+    from sales_forecast.training.dataset import LABEL, TIMESTAMP, fetch_sales_history
+
+    history = fetch_sales_history(fixed_data.postgres)
+    with psycopg.connect(fixed_data.postgres.libpq_url()) as conn:
+        rows = conn.execute(f'SELECT store, dept, date, weekly_sales FROM "{RAW_TABLE}" '
+                            "ORDER BY store, dept, date").fetchall()
+    reference = pd.DataFrame(rows, columns=["store", "dept", "date", "weekly_sales"])
+    assert list(history.columns) == ["store", "dept", "date", "weekly_sales"] and len(history) == len(reference)
+    assert history.dtypes.astype(str).tolist()[:2] == ["int64", "int64"] and history["weekly_sales"].dtype == "float64"
+    np.testing.assert_array_equal(history[["store", "dept"]].to_numpy(), reference[["store", "dept"]].to_numpy())
+    assert (history["date"].dt.date == reference["date"]).all()
+    np.testing.assert_array_equal(history["weekly_sales"], reference["weekly_sales"].astype("float64"))
+    last = history["date"].max()
+    holdout = pd.DataFrame({"store": [1, 2, 3], "dept": [1, 2, 3], LABEL: 1.0,
+                            TIMESTAMP: pd.Timestamp(last, tz="UTC") - pd.Timedelta(days=7)})
+    np.testing.assert_array_equal(statsforecast_baselines(history, holdout)["sf_ses"],
+                                  statsforecast_baselines(reference.astype({"weekly_sales": "float64"}),
+                                                          holdout)["sf_ses"])

@@ -455,3 +455,20 @@ def test_a_champion_of_an_older_model_version_does_not_block_promotion(monkeypat
     found = champion.current_champion("http://mlflow", "m", frame_of(weeks=6))
     assert not found.rescore_failed and "older model version" in found.note
     assert decide(Evaluation(model=Scores(90.0, 0.1, 150.0), baselines=SCORES, rows=10), found).promote
+
+
+def test_complete_rows_are_selected_and_ordered_in_one_copy() -> None:
+    """The rows with every required feature and a label, ordered by store, dept and time, ties in their order:
+    what pandas' boolean selection and stable sort give."""
+    from sales_forecast.training.dataset import complete_rows
+
+    rng = np.random.default_rng(3)
+    n = 5000
+    frame = pd.DataFrame({"store": rng.integers(1, 9, n), "dept": rng.integers(1, 5, n), "other": np.arange(n),
+                          TIMESTAMP: pd.to_datetime(rng.integers(0, 9, n) * 7 * 86400, unit="s", utc=True),
+                          LABEL: np.where(rng.random(n) < 0.05, np.nan, rng.normal(size=n))})
+    for name in REQUIRED_FEATURES:
+        frame[name] = np.where(rng.random(n) < 0.02, np.nan, rng.normal(size=n))
+    keep = frame[[*REQUIRED_FEATURES, LABEL]].notna().all(axis=1)
+    expected = frame.loc[keep].sort_values(["store", "dept", TIMESTAMP], kind="stable").reset_index(drop=True)
+    pd.testing.assert_frame_equal(complete_rows(frame), expected)

@@ -30,9 +30,10 @@ def feature_rows(count: int, seed: int = 0) -> dict[str, np.ndarray]:
     return rows
 
 
-def forecaster(hidden: tuple[int, ...], dropout: float, quantiles: tuple[float, ...], seed: int = 0) -> Forecaster:
+def forecaster(hidden: tuple[int, ...], dropout: float, quantiles: tuple[float, ...], seed: int = 0,
+               widths: tuple[int, int] = (3, 4)) -> Forecaster:
     torch.manual_seed(seed)
-    arch = Architecture(0, 0, 0, hidden, dropout, quantiles, store_dim=3, dept_dim=4)
+    arch = Architecture(0, 0, 0, hidden, dropout, quantiles, store_dim=widths[0], dept_dim=widths[1])
     f = Forecaster.build(feature_rows(500, seed=seed + 1), arch)
     with torch.no_grad():  # the uplift table starts at zero: give it values, so the test covers it
         f.model.uplift.weight.normal_(0, 0.3)
@@ -53,12 +54,13 @@ def module_outputs(f: Forecaster, rows) -> np.ndarray:
     ((8,), 0.0, (0.5,)),
 ])
 @pytest.mark.parametrize("count", [1, 2, 7, 1000])
-def test_direct_calls_equal_the_module_bit_for_bit(hidden, dropout, quantiles, count: int) -> None:
-    f = forecaster(hidden, dropout, quantiles)
+@pytest.mark.parametrize("widths", [(3, 4), (0, 0), (0, 2)])  # (0, 0), the default: no embedding lookups at all
+def test_direct_calls_equal_the_module_bit_for_bit(hidden, dropout, quantiles, count: int, widths) -> None:
+    f = forecaster(hidden, dropout, quantiles, widths=widths)
     rows = feature_rows(count, seed=count)
     f.model.train()  # predict switches to eval (dropout off) as before
     got = f.predict_quantiles(rows)
-    assert f._steps is not None and not f.model.training
+    assert f._steps is not None and not f.model.training and f._steps.bare == (widths == (0, 0))
     np.testing.assert_array_equal(got, module_outputs(f, rows))
     assert got.shape == (count, len(quantiles))
     np.testing.assert_array_equal(f.predict(rows), got[:, quantiles.index(0.5)])
@@ -147,3 +149,23 @@ def test_outputs_sum_the_spreads_outwards(quantiles: tuple[float, ...]) -> None:
         model.uplift.weight.normal_(0, 0.3)
         scale = 1.0 + (model.uplift(dept) * events).sum(dim=1, keepdim=True)
         assert torch.equal(model.outputs(raw, dept, events), (1.0 + want) * scale - 1.0)
+
+
+def test_many_rows_are_prepared_in_parts_with_the_same_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training sets are prepared PREPARE_ROWS rows at a time (bounded temporaries): the same arrays as in one go,
+    from a DataFrame and from column arrays, for the design matrix too."""
+    import pandas as pd
+
+    from sales_forecast import forecaster as module
+
+    f = forecaster((16,), 0.0, (0.1, 0.5, 0.9))
+    rows = feature_rows(1001, seed=5)
+    rows["store"][::97] = 77  # unseen ids
+    whole, whole_design = f.prepare(rows), design_matrix(rows)
+    monkeypatch.setattr(module, "PREPARE_ROWS", 64)
+    for columns in (rows, pd.DataFrame(rows)):
+        parts = f.prepare(columns)
+        for got, expected in zip(parts.arrays(), whole.arrays(), strict=True):
+            assert got.dtype == expected.dtype and got.shape == expected.shape
+            np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(design_matrix(columns), whole_design)

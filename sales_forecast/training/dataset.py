@@ -68,8 +68,13 @@ def historical_features(store, entities: str) -> pd.DataFrame:
 def complete_rows(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows whose required features are known (a series' first weeks have NULL lags) and whose label is known; the
     optional features (year-ago sales, long means) may be NULL."""
-    keep = frame[[*REQUIRED_FEATURES, LABEL]].notna().all(axis=1)
-    return frame.loc[keep].sort_values(["store", "dept", TIMESTAMP], kind="stable").reset_index(drop=True)
+    keep = np.flatnonzero(frame[[*REQUIRED_FEATURES, LABEL]].notna().all(axis=1).to_numpy())
+    # selected and ordered by store, dept, time (stable) in one copy of the rows: at 10x, each copy is gigabytes
+    keys = [frame[TIMESTAMP].to_numpy(dtype="datetime64[ns]")[keep], frame["dept"].to_numpy()[keep],
+            frame["store"].to_numpy()[keep]]
+    complete = frame.take(keep[np.lexsort(keys)])
+    complete.index = pd.RangeIndex(len(complete))
+    return complete
 
 
 def has_entities(postgres: PostgresSettings, entities: str) -> bool:
@@ -98,11 +103,17 @@ def fetch_training_frame(store, postgres: PostgresSettings) -> tuple[pd.DataFram
 
 
 def fetch_sales_history(postgres: PostgresSettings) -> pd.DataFrame:
-    """The raw weekly sales (store, dept, date, weekly_sales), for the baselines that model whole series."""
-    with psycopg.connect(postgres.libpq_url(), connect_timeout=10) as conn, conn.cursor() as cur:
-        cur.execute(f'SELECT store, dept, date, weekly_sales FROM "{RAW_TABLE}" ORDER BY store, dept, date')
-        return pd.DataFrame(cur.fetchall(), columns=["store", "dept", "date", "weekly_sales"]).astype(
-            {"weekly_sales": "float64"})
+    """The raw weekly sales (store, dept, date, weekly_sales), for the baselines that model whole series.
+
+    Read as Arrow columns (ADBC, PostgreSQL's binary COPY): at 10x the default rows, 6M rows as Python tuples from
+    psycopg took 14.6 s and gigabytes of objects."""
+    import adbc_driver_postgresql.dbapi as adbc
+
+    with adbc.connect(postgres.libpq_url()) as conn, conn.cursor() as cur:
+        cur.execute(f'SELECT store, dept, date, weekly_sales::float8 AS weekly_sales FROM "{RAW_TABLE}" '
+                    "ORDER BY store, dept, date")
+        table = cur.fetch_arrow_table()
+    return table.to_pandas(date_as_object=False).astype({"store": "int64", "dept": "int64"})
 
 
 @dataclass(frozen=True)
