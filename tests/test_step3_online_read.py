@@ -166,3 +166,30 @@ def test_naive_event_times_are_utc_in_any_server_time_zone(monkeypatch: pytest.M
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+
+
+def test_a_registry_refresh_rebuilds_the_read_plans_off_the_request_path(tmp_path: Path) -> None:
+    """After a refresh the plans already hold the registry's views (a ttl changed by `feast apply` counts for the
+    next request without the request planning it); a service the server cannot read leaves the old plans serving."""
+    from feast import FeatureService
+
+    store = other_repo(tmp_path)
+    lookup = OnlineFeatureLookup(store, ["price", "level"], where="sqlite")
+    assert lookup.rows([Instance(1, 10)])["price"].tolist() == [9.0]
+    prices = store.get_feature_view("prices")
+    prices.ttl = dt.timedelta(days=1)  # its rows are 30 days old
+    store.apply([prices])
+    lookup.refresh_registry()
+    planned = {read.view.name: read.ttl for read in lookup._plans[("price", "level")]}
+    assert planned == {"levels": dt.timedelta(days=7), "prices": dt.timedelta(days=1)}
+    with pytest.raises(UnknownEntities, match="older than the ttl|no current online features") as raised:
+        lookup.rows([Instance(1, 10)])
+    assert raised.value.details["missing"][0]["reason"] == "older than the ttl"
+
+    doubled = store.get_on_demand_feature_view("doubled")
+    store.apply([FeatureService(name=FEATURE_SERVICE, features=[store.get_feature_view("levels"), prices, doubled])])
+    with pytest.raises(PipelineError, match="not a feature view"):
+        lookup.refresh_registry()
+    assert {read.view.name: read.ttl for read in lookup._plans[("price", "level")]} == planned  # still serving
+    with pytest.raises(UnknownEntities):
+        lookup.rows([Instance(1, 10)])

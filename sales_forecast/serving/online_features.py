@@ -401,11 +401,11 @@ class OnlineFeatureLookup:
             online._conn, online._conn_pool = None, None
             online._get_conn = self.connection.connection  # the instance attribute shadows Feast's method
 
-    def _load_service(self) -> None:
-        self.service = self.store.get_feature_service(FEATURE_SERVICE)
+    def _load_service(self, service: Any = None, plans: dict[tuple[str, ...], list[ViewRead]] | None = None) -> None:
+        self.service = service or self.store.get_feature_service(FEATURE_SERVICE)
         self.served_features = frozenset(f.name for projection in self.service.feature_view_projections
                                          for f in projection.features)
-        self._plans: dict[tuple[str, ...], list[ViewRead]] = {}
+        self._plans: dict[tuple[str, ...], list[ViewRead]] = plans or {}
 
     @classmethod
     def open(cls, settings: Settings, features: Sequence[str], timeout_seconds: float = 5.0) -> OnlineFeatureLookup:
@@ -533,9 +533,13 @@ class OnlineFeatureLookup:
 
     def refresh_registry(self) -> None:
         """Re-read the Feast registry (the serving store's cache never expires by itself: see open_serving_store),
-        and with it the service's views (their ttl, their features)."""
+        and with it the service's views (their ttl, their features). The read plans of the feature lists in use are
+        rebuilt here, off the request path; if one cannot be (PipelineError: say, an on-demand view added to the
+        service), the old service and plans keep serving."""
         self.store.refresh_registry()
-        self._load_service()
+        service = self.store.get_feature_service(FEATURE_SERVICE)
+        plans = {features: plan_reads(self.store, service, features) for features in list(self._plans)}
+        self._load_service(service, plans)
 
 
 def _float(value: Any) -> float:
