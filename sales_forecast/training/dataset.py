@@ -109,7 +109,7 @@ def fetch_sales_history(postgres: PostgresSettings) -> pd.DataFrame:
     psycopg took 14.6 s and gigabytes of objects."""
     import adbc_driver_postgresql.dbapi as adbc
 
-    with adbc.connect(postgres.libpq_url()) as conn, conn.cursor() as cur:
+    with adbc.connect(f"{postgres.libpq_url()}&connect_timeout=10") as conn, conn.cursor() as cur:
         cur.execute(f'SELECT store, dept, date, weekly_sales::float8 AS weekly_sales FROM "{RAW_TABLE}" '
                     "ORDER BY store, dept, date")
         table = cur.fetch_arrow_table()
@@ -144,7 +144,14 @@ def chronological_split(frame: pd.DataFrame, test_weeks: int, validation_weeks: 
     test_start, validation_start = weeks[-test_weeks], weeks[-(test_weeks + validation_weeks)]
     stamps = frame[TIMESTAMP]
     return Split(
-        train=frame[stamps < validation_start].reset_index(drop=True),
-        validation=frame[(stamps >= validation_start) & (stamps < test_start)].reset_index(drop=True),
-        test=frame[stamps >= test_start].reset_index(drop=True),
+        train=_rows_where(frame, stamps < validation_start),
+        validation=_rows_where(frame, (stamps >= validation_start) & (stamps < test_start)),
+        test=_rows_where(frame, stamps >= test_start),
     )
+
+
+def _rows_where(frame: pd.DataFrame, mask: pd.Series) -> pd.DataFrame:
+    """``frame[mask]`` numbered from 0, without ``reset_index``'s second copy of every column (at 10x, 10 s)."""
+    rows = frame.take(np.flatnonzero(mask.to_numpy()))
+    rows.index = pd.RangeIndex(len(rows))
+    return rows
