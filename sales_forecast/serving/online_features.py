@@ -482,7 +482,8 @@ class OnlineFeatureLookup:
         if self.connection is None:  # another online store: its online_read
             keys = read.entity_keys(entity_rows)
             found = self._online_store().online_read(self.store.config, read.view, keys, read.features)
-            values = np.array([[_float(row[name]) if row and name in row else np.nan for row in (r for _, r in found)]
+            rows = [row or {} for _, row in found]
+            values = np.array([[_float(row[name]) if name in row else np.nan for row in rows]
                                for name in read.features], dtype="float64").reshape(len(read.features), len(found))
             return values, np.array([_epoch(stamp) for stamp, _ in found], dtype="float64")
         serialized = read.serialized_keys(entity_rows, self.store.config.entity_key_serialization_version)
