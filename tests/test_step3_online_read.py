@@ -138,12 +138,55 @@ def test_only_the_models_features_age_an_entity_and_keys_may_repeat() -> None:
     def blob(v: float) -> bytes:
         return Value(double_val=v).SerializeToString()
 
-    rows = [(b"a", "x", blob(1.0), 100.0), (b"a", "y", blob(2.0), 300.0), (b"a", "other", blob(9.0), 5.0),
-            (b"b", "x", b"", 200.0), (b"c", "other", blob(7.0), 50.0)]
-    values, oldest = _view_rows(rows, [b"b", b"a", b"c", b"a", b"d"], ["x", "y"])
-    np.testing.assert_array_equal(values, [[np.nan, 1.0, np.nan, 1.0, np.nan], [np.nan, 2.0, np.nan, 2.0, np.nan]])
-    # a's oldest row of x and y (not of "other"); c holds only a feature the model does not read: no row for it
-    np.testing.assert_array_equal(oldest, [200.0, 100.0, np.nan, 100.0, np.nan])
+    rows = [(b"a", b"x", blob(1.0), 100.0), (b"a", b"y", blob(2.0), 300.0), (b"a", b"other", blob(9.0), 5.0),
+            (b"b", b"x", b"", 200.0), (b"c", b"other", blob(7.0), 50.0), (b"e", b"y", blob(3.0), np.nan)]
+    keys, names, blobs, stamps = zip(*rows, strict=True)
+    values, oldest = _view_rows(keys, names, blobs, np.array(stamps), [b"b", b"a", b"c", b"d", b"e"],
+                                {b"x": 0, b"y": 1}, [b"b", b"a", b"c", b"a", b"d", b"e"])
+    np.testing.assert_array_equal(values, [[np.nan, 1.0, np.nan, 1.0, np.nan, np.nan],
+                                           [np.nan, 2.0, np.nan, 2.0, np.nan, 3.0]])
+    # a's oldest row of x and y (not of "other"); c holds only a feature the model does not read: no row for it;
+    # e's row has no event time (NaN: never fresh)
+    np.testing.assert_array_equal(oldest, [200.0, 100.0, np.nan, 100.0, np.nan, np.nan])
+
+
+def test_the_bytea_array_parameter_is_postgresqls_binary_form(stack_settings) -> None:
+    """The keys go to PostgreSQL as a binary bytea[] written here: PostgreSQL reads back every byte, also of empty,
+    NUL-holding and long keys, repeated ones and an empty list."""
+    import psycopg
+
+    from sales_forecast.serving.online_features import BINARY, _bytea_array
+
+    cases = [[], [b""], [b"\x00\xff", b"a" * 70_000, bytes(range(256))], [b"same", b"same"]]
+    with psycopg.connect(stack_settings.postgres.libpq_url("postgres"), autocommit=True) as conn:
+        for items in cases:
+            result = conn.pgconn.exec_params(b"SELECT encode(k, 'hex') FROM unnest($1::bytea[]) WITH ORDINALITY "
+                                             b"u(k, i) ORDER BY i", [_bytea_array(items)], None, [BINARY], 0)
+            assert result.status == psycopg.pq.ExecStatus.TUPLES_OK, result.error_message
+            got = [bytes.fromhex(result.get_value(i, 0).decode()) for i in range(result.ntuples)]
+            assert got == items
+
+
+def test_the_server_reads_postgresql_with_one_generic_prepared_plan(settings) -> None:
+    """Each lookup is one execution of the view's named prepared statement, planned once (a generic plan), not
+    re-planned per request, and its answers are Feast's values read the server's way, in request order."""
+    from sales_forecast.features.derive import MODEL_FEATURES
+
+    lookup = OnlineFeatureLookup.open(settings, MODEL_FEATURES)
+    instances = [Instance(1, 1), Instance(2, 1), Instance(1, 1)]
+    first = lookup.rows(instances)
+    for _ in range(6):
+        again = lookup.rows(instances)
+        assert all(np.array_equal(again[name], first[name], equal_nan=True) for name in first)
+    expected = lookup.store.get_online_features(features=lookup.service, entity_rows=[
+        {"store": i.store, "dept": i.dept} for i in instances]).to_dict()
+    for name in MODEL_FEATURES:
+        np.testing.assert_array_equal(first[name], np.array(expected[name], dtype="float64"), err_msg=name)
+    [read] = lookup.reads(MODEL_FEATURES)
+    plans = lookup.connection.current.execute(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE name = %s",
+        [read.statement.decode()]).fetchall()
+    assert plans == [(7, 0)]
 
 
 @pytest.mark.parametrize("zone", ["Asia/Tokyo", "America/New_York"])
