@@ -167,10 +167,13 @@ def test_the_bytea_array_parameter_is_postgresqls_binary_form(stack_settings) ->
             assert got == items
 
 
-def test_the_server_reads_postgresql_with_one_generic_prepared_plan(settings) -> None:
+def test_the_server_reads_postgresql_with_one_generic_prepared_plan(settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each lookup is one execution of the view's named prepared statement, planned once (a generic plan), not
-    re-planned per request, and its answers are Feast's values read the server's way, in request order."""
+    re-planned per request, and its answers are Feast's values read the server's way, in request order; feature
+    names arrive as UTF-8 even when the environment asks libpq for another encoding."""
     from sales_forecast.features.derive import MODEL_FEATURES
+
+    monkeypatch.setenv("PGCLIENTENCODING", "LATIN1")
 
     lookup = OnlineFeatureLookup.open(settings, MODEL_FEATURES)
     instances = [Instance(1, 1), Instance(2, 1), Instance(1, 1)]
@@ -183,6 +186,7 @@ def test_the_server_reads_postgresql_with_one_generic_prepared_plan(settings) ->
     for name in MODEL_FEATURES:
         np.testing.assert_array_equal(first[name], np.array(expected[name], dtype="float64"), err_msg=name)
     [read] = lookup.reads(MODEL_FEATURES)
+    assert lookup.connection.current.info.parameter_status("client_encoding") == "UTF8"
     plans = lookup.connection.current.execute(
         "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE name = %s",
         [read.statement.decode()]).fetchall()

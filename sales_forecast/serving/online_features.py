@@ -316,7 +316,8 @@ def _cancel_quietly(conn: psycopg.Connection) -> None:
 def _connect_function(online_config: Any, statement_timeout_ms: int) -> Any:
     """Feast's connection parameters for the online store (``_get_conninfo``/``_get_conn_kwargs``, as Feast's own
     ``_get_conn`` uses them), plus what a server needs: autocommit reads, a name in pg_stat_activity, a server-side
-    statement timeout, TCP keepalives so a read on a vanished host ends, and generic plans for the prepared read
+    statement timeout, TCP keepalives so a read on a vanished host ends, UTF-8 text whatever the database's or the
+    environment's encoding (feature names are matched as UTF-8 bytes), and generic plans for the prepared read
     (by its estimates PostgreSQL would plan ``entity_key = ANY($1)`` afresh on every execution, a third of the
     round trip at a request's few rows, and pick the same index scan)."""
     from feast.infra.utils.postgres.connection_utils import _get_conn_kwargs, _get_conninfo
@@ -327,7 +328,7 @@ def _connect_function(online_config: Any, statement_timeout_ms: int) -> Any:
     keepalives_idle = online_config.keepalives_idle or 10
 
     def connect() -> psycopg.Connection:
-        return psycopg.connect(conninfo=_get_conninfo(online_config), autocommit=True,
+        return psycopg.connect(conninfo=_get_conninfo(online_config), autocommit=True, client_encoding="UTF8",
                                application_name=APPLICATION_NAME, keepalives=1, keepalives_idle=keepalives_idle,
                                keepalives_interval=5, keepalives_count=3, **kwargs)
 
