@@ -26,9 +26,7 @@ the parsed answer):
   sequential 2-instance requests, divided by N (HTTP, the lookup's thread, the model; also its Feast/psycopg
   work; not PostgreSQL's).
 
-Latency figures are noisy on a busy machine: the load average is printed before and after. A Ray head that step 1
-started for the benchmark is stopped before the measurements (the server does not use Ray); one that was running
-before is left running.
+Latency figures are noisy on a busy machine: the load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -52,7 +50,7 @@ from sales_forecast.cli import positive_int, run_cli
 from sales_forecast.config import Settings, load_settings
 from sales_forecast.features.generator import Shape
 from sales_forecast.serving.client import SAMPLE_REQUEST, LatencyStats, time_requests
-from sales_forecast.stack import model_server, processes, ray_head
+from sales_forecast.stack import model_server, processes
 from sales_forecast.stack.processes import free_port
 from tests.support.quick_model import fit_quick_forecaster, labelled_rows
 
@@ -200,10 +198,7 @@ def side_by_side(model_url: str, noop_url: str, requests: int, rounds: int) -> t
 
 
 def run(settings: Settings, requests: int, rounds: int, clients: int, model_dir: Path | None) -> list[Table]:
-    ray_was_running = ray_head.is_running(settings.stack_dir)
     prepare_features(settings)
-    if not ray_was_running:  # started for step 1: the server does not use it, and its actors take CPU meanwhile
-        ray_head.stop(settings.stack_dir)
     model_dir = model_dir or prepare_model(settings, settings.stack_dir / BENCH_SERVER / "model")
     load_before = os.getloadavg()
     url = model_server.start(settings, free_port(), model_dir=model_dir, name=BENCH_SERVER)
