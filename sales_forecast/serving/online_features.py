@@ -1,8 +1,9 @@
 """The online feature lookup: the training feature service's views, read with Feast's online store.
 
 The feature service names the feature views (and the features of each) the model reads. On Feast's PostgreSQL
-online store a lookup reads each view's rows of the requested entities with one prepared statement on the server's
-own connection (Feast's table, Feast's serialized entity keys, Feast's ValueProto values); on any other online
+online store a lookup reads each view's rows of the requested entities with one prepared statement (planned once,
+run through libpq with binary keys and results) on the server's own connection (Feast's table, Feast's serialized
+entity keys, Feast's ValueProto values); on any other online
 store with the store's ``online_read`` (the plugin interface ``FeatureStore.get_online_features`` calls too). That
 skips what ``get_online_features`` repeats on every call (resolving the service, grouping references, building and
 converting a response proto) and Feast's per-feature-name filter, which PostgreSQL evaluates by string comparison
