@@ -148,6 +148,14 @@ def test_only_the_models_features_age_an_entity_and_keys_may_repeat() -> None:
     # a's oldest row of x and y (not of "other"); c holds only a feature the model does not read: no row for it;
     # e's row has no event time (NaN: never fresh)
     np.testing.assert_array_equal(oldest, [200.0, 100.0, np.nan, 100.0, np.nan, np.nan])
+    # every row wanted (no filtering), and no rows at all
+    values, oldest = _view_rows(keys[:2], names[:2], blobs[:2], np.array(stamps[:2]), [b"a"], {b"x": 0, b"y": 1},
+                                [b"a"])
+    np.testing.assert_array_equal(values, [[1.0], [2.0]])
+    np.testing.assert_array_equal(oldest, [100.0])
+    values, oldest = _view_rows([], [], [], np.empty(0), [b"a", b"b"], {b"x": 0}, [b"b", b"a"])
+    np.testing.assert_array_equal(values, [[np.nan, np.nan]])
+    np.testing.assert_array_equal(oldest, [np.nan, np.nan])
 
 
 def test_the_bytea_array_parameter_is_postgresqls_binary_form(stack_settings) -> None:
@@ -191,6 +199,11 @@ def test_the_server_reads_postgresql_with_one_generic_prepared_plan(settings, mo
         "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE name = %s",
         [read.statement.decode()]).fetchall()
     assert plans == [(7, 0)]
+    lookup.connection.current.execute("DEALLOCATE ALL")  # e.g. DISCARD ALL, or a pooler's reset
+    connection = lookup.connection.current
+    again = lookup.rows(instances)  # prepared afresh on the same connection, not retired
+    assert lookup.connection.current is connection
+    assert all(np.array_equal(again[name], first[name], equal_nan=True) for name in first)
 
 
 @pytest.mark.parametrize("zone", ["Asia/Tokyo", "America/New_York"])

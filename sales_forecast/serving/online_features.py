@@ -159,10 +159,17 @@ class OnlineConnection:
         with conn.lock:
             pgconn = conn.pgconn
             prepared = self._prepared.setdefault(conn, set())
-            if statement not in prepared:
-                _check(pgconn.prepare(statement, query), conn)
-                prepared.add(statement)
-            return _check(pgconn.exec_prepared(statement, params, [BINARY] * len(params), BINARY), conn)
+            for attempt in (1, 2):
+                if statement not in prepared:
+                    _check(pgconn.prepare(statement, query), conn)
+                    prepared.add(statement)
+                try:
+                    return _check(pgconn.exec_prepared(statement, params, [BINARY] * len(params), BINARY), conn)
+                except psycopg.errors.InvalidSqlStatementName:  # deallocated meanwhile (DISCARD ALL, a pooler)
+                    prepared.discard(statement)
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
 
     def _usable_current(self) -> psycopg.Connection | None:
         conn = self._current
@@ -298,8 +305,12 @@ class Watchdog:
 
 
 def _check(result: Any, conn: psycopg.Connection) -> Any:
+    """``result`` if it succeeded, else psycopg's error for it: a lost connection (no SQLSTATE, the connection bad)
+    is an OperationalError, as psycopg's cursor reports it."""
     if result.status in (psycopg.pq.ExecStatus.COMMAND_OK, psycopg.pq.ExecStatus.TUPLES_OK):
         return result
+    if conn.pgconn.status == psycopg.pq.ConnStatus.BAD and not result.error_field(psycopg.pq.DiagnosticField.SQLSTATE):
+        raise psycopg.OperationalError(result.get_error_message(conn.info.encoding) or "the connection was lost")
     raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
 
 
