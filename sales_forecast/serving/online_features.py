@@ -651,7 +651,8 @@ def _view_rows(keys: Sequence[bytes], names: Sequence[bytes], blobs: Sequence[by
     if wanted:
         at = np.fromiter(map(position.__getitem__, keys), dtype=np.intp, count=len(keys))
         values[np.fromiter(map(columns.__getitem__, names), dtype=np.intp, count=len(names)), at] = _doubles(blobs)
-        np.minimum.at(oldest, at, stamps)  # NaN for a NULL event time
+        with np.errstate(invalid="ignore"):  # a NULL event time is NaN, and stays NaN: never fresh
+            np.minimum.at(oldest, at, stamps)
         found[at] = True
     oldest[~found] = np.nan
     index = [position[key] for key in order]
