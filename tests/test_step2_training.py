@@ -19,6 +19,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import torch
 from conftest import database_settings
@@ -246,3 +247,60 @@ def test_the_sales_history_is_the_raw_table_in_order(fixed_data) -> None:
     np.testing.assert_array_equal(statsforecast_baselines(history, holdout)["sf_ses"],
                                   statsforecast_baselines(reference.astype({"weekly_sales": "float64"}),
                                                           holdout)["sf_ses"])
+
+
+def _baseline_children() -> list[psutil.Process]:
+    return [child for child in psutil.Process().children(recursive=True)
+            if "sales_forecast.training.baselines" in " ".join(child.cmdline())]
+
+
+def test_the_baselines_child_process_forecasts_what_the_function_does(fixed_data) -> None:
+    """Two row sets through the child process (``python -m``, it reads the history itself) get the very forecasts
+    ``statsforecast_baselines`` gives in this process, each in its rows' order."""
+    from sales_forecast.training.baselines import BaselineProcess, statsforecast_baselines
+    from sales_forecast.training.dataset import TIMESTAMP, fetch_sales_history
+
+    history = fetch_sales_history(fixed_data.postgres)
+    last = pd.Timestamp(history["date"].max(), tz="UTC") - pd.Timedelta(days=7)
+    first = pd.DataFrame({"store": [1, 2, 3, 20], "dept": [1, 2, 3, 20], TIMESTAMP: last, "extra": "x"})
+    weeks = [last - pd.Timedelta(days=7 * k) for k in range(3)]
+    second = pd.DataFrame({"store": [5, 5, 5, 7], "dept": [9, 9, 9, 1], TIMESTAMP: [*weeks, weeks[1]]})
+    with BaselineProcess(fixed_data, [first, second]) as child:
+        assert len(_baseline_children()) == 1
+        got = [child.forecasts(0), child.forecasts(1)]
+    for rows, forecasts in zip([first, second], got, strict=True):
+        expected = statsforecast_baselines(history, rows)
+        assert set(forecasts) == set(expected) and "sf_ses" in forecasts
+        for name, values in expected.items():
+            np.testing.assert_array_equal(forecasts[name], values)
+    assert not _baseline_children()
+
+
+def test_a_failed_killed_or_abandoned_baseline_child_is_one_clear_error(fixed_data) -> None:
+    """An unreachable database and a killed child each raise one PipelineError line; leaving the block while the
+    child runs stops it."""
+    import dataclasses
+
+    from sales_forecast.errors import PipelineError
+    from sales_forecast.stack.processes import free_port
+    from sales_forecast.training.baselines import BaselineProcess
+    from sales_forecast.training.dataset import TIMESTAMP
+
+    rows = pd.DataFrame({"store": [1], "dept": [1], TIMESTAMP: pd.Timestamp("2026-06-12", tz="UTC")})
+    nowhere = dataclasses.replace(fixed_data, postgres=dataclasses.replace(fixed_data.postgres, port=free_port()))
+    with BaselineProcess(nowhere, [rows]) as child, pytest.raises(PipelineError) as failed:
+        child.forecasts(0)
+    message = str(failed.value)
+    assert message.startswith("the statsforecast baselines failed in their child process: ") and "\n" not in message
+    assert str(nowhere.postgres.port) in message or "connect" in message.lower(), message
+
+    with BaselineProcess(fixed_data, [rows]) as child:
+        [process] = _baseline_children()
+        process.kill()
+        with pytest.raises(PipelineError, match="killed by signal 9"):
+            child.forecasts(0)
+
+    with BaselineProcess(fixed_data, [rows]):
+        [process] = _baseline_children()
+    process.wait(timeout=10)
+    assert not _baseline_children()

@@ -5,6 +5,7 @@ baseline are scored per origin on the same rows, and in total (every origin's ro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +13,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from sales_forecast.errors import PipelineError
-from sales_forecast.training.baselines import statsforecast_baselines
 from sales_forecast.training.dataset import LABEL_IS_HOLIDAY, TIMESTAMP, Split, week_range
 from sales_forecast.training.fit import Distributed, fit_forecaster
 from sales_forecast.training.metrics import Evaluation, evaluate, holiday_weights, skill
@@ -77,23 +77,39 @@ class Backtest:
         return figure
 
 
-def origin_split(frame: pd.DataFrame, offset: int, test_weeks: int, validation_weeks: int) -> Split:
-    """The split whose holdout is the ``test_weeks`` prediction weeks ending ``offset`` weeks before the last."""
+def _origin_weeks(frame: pd.DataFrame, offset: int, test_weeks: int, validation_weeks: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(validation weeks, holdout weeks) of the origin ``offset`` weeks before the last week."""
     weeks = np.sort(frame[TIMESTAMP].unique())
     end = len(weeks) - offset
     if end - test_weeks - validation_weeks < 1:
         raise PipelineError(f"the backtest origin {offset} weeks before the last week leaves no training weeks: "
                             "lower --backtest or load more weeks")
-    test, validation = weeks[end - test_weeks:end], weeks[end - test_weeks - validation_weeks:end - test_weeks]
+    return weeks[end - test_weeks - validation_weeks:end - test_weeks], weeks[end - test_weeks:end]
+
+
+def origin_split(frame: pd.DataFrame, offset: int, test_weeks: int, validation_weeks: int) -> Split:
+    """The split whose holdout is the ``test_weeks`` prediction weeks ending ``offset`` weeks before the last."""
+    validation, test = _origin_weeks(frame, offset, test_weeks, validation_weeks)
     stamps = frame[TIMESTAMP]
     return Split(train=frame[stamps < validation[0]].reset_index(drop=True),
                  validation=frame[stamps.isin(validation)].reset_index(drop=True),
                  test=frame[stamps.isin(test)].reset_index(drop=True))
 
 
-def run_backtest(frame: pd.DataFrame, history: pd.DataFrame | None, params: TrainingParams,
-                 dist: Distributed) -> Backtest | None:
-    """Every rank fits (DDP); rank 0 scores and returns the backtest, the others None."""
+def origin_holdouts(frame: pd.DataFrame, params: TrainingParams) -> list[pd.DataFrame]:
+    """Each origin's holdout rows (store, dept, event timestamp), in ``run_backtest``'s order."""
+    holdouts = []
+    for k in range(params.backtest):
+        test = _origin_weeks(frame, k * params.backtest_weeks, params.backtest_weeks, params.validation_weeks)[1]
+        holdouts.append(frame.loc[frame[TIMESTAMP].isin(test), ["store", "dept", TIMESTAMP]].reset_index(drop=True))
+    return holdouts
+
+
+def run_backtest(frame: pd.DataFrame, extra: Callable[[int], dict[str, np.ndarray]] | None,
+                 params: TrainingParams, dist: Distributed) -> Backtest | None:
+    """Every rank fits (DDP); rank 0 scores and returns the backtest, the others None. ``extra(k)``: the
+    statsforecast forecasts of origin k's holdout rows."""
     origins = []
     for k in range(params.backtest):
         split = origin_split(frame, k * params.backtest_weeks, params.backtest_weeks, params.validation_weeks)
@@ -101,9 +117,9 @@ def run_backtest(frame: pd.DataFrame, history: pd.DataFrame | None, params: Trai
         if not dist.is_main:
             continue
         quantiles = fit.forecaster.predict_quantiles(split.test)
-        extra = statsforecast_baselines(history, split.test) if history is not None else {}
         point = fit.forecaster.model.point
-        evaluation = evaluate(split.test, quantiles[:, point], extra, (quantiles[:, 0], quantiles[:, -1]))
+        evaluation = evaluate(split.test, quantiles[:, point], extra(k) if extra else {},
+                              (quantiles[:, 0], quantiles[:, -1]))
         origins.append(Origin(cutoff=f"{split.test[TIMESTAMP].min():%Y-%m-%d}", test_range=week_range(split.test),
                               evaluation=evaluation, best_epoch=fit.best_epoch,
                               weight=float(holiday_weights(split.test[LABEL_IS_HOLIDAY].to_numpy()).sum())))

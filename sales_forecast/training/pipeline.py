@@ -27,14 +27,13 @@ from sales_forecast.forecaster import BundleFormatError, Forecaster
 from sales_forecast.timing import PhaseTimer
 from sales_forecast.training import champion as registry
 from sales_forecast.training import tracking
-from sales_forecast.training.backtest import Backtest, run_backtest
-from sales_forecast.training.baselines import statsforecast_baselines
+from sales_forecast.training.backtest import Backtest, origin_holdouts, run_backtest
+from sales_forecast.training.baselines import BaselineProcess
 from sales_forecast.training.dataset import (
     LABEL,
     TIMESTAMP,
     Split,
     chronological_split,
-    fetch_sales_history,
     fetch_training_frame,
     week_range,
 )
@@ -96,11 +95,10 @@ class _Holdout:
     decision: registry.Decision
 
 
-def _evaluate(fit: FitResult, split: Split, uri: str, params: TrainingParams, history: pd.DataFrame | None
+def _evaluate(fit: FitResult, split: Split, uri: str, params: TrainingParams, extra: dict[str, np.ndarray]
               ) -> _Holdout:
     quantiles = fit.forecaster.predict_quantiles(split.test)
     predictions = quantiles[:, fit.forecaster.model.point]
-    extra = statsforecast_baselines(history, split.test) if history is not None else {}
     evaluation = evaluate(split.test, predictions, extra, (quantiles[:, 0], quantiles[:, -1]))
     champion = registry.current_champion(uri, params.registered_model, split.test)
     return _Holdout(predictions, extra, evaluation, champion, registry.decide(evaluation, champion))
@@ -160,29 +158,41 @@ def _train(params: TrainingParams, settings: Settings, dist: Distributed) -> Tra
     if dist.is_main:
         with timer.phase("connect PostgreSQL, MLflow and Ray"):
             settings = stack.ensure_services(settings, mlflow=True, ray=True)
-    uri = settings.tracking_uri
     frame, returned = dist.share(lambda: _retrieve(settings, timer))
     split = chronological_split(frame, params.test_weeks, params.validation_weeks)
+    baselines = None
+    if params.statsforecast and dist.is_main:
+        with timer.phase("start the statsforecast baselines (a child process, beside training)"):
+            baselines = BaselineProcess(settings, [split.test, *(origin_holdouts(frame, params)
+                                                                 if params.backtest else [])])
     if not params.backtest:  # the rows live on in the split; the report plots the labels (at 10x: 2 GiB less)
         frame = frame[["store", "dept", TIMESTAMP, LABEL]]
+    with baselines or contextlib.nullcontext():
+        return _fit_and_log(params, settings, dist, timer, frame, returned, split, baselines)
+
+
+def _fit_and_log(params: TrainingParams, settings: Settings, dist: Distributed, timer, frame: pd.DataFrame,
+                 returned: int, split: Split, baselines: BaselineProcess | None) -> TrainingResult | None:
+    uri = settings.tracking_uri
     start, start_note = _warm_start(params, settings) if params.warm_start else (None, "")
     with timer.phase("train"):
         fit = fit_forecaster(split, params, dist, start)
         timer.note("train", f"{fit.epochs_run} epochs, best {fit.best_epoch}, {len(split.train):,} rows, "
                             f"{dist.world_size} process(es), {fit.cpu_seconds:.1f} CPU s"
                             + (f", stopped by {fit.stopped_by}" if fit.stopped_by else "") + start_note)
-    history = None
-    if params.statsforecast and dist.is_main:
-        with timer.phase("read the sales history (statsforecast baselines)"):
-            history = fetch_sales_history(settings.postgres)
     backtest = None
     if params.backtest:
         with timer.phase(f"backtest: {params.backtest} rolling origins"):
-            backtest = run_backtest(frame, history, params, dist)
+            backtest = run_backtest(frame, (lambda k: baselines.forecasts(k + 1)) if baselines else None, params,
+                                    dist)
     if not dist.is_main:
         return None
+    extra: dict[str, np.ndarray] = {}
+    if baselines:
+        with timer.phase("wait for the statsforecast baselines"):
+            extra = baselines.forecasts(0)
     with timer.phase("evaluate the model and the baselines on the holdout"):
-        holdout = _evaluate(fit, split, uri, params, history)
+        holdout = _evaluate(fit, split, uri, params, extra)
     content = _run_content(params, frame, split, returned, fit, holdout, dist, backtest)
     with timer.phase("log to MLflow + register"):
         run = tracking.log_training_run(uri, params.experiment or settings.mlflow_experiment, params.run_name,
