@@ -29,7 +29,7 @@ from sales_forecast.forecaster import Forecaster
 from sales_forecast.serving.client import SAMPLE_REQUEST
 from sales_forecast.serving.http_errors import FeaturesUnavailable
 from sales_forecast.serving.instances import Instance
-from sales_forecast.serving.online_features import APPLICATION_NAME, OnlineFeatureLookup
+from sales_forecast.serving.online_features import APPLICATION_NAME, OnlineConnection, OnlineFeatureLookup
 from sales_forecast.stack import model_server, postgres
 from sales_forecast.stack.processes import free_port
 from tests.support.traffic import Traffic
@@ -133,6 +133,28 @@ def test_reset_under_concurrent_lookups_never_fails_a_read(settings: Settings) -
     resetter.join(timeout=10)
     assert not errors, f"{len(errors)} failed reads, e.g. {errors[0]!r}"
     lookup.rows(instances)
+
+
+def test_the_watchdog_holds_a_timed_out_reads_connection_open_while_it_ends_it(settings: Settings) -> None:
+    """The watchdog shuts a timed-out read's socket down through a duplicate of its descriptor. It holds the
+    connection while it does, so a read that ends meanwhile cannot close it and free the descriptor for another
+    connection to reuse; a read that has ended already is only retired."""
+    keeper = OnlineConnection(lambda: psycopg.connect(settings.postgres.libpq_url(), autocommit=True))
+    with keeper.connection(autocommit=True) as conn:  # a read in progress
+        holding = keeper.holding(conn)
+        assert holding.__enter__() is True
+        keeper.retire(conn)
+    assert not conn.closed and keeper.current is None  # the read ended; the watchdog still holds it
+    holding.__exit__(None, None, None)
+    assert conn.closed
+    with keeper.connection(autocommit=True) as other:
+        assert other is not conn
+        with keeper.holding(other) as held:
+            keeper.retire(other)
+        assert held and not other.closed  # still the read's
+    assert other.closed
+    with keeper.holding(other) as held:
+        assert held is False
 
 
 def test_lookup_errors_are_503_and_a_cached_connection_is_retried_once(settings: Settings) -> None:

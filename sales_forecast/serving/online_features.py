@@ -220,6 +220,19 @@ class OnlineConnection:
         if close:
             _close_quietly(conn)
 
+    @contextlib.contextmanager
+    def holding(self, conn: psycopg.Connection) -> Iterator[bool]:
+        """True, and ``conn`` stays open until the block ends, when a read is still using it; else False."""
+        with self._lock:
+            held = conn in self._users
+            if held:
+                self._users[conn] += 1
+        try:
+            yield held
+        finally:
+            if held:
+                self._release(conn)
+
     def retire(self, conn: psycopg.Connection) -> None:
         """Hand ``conn`` out no more; close it now if nobody reads through it, else when its last user is done."""
         with self._lock:
@@ -295,13 +308,17 @@ class Watchdog:
         conn = ticket.conn
         if conn is None:
             return
-        self.keeper.retire(conn)
-        with contextlib.suppress(Exception):
-            duplicate = socket.socket(fileno=os.dup(conn.pgconn.socket))
-            try:
-                duplicate.shutdown(socket.SHUT_RDWR)
-            finally:
-                duplicate.close()
+        # Held, the connection cannot be closed meanwhile and its socket's descriptor reused by another connection.
+        with self.keeper.holding(conn) as in_use:
+            self.keeper.retire(conn)
+            if not in_use:  # the read ended after all
+                return
+            with contextlib.suppress(Exception):
+                duplicate = socket.socket(fileno=os.dup(conn.pgconn.socket))
+                try:
+                    duplicate.shutdown(socket.SHUT_RDWR)
+                finally:
+                    duplicate.close()
 
 
 def _check(result: Any, conn: psycopg.Connection) -> Any:
