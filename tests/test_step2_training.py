@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -304,3 +305,56 @@ def test_a_failed_killed_or_abandoned_baseline_child_is_one_clear_error(fixed_da
         [process] = _baseline_children()
     process.wait(timeout=10)
     assert not _baseline_children()
+
+
+def test_the_baselines_child_runs_this_copy_of_the_package_and_dies_with_its_parent(fixed_data, tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    """A ``sales_forecast`` in the working directory or first on PYTHONPATH is not the one the child runs; a parent
+    killed outright (no ``with`` block left) takes the child down within seconds instead of leaving it to finish."""
+    import socket
+    import textwrap
+
+    from sales_forecast.training.baselines import BaselineProcess
+    from sales_forecast.training.dataset import TIMESTAMP
+
+    impostor = tmp_path / "sales_forecast"
+    (impostor / "training").mkdir(parents=True)
+    (impostor / "__init__.py").write_text("raise ImportError('the wrong copy of sales_forecast')\n")
+    (impostor / "training" / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    rows = pd.DataFrame({"store": [1], "dept": [1], TIMESTAMP: pd.Timestamp("2026-06-12", tz="UTC")})
+    with BaselineProcess(fixed_data, [rows]) as child:
+        assert np.isfinite(child.forecasts(0)["sf_ses"]).all()
+    monkeypatch.delenv("PYTHONPATH")
+
+    with socket.socket() as silent:  # accepts connections and never answers: the child's connect waits 10 s
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        script = textwrap.dedent(f"""
+            import dataclasses, sys, time
+            import pandas as pd
+            from sales_forecast.config import load_settings
+            from sales_forecast.training.baselines import BaselineProcess
+            settings = load_settings()
+            settings = dataclasses.replace(settings, postgres=dataclasses.replace(settings.postgres,
+                                           port={silent.getsockname()[1]}))
+            rows = pd.DataFrame({{"store": [1], "dept": [1], "event_timestamp": pd.Timestamp("2026-06-12", tz="UTC")}})
+            child = BaselineProcess(settings, [rows])
+            print("started", flush=True)
+            time.sleep(60)
+        """)
+        parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                                  cwd=REPO_ROOT, env={**os.environ, **fixed_data.environment()})
+        try:
+            assert parent.stdout.readline().strip() == "started"
+            [child] = psutil.Process(parent.pid).children()
+            time.sleep(3)  # the child has imported and is waiting for the silent server
+            assert child.is_running()
+            parent.kill()
+            parent.wait(timeout=10)
+            gone, _ = psutil.wait_procs([child], timeout=5)
+            assert gone, "the child outlived its killed parent"
+        finally:
+            parent.kill()
+            parent.stdout.close()

@@ -6,9 +6,10 @@ the weeks up to the first origin and rolled forward with each new actual (statsf
 because refitting it costs about 15 ms per series and origin.
 
 ``BaselineProcess`` computes them in a child process while the model trains on its one core: at 10x the default
-rows they took 26 s of step 2 after training. The child is ``python -m`` this module, not a multiprocessing spawn,
-which re-imports the parent's main script: torchrun's and the Kubeflow SDK's generated scripts have no main guard
-and would train again in the child.
+rows, reading the history and SES took 26 s of step 2 after training. The child is ``python -P -m`` this module
+with this process's copy of the package first on its path, not a multiprocessing spawn, which re-imports the
+parent's main script: torchrun's and the Kubeflow SDK's generated scripts have no main guard and would train again
+in the child.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,6 +32,7 @@ from sales_forecast.errors import PipelineError, first_line
 from sales_forecast.training.dataset import TIMESTAMP
 
 SEASON = 52
+ERROR_PREFIX = "baselines failed: "  # the child's failure line on stderr
 WEEK = pd.Timedelta(days=7)
 
 
@@ -80,9 +84,13 @@ class BaselineProcess:
 
     def __init__(self, settings: Settings, requests: Sequence[pd.DataFrame]) -> None:
         payload = pickle.dumps([rows[["store", "dept", TIMESTAMP]].reset_index(drop=True) for rows in requests])
-        self._process = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+        root = Path(__file__).resolve().parents[2]  # a checkout (editable or not); an installed copy is found as is
+        first = [] if root.name in ("site-packages", "dist-packages") else [str(root)]
+        path = os.pathsep.join([*first, *filter(None, [os.environ.get("PYTHONPATH")])])
+        self._process = subprocess.Popen([sys.executable, "-P", "-m", __name__], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         env={**os.environ, **settings.environment()})
+                                         env={**os.environ, **settings.environment(), **({"PYTHONPATH": path}
+                                                                                          if path else {})})
         self._output: tuple[bytes, bytes] = (b"", b"")
         self._results: list[dict[str, np.ndarray]] | None = None
         self._thread = threading.Thread(target=self._communicate, args=(payload,), daemon=True)
@@ -99,17 +107,23 @@ class BaselineProcess:
             self._thread.join()
             out, err = self._output
             code = self._process.wait()
-            if code != 0:
-                lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
-                why = f"killed by signal {-code}" if code < 0 else (lines[-1] if lines else f"exit {code}")
-                raise PipelineError(f"the statsforecast baselines failed in their child process: {why}")
-            self._results = pickle.loads(out)
+            lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
+            try:
+                if code != 0:
+                    raise ValueError(f"killed by signal {-code} (out of memory? --no-statsforecast skips them)"
+                                     if code < 0 else next((line for line in reversed(lines) if line.startswith(
+                                         ERROR_PREFIX)), lines[-1] if lines else f"exit {code}"))
+                self._results = pickle.loads(out)
+            except Exception as exc:  # noqa: BLE001 (any of them is the same one-line failure)
+                raise PipelineError("the statsforecast baselines failed in their child process: "
+                                    f"{first_line(exc).removeprefix(ERROR_PREFIX)}") from None
         return self._results[index]
 
     def close(self) -> None:
         if self._process.poll() is None:
             self._process.kill()
         self._thread.join()
+        self._process.wait()
 
     def __enter__(self) -> BaselineProcess:
         return self
@@ -118,20 +132,28 @@ class BaselineProcess:
         self.close()
 
 
+def _exit_with(parent: int) -> None:
+    """Exit when the parent is gone (killed without leaving its block): the work would go nowhere."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
 def _child() -> int:
     """The child's side: row sets in (pickled, stdin), their forecasts out (pickled, stdout); one line on stderr
     and exit 1 for a failure."""
     from sales_forecast.config import load_settings
     from sales_forecast.training.dataset import fetch_sales_history
 
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     result = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a library's print must not corrupt the pickle
-    requests = pickle.load(sys.stdin.buffer)
     try:
+        requests = pickle.load(sys.stdin.buffer)
         history = fetch_sales_history(load_settings().postgres)
         forecasts = [statsforecast_baselines(history, rows) for rows in requests]
     except Exception as exc:  # noqa: BLE001 (the parent reports it as one line)
-        print(f"{type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{type(exc).__name__}: {first_line(exc)}", file=sys.stderr, flush=True)
         return 1
     with result:
         pickle.dump(forecasts, result, protocol=pickle.HIGHEST_PROTOCOL)

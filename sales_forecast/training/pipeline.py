@@ -180,6 +180,10 @@ def _fit_and_log(params: TrainingParams, settings: Settings, dist: Distributed, 
         timer.note("train", f"{fit.epochs_run} epochs, best {fit.best_epoch}, {len(split.train):,} rows, "
                             f"{dist.world_size} process(es), {fit.cpu_seconds:.1f} CPU s"
                             + (f", stopped by {fit.stopped_by}" if fit.stopped_by else "") + start_note)
+    extra: dict[str, np.ndarray] = {}
+    if baselines:
+        with timer.phase("wait for the statsforecast baselines"):
+            extra = baselines.forecasts(0)
     backtest = None
     if params.backtest:
         with timer.phase(f"backtest: {params.backtest} rolling origins"):
@@ -187,10 +191,6 @@ def _fit_and_log(params: TrainingParams, settings: Settings, dist: Distributed, 
                                     dist)
     if not dist.is_main:
         return None
-    extra: dict[str, np.ndarray] = {}
-    if baselines:
-        with timer.phase("wait for the statsforecast baselines"):
-            extra = baselines.forecasts(0)
     with timer.phase("evaluate the model and the baselines on the holdout"):
         holdout = _evaluate(fit, split, uri, params, extra)
     content = _run_content(params, frame, split, returned, fit, holdout, dist, backtest)
