@@ -33,6 +33,7 @@ from sales_forecast.training.dataset import TIMESTAMP
 
 SEASON = 52
 ERROR_PREFIX = "baselines failed: "  # the child's failure line on stderr
+FAILED = "the statsforecast baselines failed in their child process: "
 WEEK = pd.Timedelta(days=7)
 
 
@@ -107,16 +108,12 @@ class BaselineProcess:
             self._thread.join()
             out, err = self._output
             code = self._process.wait()
-            lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
+            if code != 0:
+                raise PipelineError(f"{FAILED}{_why(code, err)}")
             try:
-                if code != 0:
-                    raise ValueError(f"killed by signal {-code} (out of memory? --no-statsforecast skips them)"
-                                     if code < 0 else next((line for line in reversed(lines) if line.startswith(
-                                         ERROR_PREFIX)), lines[-1] if lines else f"exit {code}"))
                 self._results = pickle.loads(out)
-            except Exception as exc:  # noqa: BLE001 (any of them is the same one-line failure)
-                raise PipelineError("the statsforecast baselines failed in their child process: "
-                                    f"{first_line(exc).removeprefix(ERROR_PREFIX)}") from None
+            except Exception as exc:  # noqa: BLE001 (unreadable output, whatever the error)
+                raise PipelineError(f"{FAILED}{first_line(exc)}") from None
         return self._results[index]
 
     def close(self) -> None:
@@ -130,6 +127,15 @@ class BaselineProcess:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _why(code: int, stderr: bytes) -> str:
+    """The child's failure in one line: its own line on stderr, else the last one, else how it ended."""
+    if code < 0:
+        return f"killed by signal {-code} (out of memory? --no-statsforecast skips them)"
+    lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+    own = [line.removeprefix(ERROR_PREFIX) for line in lines if line.startswith(ERROR_PREFIX)]
+    return (own or lines or [f"exit {code}"])[-1]
 
 
 def _exit_with(parent: int) -> None:
