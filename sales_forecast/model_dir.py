@@ -47,8 +47,16 @@ def _prune(bundles: Path, keep: str) -> None:
     published = sorted((p for p in bundles.iterdir() if p.is_dir() and not p.name.startswith(".")),
                        key=lambda p: p.stat().st_mtime)
     for old in published[:-KEEP]:
-        if old.name != keep:
-            shutil.rmtree(old, ignore_errors=True)
+        if old.name == keep:
+            continue
+        # Renamed away first, atomically: a reader missing a file then finds its folder gone and starts over, where
+        # a folder being deleted file by file still exists while its files vanish
+        trash = bundles / f".pruned-{old.name}"
+        try:
+            old.rename(trash)
+        except OSError:  # pruned by another publisher
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def resolve(directory: Path) -> Path:
