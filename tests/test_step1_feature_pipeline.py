@@ -94,7 +94,7 @@ def test_materialized_online_values_equal_last_week(small_features) -> None:
             assert online.loc[key, column] == pytest.approx(expected.loc[key, column]), (key, column)
 
 
-LOAD_PHASE = "generate, derive, bulk load (ADBC)"
+LOAD_PHASE = "generate, derive, bulk load (COPY)"
 
 
 def test_rerun_leaves_the_same_state(stack_settings) -> None:

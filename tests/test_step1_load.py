@@ -182,3 +182,51 @@ def test_a_killed_child_process_is_one_clear_error(db: Settings) -> None:
         with pytest.raises(PipelineError, match="child process making the offline data .* died"):
             offline.staged()
     assert _oid(db, "weekly_sales") is None
+
+
+def test_the_copy_creates_adbcs_column_types_and_round_trips_every_value(db: Settings) -> None:
+    """The bulk load's binary COPY (pgpq) against ADBC's ingest, which loaded these tables before it: the same
+    PostgreSQL column types and the same values read back (NULLs of every type, naive and aware timestamps in
+    nanoseconds, extreme integers and floats, text that SQL or a shell would interpret), on a server whose TimeZone
+    is not UTC. A type neither can load is refused with its column's name, and nothing is written."""
+    import adbc_driver_postgresql.dbapi as adbc
+    import pyarrow as pa
+
+    _execute(db, f'ALTER DATABASE "{db.postgres.database}" SET timezone TO \'Asia/Kolkata\'')
+    aware = pd.Series([pd.Timestamp("2026-11-27 23:30:00.123456", tz="America/New_York"), pd.NaT,
+                       pd.Timestamp("1999-12-31 23:59:59", tz="UTC")], dtype="datetime64[ns, UTC]")
+    frame = pd.DataFrame({
+        "store": pd.array([1, None, 2**63 - 1], dtype="Int64"),
+        "small": pd.array([-(2**15), None, 2**15 - 1], dtype="Int16"),
+        "tiny": pd.array([-128, None, 127], dtype="Int8"),
+        "mid": pd.array([-(2**31), 0, None], dtype="Int32"),
+        "event_timestamp": aware,
+        "naive": pd.Series([pd.Timestamp("2026-03-08 02:30"), pd.Timestamp("1970-01-01"), pd.NaT]),
+        "value": [np.nan, -1.5e308, 5e-324],
+        "single": pd.array([1.25, None, -3.5], dtype="Float32"),
+        "flag": pd.array([True, None, False], dtype="boolean"),
+        "label": ["'; DROP TABLE rows; --", None, "$(rm -rf /) \\N \t\n é 😀"],
+        "blob": [b"\x00\xff", None, b""],
+        "day": [dt.date(2026, 11, 27), None, dt.date(1, 1, 1)],
+    })
+    load_table(db.postgres, "copied", frame, ["store"])
+    with adbc.connect(db.postgres.libpq_url()) as conn, conn.cursor() as cur:
+        cur.adbc_ingest("ingested", pa.Table.from_pandas(frame, preserve_index=False), mode="create")
+        conn.commit()
+
+    def types(table: str) -> list[tuple]:
+        return _query(db, "SELECT column_name, data_type FROM information_schema.columns "
+                          f"WHERE table_name = '{table}' ORDER BY ordinal_position")
+
+    assert types("copied") == types("ingested")
+    assert _query(db, "SELECT * FROM copied ORDER BY mid NULLS LAST") == \
+        _query(db, "SELECT * FROM ingested ORDER BY mid NULLS LAST")
+    assert _query(db, "SELECT value IS NULL, store IS NULL FROM copied ORDER BY mid NULLS LAST") == \
+        [(True, False), (False, True), (False, False)]  # pandas' NaN is NULL, as in every load before
+    back = _query(db, "SELECT event_timestamp, naive, label FROM copied ORDER BY mid NULLS LAST")
+    assert back[0][0] == aware[0].to_pydatetime() and back[0][1] == dt.datetime(2026, 3, 8, 2, 30)
+    assert back[2][2] == frame["label"][2]
+
+    with pytest.raises(TypeError, match="column 'counts'.*list<item: int64>"):
+        load_table(db.postgres, "refused", frame.assign(counts=[[1], [2], []]), ["store"])
+    assert _oid(db, "refused") is None

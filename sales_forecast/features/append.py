@@ -118,7 +118,7 @@ def append_week(settings: Settings, week: dt.date | None = None, now: dt.datetim
     ttl = fs_ops.repo_feature_ttl(settings.feast_repo_path)
     week_end = dt.datetime.combine(week, dt.time(), dt.UTC)
     current = week_end >= now - ttl  # an older week goes to the offline store only
-    workers = fs_ops.WarmWorkers(settings) if current else None
+    workers = fs_ops.WarmWorkers(settings, dataset.stores * dataset.depts) if current else None
     with timer.phase("generate and derive the week"):
         raw, features = week_rows(settings, dataset, week)
         timer.note("generate and derive the week", f"{len(raw):,} series, week ending {week}")

@@ -130,9 +130,22 @@ def _dept_median(values: np.ndarray, dept: pd.Series, stamps: pd.Series) -> np.n
     return pd.Series(values).groupby([dept.to_numpy(), stamps.to_numpy()]).transform("median").to_numpy()
 
 
+def _sorted_by_series(raw: pd.DataFrame) -> bool:
+    """Whether ``raw`` is already in (store, dept, date) order, as the generator makes it."""
+    store, dept, date = (raw[c].to_numpy() for c in ("store", "dept", "date"))
+    same_store, same_dept = store[1:] == store[:-1], dept[1:] == dept[:-1]
+    return bool(np.all((store[1:] > store[:-1])
+                       | (same_store & ((dept[1:] > dept[:-1]) | (same_dept & (date[1:] >= date[:-1]))))))
+
+
 def build_features(raw: pd.DataFrame) -> pd.DataFrame:
-    """One feature row per raw row (sorted by store, dept, week); incomplete history gives NULLs, never zeros."""
-    raw = raw.sort_values(["store", "dept", "date"], kind="stable").reset_index(drop=True)
+    """One feature row per raw row (sorted by store, dept, week); incomplete history gives NULLs, never zeros.
+
+    The frame's columns stay separate arrays (not copied into one block per dtype), as the bulk load reads them:
+    at 10x rows, copying 35 columns into blocks and back took a third of the derivation."""
+    if not _sorted_by_series(raw):
+        raw = raw.sort_values(["store", "dept", "date"], kind="stable")
+    raw = raw.reset_index(drop=True)
     series = _Series(raw)
     sales = raw["weekly_sales"].to_numpy(dtype="float64")
     lags = {f"sales_lag_{k}": series.lag(sales, k - 1) for k in range(1, SALES_LAGS + 1)}
@@ -154,20 +167,20 @@ def build_features(raw: pd.DataFrame) -> pd.DataFrame:
             "dept_ya_step": relative(year_ago["sales_ya_next"], safe_level(year_ago["sales_ya_mean_4"])),
         }
     stamps = pd.to_datetime(raw["date"])
-    calendar = target_calendar(pd.DatetimeIndex(stamps.unique())).reindex(stamps).reset_index(drop=True)
-
-    features = pd.DataFrame({
-        "store": raw["store"].astype("int64"),
-        "dept": raw["dept"].astype("int64"),
-        "event_timestamp": stamps.dt.tz_localize("UTC"),
+    week, weeks = pd.factorize(stamps)
+    calendar = target_calendar(pd.DatetimeIndex(weeks))
+    columns = {
+        "store": raw["store"].to_numpy(dtype="int64"),
+        "dept": raw["dept"].to_numpy(dtype="int64"),
+        "event_timestamp": stamps.dt.tz_localize("UTC").array,
         **lags,
         "sales_mean_4": mean_4,
-        "sales_std_4": window.std(axis=1, skipna=False),
-        **calendar,
-        "lag_1_is_holiday": raw["is_holiday"].astype("float64"),
-        **{name: raw[name] for name in EXOGENOUS_FEATURES},
+        "sales_std_4": window.std(axis=1, skipna=False).to_numpy(),
+        **{name: values.to_numpy()[week] for name, values in calendar.items()},
+        "lag_1_is_holiday": raw["is_holiday"].to_numpy(dtype="float64"),
+        **{name: raw[name].to_numpy() for name in EXOGENOUS_FEATURES},
         **means,
         **year_ago,
         **{name: _dept_median(values, raw["dept"], stamps) for name, values in pooled.items()},
-    })
-    return features[FEATURE_COLUMNS]
+    }
+    return pd.DataFrame({name: columns[name] for name in FEATURE_COLUMNS}, copy=False)

@@ -29,7 +29,7 @@ def run_feature_pipeline(shape: Shape, settings: Settings, online: bool = True) 
     the past, older than the feature ttl: nothing of it could be materialized).
 
     The data is generated, derived and staged in a child process (``OfflineLoad``) while this one imports Feast
-    and a Ray worker starts for the materialization (``WarmWorkers``); the staged tables are committed only after
+    and Ray workers start for the materialization (``WarmWorkers``); the staged tables are committed only after
     the repo's ttl has been checked, so data the Ray engine would not materialize is refused before anything is
     loaded.
     """
@@ -43,12 +43,12 @@ def _run(shape: Shape, settings: Settings, online: bool) -> FeatureRunResult:
     with timer.phase("connect PostgreSQL and Ray"):
         settings = stack.ensure_services(settings, ray=True)
     with OfflineLoad(shape, settings.postgres) as offline:
-        with timer.phase("start a Ray worker, read the feature repo"):  # while the child makes the data
-            workers = fs_ops.WarmWorkers(settings) if online else None
+        with timer.phase("start Ray workers, read the feature repo"):  # while the child makes the data
+            workers = fs_ops.WarmWorkers(settings, shape.stores * shape.depts) if online else None
             objects = fs_ops.repo_objects(settings.feast_repo_path)  # Feast's import
             store = fs_ops.open_store(settings)
             ttl = fs_ops.defined_feature_ttl(objects, settings.feast_repo_path)
-        with timer.phase("generate, derive, bulk load (ADBC)"):
+        with timer.phase("generate, derive, bulk load (COPY)"):
             staged = offline.staged()
             latest = staged.latest
             data_end = latest["event_timestamp"].max().to_pydatetime()
@@ -57,7 +57,7 @@ def _run(shape: Shape, settings: Settings, online: bool) -> FeatureRunResult:
             offline.commit()
             child = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in staged.seconds.items())
             kept = f" ({', '.join(staged.kept)} unchanged: kept)" if staged.kept else ""
-            timer.note("generate, derive, bulk load (ADBC)",
+            timer.note("generate, derive, bulk load (COPY)",
                        f"{RAW_TABLE} + {FEATURE_TABLE}, {staged.rows:,} rows each{kept}, ending {shape.end_date}; "
                        f"in a child process: {child}")
     record_dataset(settings, shape)

@@ -12,7 +12,7 @@ import gc
 import multiprocessing
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TypeVar
@@ -56,23 +56,33 @@ def _stage(shape: Shape, postgres: PostgresSettings) -> StagedData:
 
 def _staged(shape: Shape, postgres: PostgresSettings) -> StagedData:
     global _staged_load
-    seconds = {}
+    seconds: dict[str, float] = {}
     started = time.perf_counter()
     raw = generate(shape)
-    seconds["generate"], started = time.perf_counter() - started, time.perf_counter()
-    features = build_features(raw)
-    seconds["derive"], started = time.perf_counter() - started, time.perf_counter()
+    seconds["generate"] = time.perf_counter() - started
     load = TableLoad(postgres)
     try:
-        load.stage(RAW_TABLE, raw, ["store", "dept", "date"])
-        rows = load.stage(FEATURE_TABLE, features, ["store", "dept", "event_timestamp"])
+        # The raw table is staged while its features are derived: ADBC's ingest, the fingerprint's hashing and
+        # PostgreSQL's COPY run outside the GIL, on the second core (one connection, used by one thread at a time).
+        with ThreadPoolExecutor(1) as pool:
+            raw_staged = pool.submit(_timed, load.stage, RAW_TABLE, raw, ["store", "dept", "date"])
+            started = time.perf_counter()
+            features = build_features(raw)
+            seconds["derive"] = time.perf_counter() - started
+            _, seconds[f"load {RAW_TABLE} (alongside derive)"] = raw_staged.result()
+        rows, seconds[f"load {FEATURE_TABLE}"] = _timed(load.stage, FEATURE_TABLE, features,
+                                                         ["store", "dept", "event_timestamp"])
     except BaseException:
         load.__exit__()
         raise
-    seconds["bulk load (ADBC)"] = time.perf_counter() - started
     _staged_load = load
     latest = features[features["event_timestamp"] == features["event_timestamp"].max()].reset_index(drop=True)
     return StagedData(rows=rows, latest=latest, kept=list(load.kept), seconds=seconds)
+
+
+def _timed(work: Callable[..., T], *args: object) -> tuple[T, float]:
+    started = time.perf_counter()
+    return work(*args), time.perf_counter() - started
 
 
 def _finish(commit: bool) -> None:

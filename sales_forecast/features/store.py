@@ -119,17 +119,29 @@ def _import_materialization_modules(store_types: list[str]) -> int:
     return os.getpid()
 
 
+def write_tasks(settings: Settings, series: int) -> int:
+    """How many of the Ray engine's online-write tasks run at once for ``series`` latest rows: one per block of
+    ``online_write_batch_size`` rows (the offline store's ``LatestRowsJob``), at most the engine's
+    ``write_concurrency`` (else ``max_workers``, as Feast)."""
+    config = repo_yaml(settings)
+    rows = (config.get("materialization") or {}).get("online_write_batch_size")
+    engine = config.get("batch_engine")
+    engine = engine if isinstance(engine, dict) else {}
+    concurrency = engine.get("write_concurrency") or engine.get("max_workers") or 1
+    return max(1, min(concurrency, -(-series // rows) if rows else 1))
+
+
 class WarmWorkers:
-    """A Ray worker of this driver started, with Feast imported, while the data is still being generated and
+    """Ray workers of this driver started, with Feast imported, while the data is still being generated and
     loaded. Ray reuses an idle worker of the same job for the engine's tasks, so materialization does not wait for
     a worker process to start and import Feast (about 10 s of a 17 s materialization on a busy 2-CPU machine).
 
-    One worker: Feast's engine reads the PostgreSQL source into a one-block dataset (``ray.data.from_arrow`` of
-    one table), so its filter, dedup and write run as one task after another; a second worker would only import
-    Feast (5-6 s of CPU) for nothing.
+    One per write task that will run at once (``write_tasks``): the default shape's 11,583 series are one block,
+    whose filter, dedup and write run as one task after another; a second worker would only import Feast (5-6 s
+    of CPU) for nothing.
     """
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, series: int):
         self.pending: list = []
         if not settings.ray_address:  # a Ray inside the process (FEAST_RAY_EXECUTION_MODE=local): nothing to warm
             return
@@ -138,7 +150,8 @@ class WarmWorkers:
         # Feast's engine initializes Ray with ignore_reinit_error, so it keeps this connection.
         ray.init(address=settings.ray_address, ignore_reinit_error=True, include_dashboard=False,
                  log_to_driver=False, logging_level="ERROR")
-        self.pending = [ray.remote(num_cpus=1)(_import_materialization_modules).remote(store_classes(settings))]
+        warm = ray.remote(num_cpus=1)(_import_materialization_modules)
+        self.pending = [warm.remote(store_classes(settings)) for _ in range(write_tasks(settings, series))]
 
     def wait(self, timeout: float = 60.0) -> None:
         """Until the workers are up (a failure here is the engine's to report, with its own message)."""

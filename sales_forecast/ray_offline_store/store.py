@@ -9,7 +9,8 @@ Every get_historical_features request runs the Ray join: an entity set (DataFram
 one (start_date/end_date: the views' own rows are the entity rows), filter_by_created_timestamp, several join
 keys. Feast's PostgreSQL join is never used: it glues several join keys together without a separator, so
 (store 1, dept 12) and (store 11, dept 2) share feature rows. Everything else is inherited from
-PostgreSQLOfflineStore (materialization reads, pull_latest/pull_all, monitoring), except offline writes.
+PostgreSQLOfflineStore (materialization reads, pull_latest/pull_all, monitoring), except offline writes and the
+blocks pull_latest hands Feast's Ray engine (``LatestRowsJob``).
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ import adbc_driver_postgresql.dbapi as adbc
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from feast.data_source import DataSource
 from feast.errors import EntityTimestampInferenceException, FeastEntityDFMissingColumnsError, InvalidEntityType
 from feast.feature_view import FeatureView
 from feast.infra.offline_stores.contrib.postgres_offline_store.postgres import (
     PostgreSQLOfflineStore,
     PostgreSQLOfflineStoreConfig,
+    PostgreSQLRetrievalJob,
 )
 from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
     PostgreSQLSource,
@@ -142,6 +145,16 @@ class RayPostgreSQLOfflineStore(PostgreSQLOfflineStore):
             date_range=date_range,
         )
 
+    @staticmethod
+    def pull_latest_from_table_or_query(config: RepoConfig, data_source: DataSource, join_key_columns: list[str],
+                                        feature_name_columns: list[str], timestamp_field: str,
+                                        created_timestamp_column: str | None, start_date: datetime,
+                                        end_date: datetime) -> RetrievalJob:
+        job = PostgreSQLOfflineStore.pull_latest_from_table_or_query(
+            config, data_source, join_key_columns, feature_name_columns, timestamp_field, created_timestamp_column,
+            start_date, end_date)
+        assert isinstance(job, PostgreSQLRetrievalJob)
+        return LatestRowsJob(job, config.materialization_config.online_write_batch_size)
 
     @staticmethod
     def offline_write_batch(config: RepoConfig, feature_view: FeatureView, table: pa.Table,
@@ -184,6 +197,30 @@ class RayPostgreSQLOfflineStore(PostgreSQLOfflineStore):
                 raise OfflineWriteError(f"cannot write to {target}: {first_line(exc)}") from exc
         if progress:
             progress(data.num_rows)
+
+
+class LatestRowsJob(PostgreSQLRetrievalJob):
+    """Feast's pull_latest job (one row per entity key, read by Feast's PostgreSQL code), with ``to_ray_dataset``,
+    which Feast's Ray engine reads instead of ``to_arrow``: the rows in blocks of ``online_write_batch_size``.
+
+    From one block (what the engine makes of ``to_arrow``) the engine's filter, dedup and online write run as one
+    task, one write batch after another, whatever its ``write_concurrency``; from several, up to
+    ``write_concurrency`` tasks write at once. The engine dedups per block, which is exact here: the query keeps
+    one row per entity key, so no key is in two blocks. Without ``online_write_batch_size``: one block, as Feast.
+    """
+
+    def __init__(self, job: PostgreSQLRetrievalJob, block_rows: int | None):
+        super().__init__(query=job._query_generator, config=job.config, full_feature_names=job.full_feature_names,
+                         on_demand_feature_views=job.on_demand_feature_views, metadata=job.metadata)
+        self.block_rows = block_rows
+
+    def to_ray_dataset(self) -> Any:
+        from feast.infra.ray_initializer import get_ray_wrapper
+
+        table = self.to_arrow()
+        rows = self.block_rows or max(table.num_rows, 1)
+        return get_ray_wrapper().from_arrow([table.slice(start, rows)
+                                             for start in range(0, max(table.num_rows, 1), rows)])
 
 
 class OfflineWriteError(ValueError):

@@ -35,9 +35,10 @@ def feast_env(settings: Settings) -> Iterator[None]:
 
 
 def repo_config(settings: Settings, project: str | None = None, coerce_tz_aware: bool | None = None,
-                **offline: Any):
+                sections: dict[str, Any] | None = None, **offline: Any):
     """The fixture repo's feature_store.yaml for ``settings``' database, with offline_store keys overridden (e.g.
-    ``type="postgres"``: Feast's own store, which rejects the Ray keys, so they are dropped for it)."""
+    ``type="postgres"``: Feast's own store, which rejects the Ray keys, so they are dropped for it) and the keys
+    of other top-level sections (``sections``: e.g. online_store, batch_engine, materialization)."""
     from feast import RepoConfig
 
     with feast_env(settings):
@@ -46,6 +47,8 @@ def repo_config(settings: Settings, project: str | None = None, coerce_tz_aware:
     if raw["offline_store"]["type"] == "postgres":
         for key in RAY_ONLY_KEYS:
             raw["offline_store"].pop(key, None)
+    for name, keys in (sections or {}).items():
+        raw[name] = {**(raw.get(name) or {}), **keys}
     if project:
         raw["project"] = project
     if coerce_tz_aware is not None:
