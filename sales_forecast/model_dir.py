@@ -22,6 +22,7 @@ from sales_forecast.forecaster import META_FILE, Forecaster
 
 CURRENT, BUNDLES, INFO_FILE = "current", "bundles", "model_info.json"
 KEEP = 3
+PRUNED = ".pruned-"  # a pruned bundle's folder while it is deleted
 
 
 def publish(forecaster: Forecaster, model_dir: Path, info: dict[str, str]) -> Path:
@@ -44,6 +45,8 @@ def publish(forecaster: Forecaster, model_dir: Path, info: dict[str, str]) -> Pa
 
 
 def _prune(bundles: Path, keep: str) -> None:
+    for leftover in bundles.glob(f"{PRUNED}*"):  # a prune that died between its rename and its delete
+        shutil.rmtree(leftover, ignore_errors=True)
     published = sorted((p for p in bundles.iterdir() if p.is_dir() and not p.name.startswith(".")),
                        key=lambda p: p.stat().st_mtime)
     for old in published[:-KEEP]:
@@ -51,7 +54,7 @@ def _prune(bundles: Path, keep: str) -> None:
             continue
         # Renamed away first, atomically: a reader missing a file then finds its folder gone and starts over, where
         # a folder being deleted file by file still exists while its files vanish
-        trash = bundles / f".pruned-{old.name}"
+        trash = bundles / f"{PRUNED}{old.name}"
         try:
             old.rename(trash)
         except OSError:  # pruned by another publisher

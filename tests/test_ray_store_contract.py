@@ -400,10 +400,10 @@ def test_offline_writes_refuse_a_schema_mismatch(contract_db: Settings) -> None:
 
 # --- materialization reads: pull_latest in blocks for Feast's Ray engine ------------------------------------------
 def test_ray_engine_materializes_every_key_from_blocks_written_concurrently(contract_db: Settings) -> None:
-    """pull_latest hands Feast's Ray engine its latest rows in blocks of online_write_batch_size (LatestRowsJob), so
-    write_concurrency writers write at once: every key lands in exactly one block, and the online store ends with
-    each key's latest row (the later created row of a tie), for two keys whose glued ids collide, written by two
-    concurrent tasks through the bulk online store."""
+    """pull_latest hands Feast's Ray engine its latest rows in one block per concurrent write (LatestRowsJob), each a
+    whole number of online write batches: every key lands in exactly one block, and the online store ends with each
+    key's latest row (the later created row of a tie; nothing for a key whose latest row is older than the ttl), for
+    two keys whose glued ids collide, written through the bulk online store by up to two tasks at once."""
     import ray
 
     from sales_forecast.online_store import STORE_TYPE as BULK_STORE
@@ -415,7 +415,7 @@ def test_ray_engine_materializes_every_key_from_blocks_written_concurrently(cont
         {"store": s, "dept": d, "event_timestamp": now - (2 - age) * DAY, "created": now - (2 - age) * DAY,
          "sales": 100.0 * s + d + age / 10, "units": 10 * s + d + age} for s, d in keys for age in (0, 1, 2)])
     tie = rows.iloc[[0]].assign(created=now + pd.Timedelta(minutes=5), sales=-1.0, units=-1)
-    stale = rows.iloc[[1]].assign(event_timestamp=now - 30 * DAY, created=now, sales=-2.0)  # older than the ttl
+    stale = rows.iloc[[0]].assign(store=5, dept=5, event_timestamp=now - 30 * DAY, created=now - 30 * DAY)
     load_tables(contract_db, {"store_dept_rows": pd.concat([rows, tie, stale], ignore_index=True)})
     rows.loc[0, ["sales", "units"]] = [-1.0, -1]  # key (1, 12)'s latest time has two rows: the later created wins
     sections = {"online_store": {"type": BULK_STORE},
@@ -424,22 +424,36 @@ def test_ray_engine_materializes_every_key_from_blocks_written_concurrently(cont
     store = feature_store(contract_db, project="ray_store_blocks", sections=sections)
     store.apply(definitions(RAY_REPO / "features.py"))
     view = store.get_feature_view("store_dept_stats")
+    start, end = (now - 40 * DAY).to_pydatetime(), (now + DAY).to_pydatetime()
 
     job = store._get_provider().offline_store.pull_latest_from_table_or_query(
-        store.config, view.batch_source, ["store", "dept"], ["sales", "units"], "event_timestamp", "created",
-        (now - 7 * DAY).to_pydatetime(), (now + DAY).to_pydatetime())
+        store.config, view.batch_source, ["store", "dept"], ["sales", "units"], "event_timestamp", "created", start,
+        end)
     assert isinstance(job, LatestRowsJob)
     blocks = [block.to_pandas() for block in ray.get(job.to_ray_dataset().to_arrow_refs())]
-    assert [len(block) for block in blocks] == [2, 2, 2, 2]
+    assert [len(block) for block in blocks] == [6, 3]  # 9 keys: 5 batches of 2, for 2 writers
     in_blocks = pd.concat(blocks, ignore_index=True)
-    assert sorted(zip(in_blocks["store"], in_blocks["dept"], strict=True)) == sorted(keys)
-    pd.testing.assert_frame_equal(in_blocks, job.to_arrow().to_pandas())
+    assert sorted(zip(in_blocks["store"], in_blocks["dept"], strict=True)) == sorted([*keys, (5, 5)])
 
-    store.materialize(start_date=(now - 7 * DAY).to_pydatetime(), end_date=(now + DAY).to_pydatetime(),
-                      feature_views=["store_dept_stats"])
+    def by_key(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame.sort_values(["store", "dept"]).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(by_key(in_blocks), by_key(job.to_arrow().to_pandas()))
+
+    store.materialize(start_date=start, end_date=end, feature_views=["store_dept_stats"])
     online = store.get_online_features(
         features=["store_dept_stats:sales", "store_dept_stats:units"],
-        entity_rows=[{"store": s, "dept": d} for s, d in keys]).to_df()
+        entity_rows=[{"store": s, "dept": d} for s, d in [*keys, (5, 5)]]).to_df()
     latest = rows.sort_values("event_timestamp").groupby(["store", "dept"]).tail(1).set_index(["store", "dept"])
-    assert online["sales"].tolist() == latest.loc[keys, "sales"].tolist()
-    assert online["units"].tolist() == latest.loc[keys, "units"].tolist()
+    assert online["sales"].iloc[:-1].tolist() == latest.loc[keys, "sales"].tolist()
+    assert online["units"].iloc[:-1].tolist() == latest.loc[keys, "units"].tolist()
+    assert online[["sales", "units"]].iloc[-1].isna().all()  # (5, 5): its only row is older than the ttl
+
+
+def test_write_blocks_are_whole_batches_one_per_concurrent_write() -> None:
+    from sales_forecast.ray_offline_store.store import write_blocks, write_concurrency
+
+    assert [write_blocks(rows, 20_000, 2) for rows in (0, 11_583, 20_000, 20_001, 115_830)] == [1, 1, 1, 2, 2]
+    assert write_blocks(115_830, None, 2) == 1 and write_blocks(10, 2, 8) == 5
+    assert write_concurrency({"write_concurrency": 3, "max_workers": 2}) == 3
+    assert write_concurrency({"write_concurrency": None, "max_workers": 4}) == 4 and write_concurrency({}) == 1

@@ -206,6 +206,31 @@ def test_publish_switches_the_shared_model_atomically(tmp_path: Path) -> None:
     assert np.array_equal(loaded.forecaster.predict(split.test), forecaster.forecaster.predict(split.test))
 
 
+def test_a_prune_renames_a_bundle_away_and_clears_what_a_dead_prune_left(tmp_path: Path) -> None:
+    """Pruning renames the folder first (a reader missing a file then finds its folder gone and starts over); a
+    renamed folder a prune died before deleting is removed by the next publish."""
+    forecaster = fit_forecaster(chronological_split(frame_of(weeks=12), 2, 2), TrainingParams(**TINY),
+                                Distributed(0, 1)).forecaster
+    directory = tmp_path / "models"
+    first = model_dir.publish(forecaster, directory, {"version": "0"})
+    leftover = directory / model_dir.BUNDLES / f"{model_dir.PRUNED}v-dead"
+    (leftover / "sub").mkdir(parents=True)
+    renamed = []
+    real_rename = Path.rename
+
+    def rename(self: Path, target: Path) -> Path:
+        renamed.append((self.name, Path(target).name))
+        return real_rename(self, target)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "rename", rename)
+        for number in range(1, model_dir.KEEP + 1):
+            model_dir.publish(forecaster, directory, {"version": str(number)})
+    assert not leftover.exists() and not first.exists()
+    assert (first.name, f"{model_dir.PRUNED}{first.name}") in renamed
+    assert [p.name for p in (directory / model_dir.BUNDLES).iterdir() if p.name.startswith(".")] == []
+
+
 def test_readers_never_mix_two_published_versions(tmp_path: Path) -> None:
     """A reader loading while versions are published back to back always gets one version's files: the weights
     (a bias equal to the version), the scaler and model_info.json agree."""

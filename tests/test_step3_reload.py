@@ -264,3 +264,38 @@ def test_realized_accuracy_gauges_follow_the_table(server: str, accuracy_table: 
     assert sorted(current) == sorted(key.replace('"2"', '"3"') for key in want
                                      if "coverage" not in key)
     assert current['sales_forecast_realized_wmae{model_version="3"}'] == 800.0
+
+
+def test_a_scrape_sees_one_refresh_of_the_accuracy_gauges_never_a_mix() -> None:
+    """While refreshes switch the latest week between two model versions, every scrape of the registry (what
+    GET /metrics sends) holds exactly one version's complete label sets."""
+    import threading
+
+    from prometheus_client import REGISTRY, generate_latest
+
+    from sales_forecast.serving.accuracy import AccuracyGauges, AccuracyRow
+
+    weeks = [AccuracyRow(dt.date(2026, 11, 20), version, 156, 1000.0, 0.1, 1100.0, 0.11, coverage)
+             for version, coverage in (("2", 0.8), ("3", None))]
+    gauges, stop = AccuracyGauges(), threading.Event()
+
+    def refresh() -> None:
+        while not stop.is_set():
+            for week in weeks:
+                gauges.publish([week])
+
+    refresher = threading.Thread(target=refresh)
+    refresher.start()
+    try:
+        seen = []
+        for _ in range(300):
+            samples = [line for line in generate_latest(REGISTRY).decode().splitlines()
+                       if line.startswith("sales_forecast_")]
+            versions = {re.search(r'model_version="(\w+)"', line).group(1) for line in samples}
+            assert len(versions) == 1 and len(samples) == (7 if versions == {"2"} else 6), samples
+            seen.append(versions.pop())
+    finally:
+        stop.set()
+        refresher.join()
+        gauges.publish([])
+    assert {"2", "3"} <= set(seen)

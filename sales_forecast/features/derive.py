@@ -170,15 +170,15 @@ def build_features(raw: pd.DataFrame) -> pd.DataFrame:
     week, weeks = pd.factorize(stamps)
     calendar = target_calendar(pd.DatetimeIndex(weeks))
     columns = {
-        "store": raw["store"].to_numpy(dtype="int64"),
-        "dept": raw["dept"].to_numpy(dtype="int64"),
+        "store": raw["store"].to_numpy(dtype="int64", copy=True),
+        "dept": raw["dept"].to_numpy(dtype="int64", copy=True),
         "event_timestamp": stamps.dt.tz_localize("UTC").array,
         **lags,
         "sales_mean_4": mean_4,
         "sales_std_4": window.std(axis=1, skipna=False).to_numpy(),
-        **{name: values.to_numpy()[week] for name, values in calendar.items()},
+        **{name: np.where(week >= 0, values.to_numpy()[week], np.nan) for name, values in calendar.items()},
         "lag_1_is_holiday": raw["is_holiday"].to_numpy(dtype="float64"),
-        **{name: raw[name].to_numpy() for name in EXOGENOUS_FEATURES},
+        **{name: raw[name].to_numpy(copy=True) for name in EXOGENOUS_FEATURES},
         **means,
         **year_ago,
         **{name: _dept_median(values, raw["dept"], stamps) for name, values in pooled.items()},

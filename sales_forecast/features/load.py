@@ -22,6 +22,7 @@ import adbc_driver_postgresql.dbapi as adbc
 import pandas as pd
 import psycopg
 import pyarrow as pa
+import pyarrow.compute as pc
 from pgpq import ArrowToPostgresBinaryEncoder
 from psycopg import sql
 
@@ -59,7 +60,8 @@ def in_batches(data: pa.Table) -> pa.RecordBatchReader:
 
 
 def column_type(field: pa.Field) -> tuple[str, pa.DataType]:
-    """The PostgreSQL type of a loaded column (ADBC's ingest creates the same) and the Arrow type it is sent as."""
+    """The PostgreSQL type of a loaded column (for these types, ADBC's ingest creates the same) and the Arrow type
+    it is sent as. Other types (unsigned, dictionary, decimal, time, duration, list) are refused."""
     kind = field.type
     if pa.types.is_timestamp(kind):  # PostgreSQL keeps microseconds; the binary value is UTC for timestamptz
         return ("timestamptz" if kind.tz else "timestamp"), pa.timestamp("us", kind.tz)
@@ -81,7 +83,9 @@ def copy_into(cur: psycopg.Cursor, table: str, data: pa.Table) -> int:
     (10x features, 6M rows x 35 columns: 14 s of CPU against 4.4 s; 15.2 s wall against 8.1 s)."""
     types = [column_type(field) for field in data.schema]
     sent = pa.schema([pa.field(f.name, kind) for f, (_, kind) in zip(data.schema, types, strict=True)])
-    data = data.cast(sent, safe=False)  # nanoseconds truncated to microseconds, as ADBC's ingest does
+    # nanoseconds truncated to microseconds, as ADBC's ingest does; every other check kept
+    data = pa.table([pc.cast(column, options=pc.CastOptions(kind, allow_time_truncate=True))
+                     for column, kind in zip(data.columns, sent.types, strict=True)], schema=sent)
     cur.execute(sql.SQL("CREATE TABLE {} ({})").format(sql.Identifier(table), sql.SQL(", ").join(
         sql.SQL("{} {}").format(sql.Identifier(f.name), sql.SQL(name)) for f, (name, _) in zip(sent, types,
                                                                                                strict=True))))

@@ -43,7 +43,7 @@ _staged_load: TableLoad | None = None  # in the child: the staged tables, betwee
 
 def _in_child(work: Callable[[], T]) -> T:
     """Run ``work`` in the child; its errors come back as PipelineError (the pool pickles them back to the step, and
-    ADBC's errors do not survive unpickling: the pool would report a crashed process instead)."""
+    a driver's errors may not survive unpickling: the pool would report a crashed process instead)."""
     try:
         return work()
     except Exception as exc:
@@ -62,8 +62,9 @@ def _staged(shape: Shape, postgres: PostgresSettings) -> StagedData:
     seconds["generate"] = time.perf_counter() - started
     load = TableLoad(postgres)
     try:
-        # The raw table is staged while its features are derived: ADBC's ingest, the fingerprint's hashing and
-        # PostgreSQL's COPY run outside the GIL, on the second core (one connection, used by one thread at a time).
+        # The raw table is staged while its features are derived: PostgreSQL parsing the COPY, the fingerprint's
+        # hashing and Arrow's conversions run on the second core (pgpq's encoding holds the GIL; one connection,
+        # used by one thread at a time).
         with ThreadPoolExecutor(1) as pool:
             raw_staged = pool.submit(_timed, load.stage, RAW_TABLE, raw, ["store", "dept", "date"])
             started = time.perf_counter()

@@ -120,15 +120,14 @@ def _import_materialization_modules(store_types: list[str]) -> int:
 
 
 def write_tasks(settings: Settings, series: int) -> int:
-    """How many of the Ray engine's online-write tasks run at once for ``series`` latest rows: one per block of
-    ``online_write_batch_size`` rows (the offline store's ``LatestRowsJob``), at most the engine's
-    ``write_concurrency`` (else ``max_workers``, as Feast)."""
+    """How many of the Ray engine's online writes run at once for ``series`` latest rows (the offline store's
+    ``LatestRowsJob`` blocks)."""
+    from sales_forecast.ray_offline_store.store import write_blocks, write_concurrency  # Feast's import
+
     config = repo_yaml(settings)
-    rows = (config.get("materialization") or {}).get("online_write_batch_size")
     engine = config.get("batch_engine")
-    engine = engine if isinstance(engine, dict) else {}
-    concurrency = engine.get("write_concurrency") or engine.get("max_workers") or 1
-    return max(1, min(concurrency, -(-series // rows) if rows else 1))
+    return write_blocks(series, (config.get("materialization") or {}).get("online_write_batch_size"),
+                        write_concurrency(engine if isinstance(engine, dict) else {}))
 
 
 class WarmWorkers:

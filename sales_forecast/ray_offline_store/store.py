@@ -154,7 +154,10 @@ class RayPostgreSQLOfflineStore(PostgreSQLOfflineStore):
             config, data_source, join_key_columns, feature_name_columns, timestamp_field, created_timestamp_column,
             start_date, end_date)
         assert isinstance(job, PostgreSQLRetrievalJob)
-        return LatestRowsJob(job, config.materialization_config.online_write_batch_size)
+        if not join_key_columns:  # one dummy key for every row: the engine's dedup does nothing, so one block
+            return job
+        return LatestRowsJob(job, config.materialization_config.online_write_batch_size,
+                             write_concurrency(config.batch_engine))
 
     @staticmethod
     def offline_write_batch(config: RepoConfig, feature_view: FeatureView, table: pa.Table,
@@ -199,28 +202,48 @@ class RayPostgreSQLOfflineStore(PostgreSQLOfflineStore):
             progress(data.num_rows)
 
 
-class LatestRowsJob(PostgreSQLRetrievalJob):
-    """Feast's pull_latest job (one row per entity key, read by Feast's PostgreSQL code), with ``to_ray_dataset``,
-    which Feast's Ray engine reads instead of ``to_arrow``: the rows in blocks of ``online_write_batch_size``.
+def write_concurrency(engine: Any) -> int:
+    """How many online writes Feast's Ray engine runs at once (its RayWriteNode's rule): ``write_concurrency``, else
+    ``max_workers``, else 1. ``engine`` is the repo's batch_engine, its parsed config or its yaml mapping."""
+    for key in ("write_concurrency", "max_workers"):
+        value = engine.get(key) if isinstance(engine, dict) else getattr(engine, key, None)
+        if value is not None:
+            return value
+    return 1
 
-    From one block (what the engine makes of ``to_arrow``) the engine's filter, dedup and online write run as one
-    task, one write batch after another, whatever its ``write_concurrency``; from several, up to
-    ``write_concurrency`` tasks write at once. The engine dedups per block, which is exact here: the query keeps
-    one row per entity key, so no key is in two blocks. Without ``online_write_batch_size``: one block, as Feast.
+
+def write_blocks(rows: int, batch_rows: int | None, concurrency: int) -> int:
+    """How many blocks ``LatestRowsJob`` cuts ``rows`` latest rows into: one per write that can run at once, each
+    a whole number of write batches; one without a batch size or when one batch holds them all."""
+    if not batch_rows or rows <= batch_rows:
+        return 1
+    return max(1, min(concurrency, -(-rows // batch_rows)))
+
+
+class LatestRowsJob(PostgreSQLRetrievalJob):
+    """Feast's pull_latest job (one row per entity key, read by Feast's PostgreSQL code) whose ``to_ray_dataset``,
+    what Feast's Ray engine reads, cuts the rows into ``write_blocks`` blocks instead of Feast's one.
+
+    From one block the engine's filter, dedup and online write run as one task, one write batch
+    (``online_write_batch_size``) after another, whatever the engine's ``write_concurrency``; from several, that
+    many tasks write at once. The engine dedups per block, which is exact here: the query keeps one row per entity
+    key, so no key is in two blocks. Views without entities are not cut (``pull_latest_from_table_or_query``).
     """
 
-    def __init__(self, job: PostgreSQLRetrievalJob, block_rows: int | None):
+    def __init__(self, job: PostgreSQLRetrievalJob, batch_rows: int | None, concurrency: int):
         super().__init__(query=job._query_generator, config=job.config, full_feature_names=job.full_feature_names,
                          on_demand_feature_views=job.on_demand_feature_views, metadata=job.metadata)
-        self.block_rows = block_rows
+        self.batch_rows = batch_rows
+        self.concurrency = concurrency
 
     def to_ray_dataset(self) -> Any:
-        from feast.infra.ray_initializer import get_ray_wrapper
+        import ray.data
 
         table = self.to_arrow()
-        rows = self.block_rows or max(table.num_rows, 1)
-        return get_ray_wrapper().from_arrow([table.slice(start, rows)
-                                             for start in range(0, max(table.num_rows, 1), rows)])
+        blocks = write_blocks(table.num_rows, self.batch_rows, self.concurrency)
+        batches = -(-table.num_rows // self.batch_rows) if self.batch_rows else 1
+        rows = (self.batch_rows or table.num_rows) * -(-batches // blocks) or 1
+        return ray.data.from_arrow([table.slice(start, rows) for start in range(0, max(table.num_rows, 1), rows)])
 
 
 class OfflineWriteError(ValueError):

@@ -11,27 +11,16 @@ model_version (its latest scoring): ``sales_forecast_realized_wmae``, ``_realize
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import psycopg
-from prometheus_client import Gauge
 from psycopg import sql
 
 from sales_forecast.config import Settings
 from sales_forecast.contract import ACCURACY_TABLE
-from sales_forecast.serving.metrics import (
-    ACCURACY_GAUGES,
-    INTERVAL_COVERAGE,
-    NAIVE_WAPE,
-    NAIVE_WMAE,
-    REALIZED_WAPE,
-    REALIZED_WMAE,
-    SCORED_ROWS,
-    SCORED_WEEK,
-)
+from sales_forecast.serving.metrics import ACCURACY
 
 _LATEST = sql.SQL("""
     SELECT DISTINCT ON (model_version) week, model_version, rows, wmae, wape, naive_wmae, naive_wape, coverage
@@ -69,29 +58,11 @@ def read_latest(conn: psycopg.Connection) -> list[AccuracyRow]:
 
 
 class AccuracyGauges:
-    """Publishes rows into the gauges, removing label sets (model versions) the latest week no longer has."""
-
-    def __init__(self) -> None:
-        self._published: set[str] = set()
+    """Publishes the latest week's rows into the server's accuracy metrics (``metrics.ACCURACY``), replacing the
+    previous refresh's: model versions the latest week no longer has go."""
 
     def publish(self, rows: Iterable[AccuracyRow]) -> None:
-        current: set[str] = set()
-        for row in rows:
-            version = row.model_version
-            current.add(version)
-            values: dict[Gauge, float | None] = {
-                REALIZED_WMAE: row.wmae, REALIZED_WAPE: row.wape, NAIVE_WMAE: row.naive_wmae,
-                NAIVE_WAPE: row.naive_wape, INTERVAL_COVERAGE: row.coverage, SCORED_WEEK: row.week_timestamp,
-                SCORED_ROWS: row.rows}
-            for gauge, value in values.items():
-                if value is None:
-                    _remove(gauge, version)
-                else:
-                    gauge.labels(model_version=version).set(value)
-        for version in self._published - current:
-            for gauge in ACCURACY_GAUGES:
-                _remove(gauge, version)
-        self._published = current
+        ACCURACY.publish(rows)
 
     def refresh(self, settings: Settings) -> int:
         """Read the table and publish; returns the number of model versions published. Raises psycopg.Error."""
@@ -100,8 +71,3 @@ class AccuracyGauges:
             rows = read_latest(conn)
         self.publish(rows)
         return len(rows)
-
-
-def _remove(gauge: Gauge, version: str) -> None:
-    with contextlib.suppress(KeyError):  # not published
-        gauge.remove(version)

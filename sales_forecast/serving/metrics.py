@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 FEATURE_LOOKUP_SECONDS = Histogram(
     "sales_feature_lookup_seconds", "Feast online feature lookup per request (successful or not)",
@@ -25,21 +29,44 @@ MODEL_RELOAD_FAILURES = Counter(
     "Failed checks for, or loads of, a new model (the old one keeps serving; the log says why)")
 
 # Realized accuracy of the latest scored week (table forecast_accuracy, scope 'overall'), refreshed in the
-# background; absent until the table has a row.
-_BY_VERSION = ["model_version"]
-REALIZED_WMAE = Gauge("sales_forecast_realized_wmae", "WMAE of the model's forecasts for the latest scored week",
-                      _BY_VERSION)
-REALIZED_WAPE = Gauge("sales_forecast_realized_wape", "WAPE of the model's forecasts for the latest scored week",
-                      _BY_VERSION)
-NAIVE_WMAE = Gauge("sales_forecast_naive_wmae", "WMAE of the naive forecast for the latest scored week",
-                   _BY_VERSION)
-NAIVE_WAPE = Gauge("sales_forecast_naive_wape", "WAPE of the naive forecast for the latest scored week",
-                   _BY_VERSION)
-INTERVAL_COVERAGE = Gauge(
-    "sales_forecast_interval_coverage",
-    "Share of actuals inside the forecast interval for the latest scored week (absent without an interval)",
-    _BY_VERSION)
-SCORED_WEEK = Gauge("sales_forecast_scored_week_timestamp_seconds",
-                    "The latest scored week (its date at 00:00 UTC, Unix time)", _BY_VERSION)
-SCORED_ROWS = Gauge("sales_forecast_scored_rows", "Forecasts scored for the latest scored week", _BY_VERSION)
-ACCURACY_GAUGES = (REALIZED_WMAE, REALIZED_WAPE, NAIVE_WMAE, NAIVE_WAPE, INTERVAL_COVERAGE, SCORED_WEEK, SCORED_ROWS)
+# background; absent until the table has a row. (name, help, the accuracy row's attribute)
+ACCURACY_METRICS = (
+    ("sales_forecast_realized_wmae", "WMAE of the model's forecasts for the latest scored week", "wmae"),
+    ("sales_forecast_realized_wape", "WAPE of the model's forecasts for the latest scored week", "wape"),
+    ("sales_forecast_naive_wmae", "WMAE of the naive forecast for the latest scored week", "naive_wmae"),
+    ("sales_forecast_naive_wape", "WAPE of the naive forecast for the latest scored week", "naive_wape"),
+    ("sales_forecast_interval_coverage",
+     "Share of actuals inside the forecast interval for the latest scored week (absent without an interval)",
+     "coverage"),
+    ("sales_forecast_scored_week_timestamp_seconds", "The latest scored week (its date at 00:00 UTC, Unix time)",
+     "week_timestamp"),
+    ("sales_forecast_scored_rows", "Forecasts scored for the latest scored week", "rows"),
+)
+
+
+class AccuracyCollector(Collector):
+    """The realized-accuracy gauges, one label set per model version, from rows replaced all at once: a scrape sees
+    one refresh's rows, never the next week's versions beside the last week's or half of a refresh."""
+
+    def __init__(self) -> None:
+        self._rows: tuple = ()
+
+    def publish(self, rows: Iterable) -> None:
+        self._rows = tuple(rows)
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(name, text, labels=["model_version"]) for name, text, _ in ACCURACY_METRICS]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        rows = self._rows
+        for name, text, attribute in ACCURACY_METRICS:
+            family = GaugeMetricFamily(name, text, labels=["model_version"])
+            for row in rows:
+                value = getattr(row, attribute)
+                if value is not None:
+                    family.add_metric([row.model_version], value)
+            yield family
+
+
+ACCURACY = AccuracyCollector()
+REGISTRY.register(ACCURACY)
