@@ -273,16 +273,17 @@ def test_a_scrape_sees_one_refresh_of_the_accuracy_gauges_never_a_mix() -> None:
 
     from prometheus_client import REGISTRY, generate_latest
 
-    from sales_forecast.serving.accuracy import AccuracyGauges, AccuracyRow
+    from sales_forecast.serving.accuracy import AccuracyRow
+    from sales_forecast.serving.metrics import ACCURACY
 
     weeks = [AccuracyRow(dt.date(2026, 11, 20), version, 156, 1000.0, 0.1, 1100.0, 0.11, coverage)
              for version, coverage in (("2", 0.8), ("3", None))]
-    gauges, stop = AccuracyGauges(), threading.Event()
+    stop = threading.Event()
 
     def refresh() -> None:
         while not stop.is_set():
             for week in weeks:
-                gauges.publish([week])
+                ACCURACY.publish([week])
 
     refresher = threading.Thread(target=refresh)
     refresher.start()
@@ -297,5 +298,5 @@ def test_a_scrape_sees_one_refresh_of_the_accuracy_gauges_never_a_mix() -> None:
     finally:
         stop.set()
         refresher.join()
-        gauges.publish([])
+        ACCURACY.publish([])
     assert {"2", "3"} <= set(seen)

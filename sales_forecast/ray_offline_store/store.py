@@ -212,17 +212,23 @@ def write_concurrency(engine: Any) -> int:
     return 1
 
 
+def block_rows(rows: int, batch_rows: int | None, concurrency: int) -> int:
+    """Rows per block of ``LatestRowsJob``: a whole number of write batches, so that ``rows`` make one block per
+    write that can run at once; all of them without a batch size."""
+    if not batch_rows:
+        return max(rows, 1)
+    batches = -(-rows // batch_rows)
+    return batch_rows * max(1, -(-batches // concurrency))
+
+
 def write_blocks(rows: int, batch_rows: int | None, concurrency: int) -> int:
-    """How many blocks ``LatestRowsJob`` cuts ``rows`` latest rows into: one per write that can run at once, each
-    a whole number of write batches; one without a batch size or when one batch holds them all."""
-    if not batch_rows or rows <= batch_rows:
-        return 1
-    return max(1, min(concurrency, -(-rows // batch_rows)))
+    """How many blocks ``LatestRowsJob`` cuts ``rows`` latest rows into (writes that run at once)."""
+    return max(1, -(-rows // block_rows(rows, batch_rows, concurrency)))
 
 
 class LatestRowsJob(PostgreSQLRetrievalJob):
     """Feast's pull_latest job (one row per entity key, read by Feast's PostgreSQL code) whose ``to_ray_dataset``,
-    what Feast's Ray engine reads, cuts the rows into ``write_blocks`` blocks instead of Feast's one.
+    what Feast's Ray engine reads, cuts the rows into ``write_blocks`` blocks of ``block_rows`` instead of Feast's one.
 
     From one block the engine's filter, dedup and online write run as one task, one write batch
     (``online_write_batch_size``) after another, whatever the engine's ``write_concurrency``; from several, that
@@ -240,9 +246,7 @@ class LatestRowsJob(PostgreSQLRetrievalJob):
         import ray.data
 
         table = self.to_arrow()
-        blocks = write_blocks(table.num_rows, self.batch_rows, self.concurrency)
-        batches = -(-table.num_rows // self.batch_rows) if self.batch_rows else 1
-        rows = (self.batch_rows or table.num_rows) * -(-batches // blocks) or 1
+        rows = block_rows(table.num_rows, self.batch_rows, self.concurrency)
         return ray.data.from_arrow([table.slice(start, rows) for start in range(0, max(table.num_rows, 1), rows)])
 
 

@@ -12,7 +12,6 @@ model_version (its latest scoring): ``sales_forecast_realized_wmae``, ``_realize
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import psycopg
@@ -57,17 +56,11 @@ def read_latest(conn: psycopg.Connection) -> list[AccuracyRow]:
                 for row in cur.fetchall()]
 
 
-class AccuracyGauges:
-    """Publishes the latest week's rows into the server's accuracy metrics (``metrics.ACCURACY``), replacing the
-    previous refresh's: model versions the latest week no longer has go."""
-
-    def publish(self, rows: Iterable[AccuracyRow]) -> None:
-        ACCURACY.publish(rows)
-
-    def refresh(self, settings: Settings) -> int:
-        """Read the table and publish; returns the number of model versions published. Raises psycopg.Error."""
-        with psycopg.connect(settings.postgres.libpq_url(), connect_timeout=3, autocommit=True,
-                             application_name="sales-model-server-accuracy") as conn:
-            rows = read_latest(conn)
-        self.publish(rows)
-        return len(rows)
+def refresh(settings: Settings) -> int:
+    """Read the table and publish its latest week into the server's accuracy metrics (``metrics.ACCURACY``),
+    replacing the previous refresh's rows; returns the number of model versions published. Raises psycopg.Error."""
+    with psycopg.connect(settings.postgres.libpq_url(), connect_timeout=3, autocommit=True,
+                         application_name="sales-model-server-accuracy") as conn:
+        rows = read_latest(conn)
+    ACCURACY.publish(rows)
+    return len(rows)

@@ -17,7 +17,7 @@ import threading
 from kserve.logging import logger as log
 
 from sales_forecast.errors import first_line
-from sales_forecast.serving.accuracy import AccuracyGauges
+from sales_forecast.serving import accuracy
 from sales_forecast.serving.metrics import MODEL_RELOAD_FAILURES, MODEL_RELOADS
 from sales_forecast.serving.model import SalesModel
 from sales_forecast.serving.model_source import current_marker, load_forecaster
@@ -27,7 +27,6 @@ class BackgroundRefresh:
     def __init__(self, model: SalesModel, period: float):
         self.model = model
         self.period = period
-        self.accuracy = AccuracyGauges()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_accuracy_error = ""
@@ -70,7 +69,7 @@ class BackgroundRefresh:
 
     def refresh_accuracy(self) -> None:
         try:
-            self.accuracy.refresh(self.model.settings)
+            accuracy.refresh(self.model.settings)
             self._last_accuracy_error = ""
         except Exception as exc:  # the gauges keep their last values; say so once per distinct error
             message = first_line(exc)
