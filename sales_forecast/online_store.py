@@ -7,17 +7,24 @@ value protos), ``update`` and ``teardown`` are Feast's PostgreSQLOnlineStore unc
 upserts row by row (``executemany``, 370K statements for step 1's 11,583 series x 32 features); this one COPYs the
 batch into a temporary table and upserts it with one ``INSERT ... ON CONFLICT DO UPDATE``, skipping rows whose
 stored values are already the same.
+
+``online_write_arrow`` is the same write from an Arrow batch, what the project's Ray engine (ray_engine.py) hands
+it: float features and integer keys are encoded column by column into the bytes Feast's protos and key
+serialization make (``arrow_rows``), instead of one proto per value; any other batch goes through Feast's
+conversion to protos and ``online_write_batch``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, Literal
 
+import numpy as np
+import pyarrow as pa
 from feast import FeatureView
-from feast.infra.key_encoding_utils import serialize_entity_key
+from feast.infra.key_encoding_utils import serialize_entity_key, serialize_entity_key_prefix
 from feast.infra.online_stores.helpers import _to_naive_utc, extract_text_and_num
 from feast.infra.online_stores.postgres_online_store.postgres import (
     PostgreSQLOnlineStore,
@@ -27,6 +34,9 @@ from feast.infra.online_stores.postgres_online_store.postgres import (
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.repo_config import RepoConfig
+from feast.utils import _convert_arrow_to_proto
+from feast.value_type import ValueType
+from pgpq import ArrowToPostgresBinaryEncoder
 from psycopg import sql
 from pydantic import field_validator
 
@@ -37,6 +47,13 @@ KEY_COLUMNS = ("entity_key", "feature_name")
 STAGING_TABLE = "feast_online_write_staging"  # a temporary table, dropped at the end of each write's transaction
 
 WriteRows = list[tuple[EntityKeyProto, dict[str, ValueProto], datetime, datetime | None]]
+
+# The value types ArrowRows encodes: Feast's value type -> (the Arrow column type it takes, the proto field); join
+# keys: the integer ones
+ARROW_VALUES = {ValueType.DOUBLE: (pa.float64(), "double_val"), ValueType.FLOAT: (pa.float32(), "float_val"),
+                ValueType.INT64: (pa.int64(), "int64_val"), ValueType.INT32: (pa.int32(), "int32_val")}
+MICROSECONDS = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 1}
+ARROW_WRITE_KEYS = 4_096  # entity keys per encoded part of an Arrow write (x features rows): bounded memory
 
 
 class BulkPostgreSQLOnlineStoreConfig(PostgreSQLOnlineStoreConfig):
@@ -101,12 +118,196 @@ def upsert_statement(table_name: str, columns: list[str]) -> sql.Composed:
         assign=sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in values))
 
 
+class ArrowRows:
+    """The table rows of an Arrow batch, byte for byte what ``online_rows`` makes of Feast's conversion of the batch
+    to protos (``_convert_arrow_to_proto``), encoded column by column instead of one proto per value: a value is its
+    proto field's tag and the little-endian float or the integer's varint (the empty proto for a NULL or NaN, as
+    Feast's ``pd.isnull``), its text ``str`` of the number; an entity key is Feast's serialization (version 3) of
+    its integer join keys.
+
+    ``of`` returns None for a batch it does not encode, which Feast's conversion then writes: a feature that is not
+    a float64, float32, int64 or int32 column of the field's type (Double, Float, Int64, Int32), an integer feature
+    with a NULL (Feast reads the column as floats), a join key that is not a NULL-free int64 or int32 column of an
+    Int64 or Int32 entity, a view without entities or an on-demand one, a NULL timestamp, a key twice (Feast's path
+    keeps the later row), another key serialization version.
+    """
+
+    def __init__(self, keys: np.ndarray, features: list[tuple[str, np.ndarray, bytes]], event_ts: np.ndarray,
+                 created_ts: np.ndarray | None):
+        self.keys, self.features, self.event_ts, self.created_ts = keys, features, event_ts, created_ts
+
+    @classmethod
+    def of(cls, config: RepoConfig, view: FeatureView, batch: pa.Table) -> ArrowRows | None:
+        source = getattr(view, "batch_source", None)
+        if (batch.num_rows == 0 or source is None or config.entity_key_serialization_version != 3
+                or getattr(view, "source_request_sources", None) is not None
+                or getattr(view, "source_feature_view_projections", None) is not None):
+            return None
+        keys = _serialized_keys(batch, {c.name: c.dtype.to_value_type() for c in view.entity_columns})
+        event_ts = _microseconds(batch, source.timestamp_field)
+        created_ts = _microseconds(batch, source.created_timestamp_column) if source.created_timestamp_column else None
+        if keys is None or event_ts is None or (source.created_timestamp_column and created_ts is None):
+            return None
+        features = []
+        for field in view.features:
+            kind, proto_field = ARROW_VALUES.get(field.dtype.to_value_type(), (None, ""))
+            column = batch.column(field.name) if field.name in batch.column_names else None
+            if kind is None or column is None or column.type not in (kind, pa.null()):
+                return None
+            if column.type == pa.null():  # NULLs only (Ray's batches type a column so when no row has a value)
+                values = np.full(batch.num_rows, np.nan)  # Feast: all empty protos
+            elif pa.types.is_integer(kind) and column.null_count:
+                return None
+            else:
+                values = column.to_numpy()  # a float NULL -> NaN, as Feast reads it
+            zero = ValueProto(**{proto_field: 0}).SerializeToString()  # the tag, then 0's float bytes or varint
+            features.append((field.name, values, zero[:-(kind.bit_width // 8 if pa.types.is_floating(kind) else 1)]))
+        return cls(keys, features, event_ts, created_ts)
+
+    def batches(self, has_value_num: bool, rows: int) -> Iterable[pa.RecordBatch]:
+        """The table rows, ``rows`` entity keys at a time (one row per key and feature)."""
+        names = pa.array([name for name, _, _ in self.features])
+        for start in range(0, len(self.keys), rows):
+            yield self._rows(slice(start, start + rows), names, has_value_num)
+
+    def _rows(self, part: slice, names: pa.Array, has_value_num: bool) -> pa.RecordBatch:
+        keys = np.ascontiguousarray(self.keys[part])
+        count, features = len(keys), len(self.features)
+        values, texts, numbers = [], [], []
+        for _, column, tag in self.features:
+            of_part = column[part]
+            values.append(_proto_values(of_part, tag))
+            texts.append(pa.array([str(n) if n == n else None for n in of_part.tolist()], pa.string()))
+            as_float = of_part.astype(np.float64)
+            numbers.append(pa.array(as_float, mask=np.isnan(as_float)))
+        key_bytes = np.tile(keys, (features, 1))
+        rows = len(key_bytes)
+        columns = {
+            "entity_key": pa.Array.from_buffers(pa.binary(keys.shape[1]), rows,
+                                                [None, pa.py_buffer(key_bytes)]).cast(pa.binary()),
+            "feature_name": pa.DictionaryArray.from_arrays(
+                pa.array(np.repeat(np.arange(features, dtype=np.int32), count)), names).cast(pa.string()),
+            "value": pa.concat_arrays(values), "value_text": pa.concat_arrays(texts),
+            **({"value_num": pa.concat_arrays(numbers)} if has_value_num else {}),
+            "vector_value": pa.nulls(rows, pa.binary()),
+            "event_ts": _timestamps(np.tile(self.event_ts[part], features)),
+            "created_ts": (_timestamps(np.tile(self.created_ts[part], features)) if self.created_ts is not None
+                           else pa.nulls(rows, pa.timestamp("us"))),
+        }
+        return pa.RecordBatch.from_pydict(columns)
+
+
+def _proto_values(values: np.ndarray, tag: bytes) -> pa.Array:
+    """Each value's serialized proto: the field's tag, then the little-endian float, or the varint of the integer's
+    two's complement (protobuf's int32 and int64: a negative one takes 10 bytes); the empty proto for NaN."""
+    count = len(values)
+    if values.dtype.kind == "f":
+        body = values.astype(values.dtype.newbyteorder("<")).view(np.uint8).reshape(count, -1)
+        keep = np.broadcast_to(~np.isnan(values)[:, None], (count, len(tag) + body.shape[1]))
+    else:
+        bits = values.astype(np.int64).view(np.uint64)[:, None]
+        shifts = np.arange(10, dtype=np.uint64) * np.uint64(7)
+        body = ((bits >> shifts) & np.uint64(0x7F)).astype(np.uint8)
+        size = 1 + (bits >= (np.uint64(1) << shifts[1:])).sum(axis=1)
+        body[np.arange(10) < size[:, None] - 1] |= 0x80  # continuation bit on all but the last byte
+        keep = np.hstack([np.ones((count, len(tag)), bool), np.arange(10) < size[:, None]])
+    encoded = np.hstack([np.broadcast_to(np.frombuffer(tag, np.uint8), (count, len(tag))), body])
+    offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)
+    return pa.Array.from_buffers(pa.binary(), count, [None, pa.py_buffer(offsets), pa.py_buffer(encoded[keep])])
+
+
+def _serialized_keys(batch: pa.Table, join_keys: dict[str, ValueType]) -> np.ndarray | None:
+    """Feast's serialization of each row's entity key (``serialize_entity_key``, version 3: the sorted key names,
+    then each value's type, length and little-endian bytes), one row of bytes per row; None when a key is not an
+    integer column it encodes, or a key is there twice. The first row is checked against Feast's own function."""
+    if not join_keys:
+        return None
+    names, rows = sorted(join_keys), batch.num_rows
+    prefix = np.frombuffer(serialize_entity_key_prefix(names, 3), np.uint8)
+    blocks, first = [np.broadcast_to(prefix, (rows, len(prefix)))], []
+    for name in names:
+        kind, proto_field = ARROW_VALUES.get(join_keys[name], (None, ""))
+        column = batch.column(name) if name in batch.column_names else None
+        if kind is None or not pa.types.is_integer(kind) or column is None or column.type != kind or column.null_count:
+            return None
+        values = column.to_numpy()
+        values = values.astype(values.dtype.newbyteorder("<"))
+        header = np.array([join_keys[name].value, values.dtype.itemsize], "<u4").view(np.uint8)
+        blocks += [np.broadcast_to(header, (rows, len(header))), values.view(np.uint8).reshape(rows, -1)]
+        first.append(ValueProto(**{proto_field: int(values[0])}))
+    keys = np.hstack(blocks)
+    if len(np.unique(keys.view(np.dtype((np.void, keys.shape[1]))))) < rows:
+        return None
+    if serialize_entity_key(EntityKeyProto(join_keys=names, entity_values=first),
+                            entity_key_serialization_version=3) != keys[0].tobytes():
+        return None
+    return keys
+
+
+def _microseconds(batch: pa.Table, name: str) -> np.ndarray | None:
+    """A timestamp column as naive UTC microseconds, nanoseconds floored as Feast's ``to_pydatetime`` drops them;
+    None for a NULL or a column that is not a timestamp."""
+    if name not in batch.column_names:
+        return None
+    column = batch.column(name)
+    if not pa.types.is_timestamp(column.type) or column.null_count:
+        return None
+    raw = column.cast(pa.int64()).to_numpy()
+    return raw // 1000 if column.type.unit == "ns" else raw * MICROSECONDS[column.type.unit]
+
+
+def _timestamps(microseconds: np.ndarray) -> pa.Array:
+    return pa.array(microseconds, pa.int64()).cast(pa.timestamp("us"))
+
+
+def write_as_protos(store: Any, config: RepoConfig, view: FeatureView, batch: pa.Table) -> None:
+    """Feast's online write of an Arrow batch: one proto per value (``_convert_arrow_to_proto``, which reads only
+    a table's first chunk), then the store's ``online_write_batch``."""
+    join_keys = {column.name: column.dtype.to_value_type() for column in view.entity_columns}
+    data = _convert_arrow_to_proto(batch.combine_chunks(), view, join_keys)
+    if data:
+        store.online_write_batch(config, view, data, None)
+
+
 class BulkPostgreSQLOnlineStore(PostgreSQLOnlineStore):
     def online_write_batch(self, config: RepoConfig, table: FeatureView, data: WriteRows,
                            progress: Callable[[int], Any] | None) -> None:
         if config.online_store.vector_enabled:  # pgvector columns: Feast's own write
             super().online_write_batch(config, table, data, progress)
             return
+
+        def fill(copy: Any, columns: list[tuple[str, str]], has_value_num: bool) -> None:
+            copy.set_types([t for _, t in columns])
+            for row in online_rows(config, data, has_value_num):
+                copy.write_row(row)
+
+        self._upsert(config, table, fill)
+        if progress:
+            progress(len(data))
+
+    def online_write_arrow(self, config: RepoConfig, table: FeatureView, batch: pa.Table) -> None:
+        """``online_write_batch`` of an Arrow batch of the view's rows (what Feast's Ray engine writes), without a
+        proto per value when ``ArrowRows`` encodes it; through Feast's conversion otherwise."""
+        rows = None if config.online_store.vector_enabled else ArrowRows.of(config, table, batch)
+        if rows is None:
+            write_as_protos(self, config, table, batch)
+            return
+
+        def fill(copy: Any, columns: list[tuple[str, str]], has_value_num: bool) -> None:
+            encoder = None
+            for part in rows.batches(has_value_num, ARROW_WRITE_KEYS):
+                if encoder is None:
+                    encoder = ArrowToPostgresBinaryEncoder(part.schema)
+                    copy.write(encoder.write_header())
+                copy.write(encoder.write_batch(part))
+            copy.write(encoder.finish())
+
+        self._upsert(config, table, fill)
+
+    def _upsert(self, config: RepoConfig, table: FeatureView,
+                fill: Callable[[Any, list[tuple[str, str]], bool], None]) -> None:
+        """One write: ``fill`` COPYs the rows into a temporary table, which one statement upserts; all of it in one
+        transaction, rolled back on any error."""
         table_name = _table_id(config.project, table, config.registry.enable_online_feature_view_versioning)
         with self._get_conn(config) as conn, conn.cursor() as cur:
             try:
@@ -123,13 +324,9 @@ class BulkPostgreSQLOnlineStore(PostgreSQLOnlineStore):
                 copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
                     staging, sql.SQL(", ").join(map(sql.Identifier, names)))
                 with cur.copy(copy_sql) as copy:
-                    copy.set_types([t for _, t in columns])
-                    for row in online_rows(config, data, has_value_num):
-                        copy.write_row(row)
+                    fill(copy, columns, has_value_num)
                 cur.execute(upsert_statement(table_name, names))
                 conn.commit()
             except BaseException:
                 conn.rollback()  # the connection may be Feast's cached one: leave it usable
                 raise
-        if progress:
-            progress(len(data))

@@ -13,6 +13,7 @@ import pytest
 from conftest import database_settings
 
 from sales_forecast.config import Settings
+from sales_forecast.ray_engine import ENGINE_TYPE
 from sales_forecast.ray_offline_store.store import RayPostgreSQLRetrievalJob
 from tests.support.feast_repo import RAY_REPO, definitions, feature_store, load_tables, postgres_store
 
@@ -399,11 +400,14 @@ def test_offline_writes_refuse_a_schema_mismatch(contract_db: Settings) -> None:
 
 
 # --- materialization reads: pull_latest in blocks for Feast's Ray engine ------------------------------------------
-def test_ray_engine_materializes_every_key_from_blocks_written_concurrently(contract_db: Settings) -> None:
-    """pull_latest hands Feast's Ray engine its latest rows in one block per concurrent write (LatestRowsJob), each a
-    whole number of online write batches: every key lands in exactly one block, and the online store ends with each
-    key's latest row (the later created row of a tie; nothing for a key whose latest row is older than the ttl), for
-    two keys whose glued ids collide, written through the bulk online store by up to two tasks at once."""
+@pytest.mark.parametrize("engine", ["ray.engine", ENGINE_TYPE])
+def test_ray_engine_materializes_every_key_from_blocks_written_concurrently(contract_db: Settings,
+                                                                           engine: str) -> None:
+    """pull_latest hands the Ray engine (Feast's, and the project's, which writes Arrow batches) its latest rows in
+    one block per concurrent write (LatestRowsJob), each a whole number of online write batches: every key lands in
+    exactly one block, and the online store ends with each key's latest row (the later created row of a tie; nothing
+    for a key whose latest row is older than the ttl), for two keys whose glued ids collide, written through the bulk
+    online store by up to two tasks at once."""
     import ray
 
     from sales_forecast.online_store import STORE_TYPE as BULK_STORE
@@ -419,9 +423,9 @@ def test_ray_engine_materializes_every_key_from_blocks_written_concurrently(cont
     load_tables(contract_db, {"store_dept_rows": pd.concat([rows, tie, stale], ignore_index=True)})
     rows.loc[0, ["sales", "units"]] = [-1.0, -1]  # key (1, 12)'s latest time has two rows: the later created wins
     sections = {"online_store": {"type": BULK_STORE},
-                "batch_engine": {"type": "ray.engine", "max_workers": 2, "write_concurrency": 2},
+                "batch_engine": {"type": engine, "max_workers": 2, "write_concurrency": 2},
                 "materialization": {"online_write_batch_size": 2, "pull_latest_features": True}}
-    store = feature_store(contract_db, project="ray_store_blocks", sections=sections)
+    store = feature_store(contract_db, project=f"ray_store_blocks_{engine == ENGINE_TYPE}", sections=sections)
     store.apply(definitions(RAY_REPO / "features.py"))
     view = store.get_feature_view("store_dept_stats")
     start, end = (now - 40 * DAY).to_pydatetime(), (now + DAY).to_pydatetime()
@@ -448,6 +452,34 @@ def test_ray_engine_materializes_every_key_from_blocks_written_concurrently(cont
     assert online["sales"].iloc[:-1].tolist() == latest.loc[keys, "sales"].tolist()
     assert online["units"].iloc[:-1].tolist() == latest.loc[keys, "units"].tolist()
     assert online[["sales", "units"]].iloc[-1].isna().all()  # (5, 5): its only row is older than the ttl
+
+
+def test_the_projects_engine_fails_a_materialization_whose_write_fails(contract_db: Settings) -> None:
+    """Feast's Ray engine logs a failed online write and reports success; the project's raises it. Here the
+    view's online table is gone; after it is back, the same materialization writes."""
+    import psycopg
+
+    from sales_forecast.online_store import STORE_TYPE as BULK_STORE
+
+    now = pd.Timestamp.now(tz="UTC").floor("h")
+    load_tables(contract_db, {"store_dept_rows": pd.DataFrame({
+        "store": [1, 2], "dept": [1, 1], "event_timestamp": [now - DAY] * 2, "created": [now - DAY] * 2,
+        "sales": [1.5, 2.5], "units": [1, 2]})})
+    sections = {"online_store": {"type": BULK_STORE}, "batch_engine": {"type": ENGINE_TYPE, "max_workers": 1}}
+    store = feature_store(contract_db, project="ray_engine_fails", sections=sections)
+    store.apply(definitions(RAY_REPO / "features.py"))
+    start, end = (now - 3 * DAY).to_pydatetime(), (now + DAY).to_pydatetime()
+    with psycopg.connect(contract_db.postgres.libpq_url(), autocommit=True) as conn:
+        conn.execute('ALTER TABLE "ray_engine_fails_store_dept_stats" RENAME TO "away"')
+        try:
+            with pytest.raises(Exception, match="ray_engine_fails_store_dept_stats.*does not exist"):
+                store.materialize(start_date=start, end_date=end, feature_views=["store_dept_stats"])
+        finally:
+            conn.execute('ALTER TABLE "away" RENAME TO "ray_engine_fails_store_dept_stats"')
+    store.materialize(start_date=start, end_date=end, feature_views=["store_dept_stats"])
+    online = store.get_online_features(features=["store_dept_stats:sales", "store_dept_stats:units"],
+                                       entity_rows=[{"store": 1, "dept": 1}, {"store": 2, "dept": 1}]).to_dict()
+    assert online["sales"] == [1.5, 2.5] and online["units"] == [1, 2]
 
 
 def test_write_blocks_are_whole_batches_one_per_concurrent_write() -> None:

@@ -9,6 +9,7 @@ import datetime as dt
 
 import pandas as pd
 import psycopg
+import pyarrow as pa
 import pytest
 from conftest import database_settings
 
@@ -23,7 +24,7 @@ COLUMNS = "entity_key, feature_name, value, value_text, vector_value, event_ts::
 def _definitions():
     from feast import Entity, FeatureView, Field, ValueType
     from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import PostgreSQLSource
-    from feast.types import Float64, Int64, String
+    from feast.types import Float32, Float64, Int32, Int64, String
 
     store = Entity(name="store", join_keys=["store"], value_type=ValueType.INT64)
     dept = Entity(name="dept", join_keys=["dept"], value_type=ValueType.INT64)
@@ -33,7 +34,11 @@ def _definitions():
                        schema=[Field(name="store", dtype=Int64), Field(name="dept", dtype=Int64),
                                Field(name="level", dtype=Float64), Field(name="units", dtype=Int64),
                                Field(name="label", dtype=String)])
-    return [store, dept, source, view]
+    levels = FeatureView(name="levels", entities=[store, dept], ttl=dt.timedelta(days=3650), source=source,
+                         schema=[Field(name="store", dtype=Int64), Field(name="dept", dtype=Int64),
+                                 Field(name="level", dtype=Float64), Field(name="ratio", dtype=Float32),
+                                 Field(name="units", dtype=Int64), Field(name="rank", dtype=Int32)])
+    return [store, dept, source, view, levels]
 
 
 def _feature_store(settings: Settings, project: str, online_type: str):
@@ -61,9 +66,9 @@ def stores(stack_settings: Settings):
     return settings, _feature_store(settings, "feast_pg", "postgres"), _feature_store(settings, "bulk_pg", STORE_TYPE)
 
 
-def _rows(settings: Settings, project: str) -> list[tuple]:
+def _rows(settings: Settings, project: str, view: str = "series") -> list[tuple]:
     with psycopg.connect(settings.postgres.libpq_url()) as conn:
-        return conn.execute(f'SELECT {COLUMNS} FROM "{project}_series" ORDER BY entity_key, feature_name').fetchall()
+        return conn.execute(f'SELECT {COLUMNS} FROM "{project}_{view}" ORDER BY entity_key, feature_name').fetchall()
 
 
 def _xmins(settings: Settings, project: str) -> dict[tuple, str]:
@@ -173,3 +178,43 @@ def test_a_failed_write_leaves_the_store_usable(stores) -> None:
     assert isinstance(bulk._get_provider().online_store, PostgreSQLOnlineStore)
     assert bulk.get_online_features(features=["series:level"], entity_rows=[{"store": 51, "dept": 1}]).to_dict()[
         "level"] == [1.0]
+
+
+def test_arrow_writes_leave_the_rows_feasts_store_leaves(stores) -> None:
+    """online_write_arrow (the project's Ray engine's write) against Feast's PostgreSQLOnlineStore writing Feast's
+    conversion of the same Arrow batch: encoded column by column (Float64, Float32, Int64, Int32 with NULL, NaN,
+    -0.0 and extremes), then a batch it leaves to Feast's conversion (a NULL integer, NULL created timestamps),
+    then the first again."""
+    from feast.infra.online_stores.postgres_online_store.postgres import PostgreSQLOnlineStore
+
+    from sales_forecast.online_store import ArrowRows, write_as_protos
+
+    settings, feast_store, bulk_store = stores
+
+    def batch(units: list[int | None], level: list[float | None], created: list[int | None]) -> pa.Table:
+        return pa.table({
+            "store": pa.array([1, 11, 3, -5], pa.int64()), "dept": pa.array([12, 2, 2**40, 0], pa.int64()),
+            "level": pa.array(level, pa.float64()), "ratio": pa.array([0.1, None, -0.0, 3.4e38], pa.float32()),
+            "units": pa.array(units, pa.int64()), "rank": pa.array([-1, 0, 2**31 - 1, 300], pa.int32()),
+            "event_timestamp": pa.array([T0.value + 999, T0.value, T0.value - 10**15, T0.value], pa.timestamp(
+                "ns", "UTC")), "created": pa.array(created, pa.timestamp("us", "UTC"))})
+
+    def write_both(data: pa.Table) -> None:
+        for store in (feast_store, bulk_store):
+            view = store.get_feature_view("levels")
+            if store is feast_store:
+                write_as_protos(PostgreSQLOnlineStore(), store.config, view, data)
+            else:
+                store._get_provider().online_store.online_write_arrow(store.config, view, data)
+
+    first = batch([7, -1, 2**63 - 1, -(2**63)], [1.5, None, float("nan"), 1e308], [T0.value // 1000] * 4)
+    assert ArrowRows.of(bulk_store.config, bulk_store.get_feature_view("levels"), first) is not None
+    write_both(first)
+    assert _rows(settings, "bulk_pg", "levels") == _rows(settings, "feast_pg", "levels")
+    assert len(_rows(settings, "bulk_pg", "levels")) == 4 * 4
+    protos = batch([8, None, 1, 2], [2.5, 0.0, -0.0, float("inf")], [None] * 4)
+    assert ArrowRows.of(bulk_store.config, bulk_store.get_feature_view("levels"), protos) is None
+    write_both(protos)
+    assert _rows(settings, "bulk_pg", "levels") == _rows(settings, "feast_pg", "levels")
+    write_both(first)
+    assert _rows(settings, "bulk_pg", "levels") == _rows(settings, "feast_pg", "levels")
