@@ -9,8 +9,8 @@ batch into a temporary table and upserts it with one ``INSERT ... ON CONFLICT DO
 stored values are already the same.
 
 ``online_write_arrow`` is the same write from an Arrow batch, what the project's Ray engine (ray_engine.py) hands
-it: float features and integer keys are encoded column by column into the bytes Feast's protos and key
-serialization make (``arrow_rows``), instead of one proto per value; any other batch goes through Feast's
+it: numeric features and integer keys are encoded column by column into the bytes Feast's protos and key
+serialization make (``ArrowRows``), instead of one proto per value; any other batch goes through Feast's
 conversion to protos and ``online_write_batch``.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import numpy as np
@@ -52,7 +52,10 @@ WriteRows = list[tuple[EntityKeyProto, dict[str, ValueProto], datetime, datetime
 # keys: the integer ones
 ARROW_VALUES = {ValueType.DOUBLE: (pa.float64(), "double_val"), ValueType.FLOAT: (pa.float32(), "float_val"),
                 ValueType.INT64: (pa.int64(), "int64_val"), ValueType.INT32: (pa.int32(), "int32_val")}
-MICROSECONDS = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 1}
+MICROSECONDS = {"s": 1_000_000, "ms": 1_000, "us": 1}  # per unit of the units whose values can leave datetime's range
+# Python's datetimes, in microseconds since the epoch: Feast's conversion goes through them (and fails outside)
+DATETIME_MICROSECONDS = tuple((moment - datetime(1970, 1, 1)) // timedelta(microseconds=1)
+                              for moment in (datetime.min, datetime.max))
 ARROW_WRITE_KEYS = 4_096  # entity keys per encoded part of an Arrow write (x features rows): bounded memory
 
 
@@ -128,8 +131,8 @@ class ArrowRows:
     ``of`` returns None for a batch it does not encode, which Feast's conversion then writes: a feature that is not
     a float64, float32, int64 or int32 column of the field's type (Double, Float, Int64, Int32), an integer feature
     with a NULL (Feast reads the column as floats), a join key that is not a NULL-free int64 or int32 column of an
-    Int64 or Int32 entity, a view without entities or an on-demand one, a NULL timestamp, a key twice (Feast's path
-    keeps the later row), another key serialization version.
+    Int64 or Int32 entity, a view without entities or features or an on-demand one, a NULL timestamp or one outside
+    Python's datetimes, a key twice (Feast's path keeps the later row), another key serialization version.
     """
 
     def __init__(self, keys: np.ndarray, features: list[tuple[str, np.ndarray, bytes]], event_ts: np.ndarray,
@@ -139,7 +142,7 @@ class ArrowRows:
     @classmethod
     def of(cls, config: RepoConfig, view: FeatureView, batch: pa.Table) -> ArrowRows | None:
         source = getattr(view, "batch_source", None)
-        if (batch.num_rows == 0 or source is None or config.entity_key_serialization_version != 3
+        if (batch.num_rows == 0 or source is None or not view.features or config.entity_key_serialization_version != 3
                 or getattr(view, "source_request_sources", None) is not None
                 or getattr(view, "source_feature_view_projections", None) is not None):
             return None
@@ -246,14 +249,20 @@ def _serialized_keys(batch: pa.Table, join_keys: dict[str, ValueType]) -> np.nda
 
 def _microseconds(batch: pa.Table, name: str) -> np.ndarray | None:
     """A timestamp column as naive UTC microseconds, nanoseconds floored as Feast's ``to_pydatetime`` drops them;
-    None for a NULL or a column that is not a timestamp."""
+    None for a NULL, a value outside Python's datetimes, or a column that is not a timestamp."""
     if name not in batch.column_names:
         return None
     column = batch.column(name)
     if not pa.types.is_timestamp(column.type) or column.null_count:
         return None
     raw = column.cast(pa.int64()).to_numpy()
-    return raw // 1000 if column.type.unit == "ns" else raw * MICROSECONDS[column.type.unit]
+    if column.type.unit == "ns":  # int64 nanoseconds span 1677-2262, inside datetime's range
+        return raw // 1000
+    factor = MICROSECONDS[column.type.unit]
+    low, high = DATETIME_MICROSECONDS
+    if raw.min() < -(-low // factor) or raw.max() > high // factor:  # checked before the product can overflow
+        return None
+    return raw * factor
 
 
 def _timestamps(microseconds: np.ndarray) -> pa.Array:
@@ -290,6 +299,8 @@ class BulkPostgreSQLOnlineStore(PostgreSQLOnlineStore):
         proto per value when ``ArrowRows`` encodes it; through Feast's conversion otherwise."""
         rows = None if config.online_store.vector_enabled else ArrowRows.of(config, table, batch)
         if rows is None:
+            logger.info("%s: a batch of %d rows ArrowRows does not encode (see its docstring) goes through Feast's "
+                        "conversion, one proto per value", table.name, batch.num_rows)
             write_as_protos(self, config, table, batch)
             return
 

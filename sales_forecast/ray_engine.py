@@ -1,11 +1,12 @@
 """Feast's Ray compute engine whose online writes hand the online store Arrow batches instead of protos.
 
 feature_store.yaml: ``batch_engine: type: sales_forecast.ray_engine.BulkRayComputeEngine`` with the keys of
-``type: ray.engine``. Everything is Feast's engine (plan, read, filter, dedup, offline and sink writes) except the
-write node: Feast's converts each batch to one proto per value (``_convert_arrow_to_proto``: at 10x, 3.7M values,
-about 12 s of CPU), then logs and drops any error. This one passes each Arrow batch to the online store's
-``online_write_arrow`` when it has one (``BulkPostgreSQLOnlineStore``: the same table rows from column arithmetic),
-converts to protos for any other store, and lets errors fail the materialization.
+``type: ray.engine``. Everything is Feast's engine (plan, read, filter, dedup) except the write node: Feast's
+converts each batch to one proto per value (``_convert_arrow_to_proto``: at 10x, 3.7M values, about 12 s of CPU),
+then logs and drops any error. This one passes each Arrow batch to the online store's ``online_write_arrow`` when it
+has one (``BulkPostgreSQLOnlineStore``: the same table rows from column arithmetic), converts to protos for any other
+store, hands a view with ``offline=True`` the Arrow batch (Feast's went through pandas), and lets any write error
+fail the materialization (online rows of earlier batches stay written, as with Feast's engine).
 """
 
 from __future__ import annotations

@@ -137,7 +137,9 @@ def test_the_special_values_byte_for_byte() -> None:
 
 def test_batches_it_leaves_to_feasts_conversion() -> None:
     """None (Feast's conversion writes them): a string feature, an integer feature with a NULL, a key twice, a
-    NULL key, a string key, a NULL timestamp, a view without entities, another key serialization version."""
+    NULL key, a string key, a NULL timestamp, a Float64 field read as integers, a view without entities or features,
+    a timestamp outside Python's datetimes (years 10000 and 0, and seconds whose microseconds overflow int64),
+    another key serialization version."""
     ts = pa.array([0, 1], pa.timestamp("us", "UTC"))
     two = {"store": pa.array([1, 2], pa.int64()), "event_timestamp": ts}
     cases = [
@@ -154,6 +156,10 @@ def test_batches_it_leaves_to_feasts_conversion() -> None:
         (_view({"store": "Int64"}, {"x": "Float64"}, False),
          pa.table({**two, "x": pa.array([1, 2], pa.int64())})),  # a Float64 field read as integers
         (_view({}, {"x": "Float64"}, False), pa.table({"event_timestamp": ts, "x": pa.array([1.0, 2.0])})),
+        (_view({"store": "Int64"}, {}, False), pa.table(two)),  # no features: Feast writes nothing
+        *((_view({"store": "Int64"}, {"x": "Float64"}, False),
+           pa.table({**two, "x": pa.array([1.0, 2.0]), "event_timestamp": pa.array([0, moment], pa.timestamp(unit))}))
+          for unit, moment in [("s", 253402300800), ("s", -62135596801), ("ms", 2**62), ("us", 2**62)]),
     ]
     for view, batch in cases:
         assert ArrowRows.of(CONFIG, view, batch) is None, batch.schema
