@@ -59,18 +59,23 @@ DATETIME_MICROSECONDS = tuple((moment - datetime(1970, 1, 1)) // timedelta(micro
 ARROW_WRITE_KEYS = 4_096  # entity keys per encoded part of an Arrow write (x features rows): bounded memory
 
 
+def feast_type(plugin: str, feast: str) -> Any:
+    """The ``type`` validator of a plugin's config class: Feast found the class through the yaml's type (the plugin's
+    class path); from there on the config reads as Feast's own type to everything that checks it (Feast's
+    PostgreSQLOnlineStore asserts type == "postgres", the model server's connection keeper checks it). Feast builds
+    the plugin from the config's class, not from this value."""
+
+    def validate(cls: type, value: Any) -> Any:
+        return feast if value == plugin else value
+
+    return field_validator("type", mode="before")(classmethod(validate))
+
+
 class BulkPostgreSQLOnlineStoreConfig(PostgreSQLOnlineStoreConfig):
     """The ``postgres`` online store keys, unchanged."""
 
     type: Literal["postgres"] = "postgres"  # type: ignore[assignment]
-
-    @field_validator("type", mode="before")
-    @classmethod
-    def _postgres(cls, value: Any) -> Any:
-        # Feast found this class through the yaml's type; from here on this is the postgres store to everything that
-        # asks (Feast's PostgreSQLOnlineStore asserts type == "postgres", the model server's connection keeper
-        # checks it). Feast builds the store from the config's class, not from this value.
-        return "postgres" if value == STORE_TYPE else value
+    _postgres = feast_type(STORE_TYPE, "postgres")
 
 
 def online_columns(has_value_num: bool) -> list[tuple[str, str]]:

@@ -26,9 +26,8 @@ from feast.infra.compute_engines.ray.feature_builder import RayFeatureBuilder
 from feast.infra.compute_engines.ray.job import RayMaterializationJob
 from feast.infra.compute_engines.ray.nodes import RayWriteNode
 from feast.infra.registry.base_registry import BaseRegistry
-from pydantic import field_validator
 
-from sales_forecast.online_store import write_as_protos
+from sales_forecast.online_store import feast_type, write_as_protos
 from sales_forecast.ray_offline_store.store import write_concurrency
 
 logger = logging.getLogger(__name__)
@@ -40,12 +39,7 @@ class BulkRayComputeEngineConfig(RayComputeEngineConfig):
     """The ``ray.engine`` keys, unchanged."""
 
     type: Literal["ray.engine"] = "ray.engine"  # type: ignore[assignment]
-
-    @field_validator("type", mode="before")
-    @classmethod
-    def _ray_engine(cls, value: Any) -> Any:
-        # Feast found this class through the yaml's type; to everything that reads the config it is the ray engine
-        return "ray.engine" if value == ENGINE_TYPE else value
+    _ray_engine = feast_type(ENGINE_TYPE, "ray.engine")
 
 
 def write_online(online_store: Any, config: Any, view: Any, table: pa.Table) -> None:
