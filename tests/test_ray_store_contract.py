@@ -454,6 +454,59 @@ def test_ray_engine_materializes_every_key_from_blocks_written_concurrently(cont
     assert online[["sales", "units"]].iloc[-1].isna().all()  # (5, 5): its only row is older than the ttl
 
 
+def test_the_projects_engine_leaves_the_online_rows_feasts_engine_leaves(contract_db: Settings) -> None:
+    """Every view of the fixture repo materialized by Feast's Ray engine and by the project's (Arrow batches into the
+    bulk store), each into its own project: the online tables hold the same bytes. Integer keys with Float64 and Int64
+    features (ArrowRows), a NULL float and a batch with a NULL integer (Feast's protos for that batch), a text key
+    with a query source and field mapping, ttl 0, a view without entities, a push source's batch table; 3-row write
+    batches, two writers."""
+    import psycopg
+
+    from sales_forecast.online_store import STORE_TYPE as BULK_STORE
+
+    now = pd.Timestamp.now(tz="UTC").floor("h")
+    hours = [now - pd.Timedelta(hours=h) for h in (30, 20, 10)]
+    rows = [{"store": s, "dept": d, "event_timestamp": t, "created": t + pd.Timedelta(minutes=m),
+             "sales": 10.0 * s + d + m / 10, "units": s * d + m} for s in (1, 2, 11) for d in (1, 2, 12)
+            for t, m in zip(hours, (1, 2, 3), strict=True)]
+    rows[-1].update(sales=None)
+    rows[-4].update(units=None)  # the latest row of one key: its batch goes through Feast's protos
+    load_tables(contract_db, {
+        "store_dept_rows": pd.DataFrame(rows).astype({"units": "Int64"}),
+        "store_rows": store_rows(store=[1, 2, 3], event_timestamp=hours, temperature=[20.5, -0.0, None],
+                                 visitors=[1, 2**40, -3]),
+        "dept_rows": pd.DataFrame({"dept": [1, 2], "event_timestamp": hours[:2], "dept_index": [0.5, float("inf")]}),
+        "region_rows": pd.DataFrame({"region": ["A", "B'; DROP TABLE x; --"], "event_timestamp": hours[:2],
+                                     "region_score": [1.25, 2.5]}),
+        "global_rows": pd.DataFrame({"event_timestamp": hours, "created": hours, "level": [1.0, 2.0, 3.0]}),
+        "visit_rows": pd.DataFrame({"store": [1, 2], "event_timestamp": hours[:2], "created": hours[:2],
+                                    "visit_count": [5, 6]}),
+    })
+    start, end = (now - 5 * DAY).to_pydatetime(), (now + DAY).to_pydatetime()
+    projects = {}
+    for engine in ("ray.engine", ENGINE_TYPE):
+        project = f"engines_{'ours' if engine == ENGINE_TYPE else 'feast'}"
+        store = feature_store(contract_db, project=project, sections={
+            "online_store": {"type": BULK_STORE},
+            "batch_engine": {"type": engine, "max_workers": 2, "write_concurrency": 2},
+            "materialization": {"online_write_batch_size": 3, "pull_latest_features": True}})
+        store.apply(definitions(RAY_REPO / "features.py"))
+        store.materialize(start_date=start, end_date=end)
+        projects[engine] = project
+    views = ["store_dept_stats", "store_stats", "dept_stats", "region_stats", "global_stats", "store_visits"]
+    with psycopg.connect(contract_db.postgres.libpq_url()) as conn:
+        def online(project: str, view: str) -> list[tuple]:
+            return conn.execute(
+                f'SELECT entity_key, feature_name, value, value_text, vector_value, event_ts::text, created_ts::text '
+                f'FROM "{project}_{view}" ORDER BY entity_key, feature_name').fetchall()
+
+        for view in views:
+            theirs, ours = online(projects["ray.engine"], view), online(projects[ENGINE_TYPE], view)
+            assert theirs, view
+            assert ours == theirs, view
+        assert len(online(projects[ENGINE_TYPE], "store_dept_stats")) == 9 * 2
+
+
 def test_the_projects_engine_fails_a_materialization_whose_write_fails(contract_db: Settings) -> None:
     """Feast's Ray engine logs a failed online write and reports success; the project's raises it. Here the
     view's online table is gone; after it is back, the same materialization writes."""
