@@ -83,7 +83,8 @@ def start(settings: PostgresSettings, pgdata: Path) -> None:
                            "-U", settings.user], user)
             if result.returncode != 0:
                 raise PipelineError(f"initdb failed: {result.stderr.strip()}")
-        options = f"-h 127.0.0.1 -p {settings.port} -k '' -c max_connections=200 -c fsync=off"
+        options = (f"-h 127.0.0.1 -p {settings.port} -k '' -c max_connections=200 -c fsync=off "
+                   "-c wal_level=minimal -c max_wal_senders=0")
         result = _run([_bin("pg_ctl"), "-D", str(pgdata), "-w", "-t", "30", "-l", str(pgdata / "server.log"),
                        "-o", options, "start"], user)
         if result.returncode != 0 or not _wait_ready(settings, 30):
