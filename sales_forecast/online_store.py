@@ -3,7 +3,7 @@
 feature_store.yaml: ``online_store: type: sales_forecast.online_store.BulkPostgreSQLOnlineStore`` with the keys of
 ``type: postgres``. Reads, the table layout (one row per entity key and feature, Feast's key serialization and
 value protos), ``update`` and ``teardown`` are Feast's PostgreSQLOnlineStore unchanged, so Feast's
-``get_online_features`` and the model server read what this writes. Only ``online_write_batch`` differs: Feast
+``get_online_features`` and the model server read what this writes. Only the writes differ. Feast
 upserts row by row (``executemany``, 370K statements for step 1's 11,583 series x 32 features); this one COPYs the
 batch into a temporary table and upserts it with one ``INSERT ... ON CONFLICT DO UPDATE``, skipping rows whose
 stored values are already the same.

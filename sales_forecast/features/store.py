@@ -114,7 +114,8 @@ def _import_materialization_modules(store_types: list[str]) -> int:
             module, name = store_type.rsplit(".", 1)
             getattr(importlib.import_module(module), name)
     # This worker lives for this driver's materialization: later collections need not walk what the import made
-    # (Feast's conversion of 370K values to protos in the write: 1.1 s with, 0.55 s without).
+    # (measured on Feast's conversion of 370K values to protos in the write, which a batch ArrowRows does not encode
+    # still takes: 1.1 s with, 0.55 s without).
     gc.freeze()
     return os.getpid()
 
