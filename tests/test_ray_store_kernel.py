@@ -175,6 +175,7 @@ def test_feature_query_pushes_down_columns_time_and_key_range() -> None:
     assert "\"ts\" <= '1970-01-01 00:00:02+00:00'::timestamptz" in query  # rounded down to microseconds
     assert "\"ts\" >= '1970-01-01 00:00:00.000002+00:00'::timestamptz" in query  # rounded up
     assert 'ROW("store", "dept") >= ROW(1, 12) AND ROW("store", "dept") <= ROW(11, 2)' in query
+    assert query.endswith('AND "store" >= 1 AND "store" <= 11')  # the first key alone, for the planner's estimate
 
     text = feature_query(_plan(("region",)), TimeWindow(None, 0), KeyRange(("B",), ("it's",)), (True,))
     assert '("region" COLLATE "C") >= \'B\' AND ("region" COLLATE "C") <= \'it\'\'s\'' in text
