@@ -1,7 +1,8 @@
 """Differential test: the Ray offline store against Feast's own PostgreSQL store, over randomized repos and requests.
 
 Each seed builds its own database (UTC, New York or Kolkata as its TimeZone) and repo: entities ``a`` (int),
-``b`` (int) and ``c`` (text); five or six feature views keyed by one key, by two keys, or by none (global
+``b`` (int) and ``c`` (text); five or six feature views keyed by one key, by two keys (two integers, or an integer
+and a text key, either one first: a partition's read also bounds its first key alone), or by none (global
 statistics), each with a random ttl (none, hours, days), a created timestamp column or not, a naive (``timestamp``)
 or aware (``timestamptz``) timestamp column, a table or a query source, a field-mapped feature, and features of
 several PostgreSQL types with NULLs; and an on-demand view with a request field. The rows have NULL keys and
@@ -42,7 +43,9 @@ KEY_TYPES = {"a": "bigint", "b": "bigint", "c": "text"}
 KEY_VALUES = {"a": [1, 2, 11, 12], "b": [1, 2, 12, 21], "c": ["p", "q", "P", "pq"]}
 MISSING = {"a": 99, "b": 98, "c": "zz"}  # keys the sources never have
 FEATURE_TYPES = ["double precision", "bigint", "integer", "text", "boolean", "timestamptz"]
-VIEW_KEYS = [("a",), ("a", "b"), ("c",), ("b",), (), ("b", "c")]
+NUMERIC = ("double precision", "bigint", "integer")
+LABEL_SOURCE = "_label_source"  # the feature the on-demand view reads
+VIEW_KEYS = [("a",), ("a", "b"), ("c",), ("b",), (), ("b", "c"), ("c", "a")]
 
 pytestmark = pytest.mark.usefixtures("own_ray")
 
@@ -77,6 +80,13 @@ def random_views(rng: np.random.Generator, index: int) -> list[ViewSpec]:
             column = f"raw_{feature}" if j == 0 and rng.random() < 0.5 else feature  # a field mapping
             spec.features.append((column, feature, str(type_)))
         views.append(spec)
+    source = next(((spec, position) for spec in views if len(spec.keys) <= 1
+                   for position, (_, _, type_) in enumerate(spec.features) if type_ in NUMERIC), None)
+    if source is not None:  # the on-demand view's input, named so that its UDF finds it among the request's columns
+        spec, position = source
+        column, feature, type_ = spec.features[position]
+        named = f"{spec.name}{LABEL_SOURCE}"
+        spec.features[position] = (f"raw_{named}" if column != feature else named, named, type_)
     return views
 
 
@@ -103,16 +113,15 @@ def feast_objects(views: list[ViewSpec]) -> list:
             schema=[Field(name=feature, dtype=dtypes[type_]) for _, feature, type_ in spec.features])
     objects += feature_views.values()
 
-    numeric = [(spec, feature) for spec in views if len(spec.keys) <= 1
-               for _, feature, type_ in spec.features if type_ in ("double precision", "bigint", "integer")]
+    numeric = [(spec, feature) for spec in views for _, feature, _ in spec.features if feature.endswith(LABEL_SOURCE)]
     if numeric:  # an on-demand view on a one-key (or no-key) view, with a field of the entity set
         spec, feature = numeric[0]
         request = RequestSource(name="label_request", schema=[Field(name="label", dtype=Float64)])
 
         @on_demand_feature_view(sources=[feature_views[spec.name][[feature]], request], mode="pandas",
                                 schema=[Field(name="labelled", dtype=Float64)])
-        def labelled(inputs: pd.DataFrame) -> pd.DataFrame:  # the source's one feature (its name ends in _f<n>)
-            value = inputs[[c for c in inputs.columns if c[-3:-1] == "_f"][0]]
+        def labelled(inputs: pd.DataFrame) -> pd.DataFrame:  # Feast compiles the source alone: no closure
+            value = inputs[[c for c in inputs.columns if c.endswith("_label_source")][0]]
             return pd.DataFrame({"labelled": value.astype("float64") + inputs["label"]})
 
         objects += [request, labelled]
@@ -337,7 +346,8 @@ def request(repo: Repo, rng: np.random.Generator, entities: pd.DataFrame, kind: 
         for feature in want.columns:
             column = f"{spec.name}__{feature}" if full_names else feature
             assert normalized(ours[column]) == normalized(want[feature].reset_index(drop=True)), (spec, column)
-    assert ours[[c for c in ours.columns if "_f" in c]].notna().to_numpy().mean() > 0.2  # the data joins
+    features = [c for c in ours.columns if "_f" in c or c.endswith(LABEL_SOURCE)]
+    assert ours[features].notna().to_numpy().mean() > 0.2  # the data joins
 
 
 def fetch(job, output: str, repo: Repo, name: str) -> pd.DataFrame:
