@@ -113,9 +113,9 @@ def feast_objects(views: list[ViewSpec]) -> list:
             schema=[Field(name=feature, dtype=dtypes[type_]) for _, feature, type_ in spec.features])
     objects += feature_views.values()
 
-    numeric = [(spec, feature) for spec in views for _, feature, _ in spec.features if feature.endswith(LABEL_SOURCE)]
-    if numeric:  # an on-demand view on a one-key (or no-key) view, with a field of the entity set
-        spec, feature = numeric[0]
+    sources = [(spec, feature) for spec in views for _, feature, _ in spec.features if feature.endswith(LABEL_SOURCE)]
+    if sources:  # an on-demand view on a one-key (or no-key) view, with a field of the entity set
+        spec, feature = sources[0]
         request = RequestSource(name="label_request", schema=[Field(name="label", dtype=Float64)])
 
         @on_demand_feature_view(sources=[feature_views[spec.name][[feature]], request], mode="pandas",
