@@ -3,6 +3,7 @@ the same seed agrees on what they share), determinism, Walmart-likeness, and no 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import numpy as np
@@ -10,7 +11,13 @@ import pandas as pd
 import pytest
 
 from sales_forecast.features import generator as g
-from sales_forecast.features.derive import FEATURE_COLUMNS, MODEL_FEATURES, build_features
+from sales_forecast.features.derive import (
+    FEATURE_COLUMNS,
+    MODEL_FEATURES,
+    DeptMedians,
+    build_features,
+    pooled_values,
+)
 from sales_forecast.features.generator import (
     RAW_COLUMNS,
     Shape,
@@ -274,6 +281,24 @@ def test_department_features_are_the_medians_over_its_stores_that_week(raw: pd.D
         expected = own[group.index].median()
         pooled = group["dept_rel_lag_1"]
         assert pooled.eq(expected).all() or (np.isnan(expected) and pooled.isna().all()), key
+
+
+def test_a_derivation_by_store_ranges_equals_the_whole_one(raw: pd.DataFrame) -> None:
+    """The department medians of every store, from a first pass over store ranges, make each range's features
+    exactly the whole derivation's rows; rows of a department or week the medians do not cover are refused."""
+    ranges = [(1, 2), (3, 3), (4, 6)]
+    pooled = [pooled_values(generate_stores(SHAPE, first, last)) for first, last in ranges]
+    medians = DeptMedians.of_ranges(pooled, np.arange(1, SHAPE.depts + 1), g.week_dates(END, SHAPE.weeks))
+    by_range = pd.concat([build_features(generate_stores(SHAPE, first, last), medians) for first, last in ranges],
+                         ignore_index=True)
+    whole = build_features(raw)
+    assert whole["dept_ya_step"].notna().any() and whole["dept_ya_step"].isna().any()
+    pd.testing.assert_frame_equal(by_range, whole, check_exact=True)
+    other = generate_stores(dataclasses.replace(SHAPE, depts=SHAPE.depts + 1), 1, 1)
+    with pytest.raises(ValueError, match="outside the departments or weeks"):
+        build_features(other, medians)
+    with pytest.raises(ValueError, match="outside the departments or weeks"):
+        build_features(generate_stores(dataclasses.replace(SHAPE, end_date=END + WEEK), 1, 1), medians)
 
 
 def test_feature_rows_are_keyed_by_store_dept_and_time(raw: pd.DataFrame) -> None:

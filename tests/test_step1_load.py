@@ -160,6 +160,43 @@ def test_the_child_process_stages_and_commits_or_rolls_back(db: Settings) -> Non
         offline.commit()
 
 
+def _table(settings: Settings, table: str, order: str) -> pd.DataFrame:
+    with psycopg.connect(settings.postgres.libpq_url()) as conn:
+        cur = conn.execute(f'SELECT * FROM "{table}" ORDER BY {order}')
+        return pd.DataFrame(cur.fetchall(), columns=[c.name for c in cur.description])
+
+
+def test_a_load_by_store_ranges_writes_what_a_whole_load_writes(db: Settings) -> None:
+    """Above RANGE_ROWS the child generates, derives and loads a store range at a time, the department medians from
+    a first pass over every range: both tables equal a whole load's, value for value, NULLs included; a second
+    load of the same data keeps both tables and leaves no staged copy behind."""
+    from sales_forecast.features.staging import store_ranges
+
+    shape = Shape(stores=7, depts=3, weeks=60, seed=5, end_date=dt.date(2026, 11, 27))
+    range_rows = 2 * shape.depts * shape.weeks
+    assert store_ranges(shape, range_rows) == [(1, 2), (3, 4), (5, 6), (7, 7)]
+    contents = []
+    for rows in (shape.rows, range_rows):
+        with OfflineLoad(shape, db.postgres, range_rows=rows) as offline:
+            staged = offline.staged()
+            assert staged.kept == [] and staged.rows == shape.rows
+            offline.commit()
+        contents.append((_table(db, "weekly_sales", "store, dept, date"),
+                         _table(db, "sales_features", "store, dept, event_timestamp"),
+                         staged.latest.sort_values(["store", "dept"]).reset_index(drop=True)))
+    (raw, features, latest), (raw_by_range, features_by_range, latest_by_range) = contents
+    assert len(features) == shape.rows and features["dept_ya_step"].notna().any() and features.isna().any().any()
+    pd.testing.assert_frame_equal(raw_by_range, raw, check_exact=True)
+    pd.testing.assert_frame_equal(features_by_range, features, check_exact=True)
+    pd.testing.assert_frame_equal(latest_by_range, latest, check_exact=True)
+    oids = (_oid(db, "weekly_sales"), _oid(db, "sales_features"))
+    with OfflineLoad(shape, db.postgres, range_rows=range_rows) as offline:
+        assert sorted(offline.staged().kept) == ["sales_features", "weekly_sales"]
+        offline.commit()
+    assert (_oid(db, "weekly_sales"), _oid(db, "sales_features")) == oids
+    assert _query(db, "SELECT count(*) FROM pg_class WHERE relname LIKE '%staging%'")[0][0] == 0
+
+
 def test_the_child_process_reports_its_failure(db: Settings) -> None:
     nowhere = dataclasses.replace(db.postgres, port=1)
     with OfflineLoad(Shape(stores=1, depts=1, weeks=6, end_date=dt.date(2026, 11, 27)), nowhere) as offline, \

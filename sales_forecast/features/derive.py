@@ -18,6 +18,8 @@ zero. Rows without the four lags are not used; the other NULLs are the model's b
 from __future__ import annotations
 
 import datetime as dt
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -27,6 +29,7 @@ from sales_forecast.features.generator import HOLIDAY_EFFECTS, holiday_of_week, 
 SALES_LAGS = 4
 YEAR = 52
 LONG_MEANS = (8, 13, 26)
+POOLED_MEAN = 13  # dept_rel_mean_13 relates sales_mean_13 to the level
 LOOKBACK_WEEKS = YEAR + SALES_LAGS - 1  # weeks before t whose sales a row stamped t reads (sales_ya_mean_4: t-55)
 LEVEL_FLOOR = 10.0  # sales units; keeps relative quantities finite for tiny or negative levels
 RELATIVE_RANGE = (-3.0, 10.0)  # ratios to a tiny level (or of a return) are clipped to this
@@ -130,6 +133,33 @@ def _dept_median(values: np.ndarray, dept: pd.Series, stamps: pd.Series) -> np.n
     return pd.Series(values).groupby([dept.to_numpy(), stamps.to_numpy()]).transform("median").to_numpy()
 
 
+@dataclass(frozen=True)
+class DeptMedians:
+    """The DEPT_FEATURES of a data set derived store range by store range: each a (depts, weeks) table of medians
+    over every store, from the ``pooled_values`` of all ranges."""
+    depts: np.ndarray  # department ids, the tables' rows
+    weeks: pd.DatetimeIndex  # week stamps, their columns
+    values: dict[str, np.ndarray]
+
+    @classmethod
+    def of_ranges(cls, ranges: list[dict[str, np.ndarray]], depts: np.ndarray, weeks: pd.DatetimeIndex) -> DeptMedians:
+        """``ranges``: each range's ``pooled_values`` of a full store x dept x week grid in (store, dept, week)
+        order, as the generator makes it; the median over the stores axis equals ``_dept_median``'s, bit for bit."""
+        grid = (-1, len(depts), len(weeks))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NULL (dept, week): NULL, as pandas gives
+            values = {name: np.nanmedian(np.concatenate([part[name].reshape(grid) for part in ranges]), axis=0)
+                      for name in DEPT_FEATURES}
+        return cls(np.asarray(depts), pd.DatetimeIndex(weeks), values)
+
+    def of(self, dept: pd.Series, stamps: pd.Series) -> dict[str, np.ndarray]:
+        """Each row's department medians of its week."""
+        d, w = pd.Index(self.depts).get_indexer(dept), self.weeks.get_indexer(pd.DatetimeIndex(stamps))
+        if (d < 0).any() or (w < 0).any():
+            raise ValueError("rows outside the departments or weeks the medians were computed for")
+        return {name: table[d, w] for name, table in self.values.items()}
+
+
 def _sorted_by_series(raw: pd.DataFrame) -> bool:
     """Whether ``raw`` is already in (store, dept, date) order, as the generator makes it."""
     store, dept, date = (raw[c].to_numpy() for c in ("store", "dept", "date"))
@@ -138,35 +168,69 @@ def _sorted_by_series(raw: pd.DataFrame) -> bool:
                        | (same_store & ((dept[1:] > dept[:-1]) | (same_dept & (date[1:] >= date[:-1]))))))
 
 
-def build_features(raw: pd.DataFrame) -> pd.DataFrame:
-    """One feature row per raw row (sorted by store, dept, week); incomplete history gives NULLs, never zeros.
-
-    The frame's columns stay separate arrays (not copied into one block per dtype), as the bulk load reads them:
-    at 10x rows, copying 35 columns into blocks and back took a third of the derivation."""
+def _by_series(raw: pd.DataFrame) -> pd.DataFrame:
     if not _sorted_by_series(raw):
         raw = raw.sort_values(["store", "dept", "date"], kind="stable")
-    raw = raw.reset_index(drop=True)
-    series = _Series(raw)
-    sales = raw["weekly_sales"].to_numpy(dtype="float64")
+    return raw.reset_index(drop=True)
+
+
+def _window(series: _Series, sales: np.ndarray) -> tuple[dict[str, np.ndarray], pd.DataFrame, np.ndarray]:
+    """The sales lags, as named features, as a frame, and their mean (the series' level)."""
     lags = {f"sales_lag_{k}": series.lag(sales, k - 1) for k in range(1, SALES_LAGS + 1)}
     window = pd.DataFrame(lags)
-    mean_4 = window.mean(axis=1, skipna=False).to_numpy()
-    level = safe_level(mean_4)
-    means = {f"sales_mean_{n}": series.mean(sales, n) for n in LONG_MEANS}
-    year_ago = {
+    return lags, window, window.mean(axis=1, skipna=False).to_numpy()
+
+
+def _year_ago(series: _Series, sales: np.ndarray) -> dict[str, np.ndarray]:
+    return {
         "sales_ya_next": series.lag(sales, YEAR - 1),
         "sales_ya_this": series.lag(sales, YEAR),
         "sales_ya_next2": series.lag(sales, YEAR - 2),
         "sales_ya_mean_4": series.mean(sales, SALES_LAGS, first_lag=YEAR),
     }
+
+
+def _pooled(series: _Series, sales: np.ndarray, mean_4: np.ndarray, mean_13: np.ndarray,
+            year_ago: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per row, the relative quantities whose department medians are the DEPT_FEATURES."""
+    level = safe_level(mean_4)
     with np.errstate(invalid="ignore"):
-        pooled = {
+        return {
             "dept_rel_lag_1": relative(sales, level),
-            "dept_rel_mean_13": relative(means["sales_mean_13"], level),
+            "dept_rel_mean_13": relative(mean_13, level),
             "dept_trend_4": relative(level, safe_level(series.lag(mean_4, SALES_LAGS))),
             "dept_ya_step": relative(year_ago["sales_ya_next"], safe_level(year_ago["sales_ya_mean_4"])),
         }
+
+
+def pooled_values(raw: pd.DataFrame) -> dict[str, np.ndarray]:
+    """``_pooled`` of every row of ``raw`` in (store, dept, week) order: the first pass of a derivation by store
+    ranges (DeptMedians), without the features' other columns."""
+    raw = _by_series(raw)
+    series = _Series(raw)
+    sales = raw["weekly_sales"].to_numpy(dtype="float64")
+    _, _, mean_4 = _window(series, sales)
+    return _pooled(series, sales, mean_4, series.mean(sales, POOLED_MEAN), _year_ago(series, sales))
+
+
+def build_features(raw: pd.DataFrame, medians: DeptMedians | None = None) -> pd.DataFrame:
+    """One feature row per raw row (sorted by store, dept, week); incomplete history gives NULLs, never zeros.
+    The department medians are taken over ``raw``'s stores, or from ``medians`` (a store range's rows).
+
+    The frame's columns stay separate arrays (not copied into one block per dtype), as the bulk load reads them:
+    at 10x rows, copying 35 columns into blocks and back took a third of the derivation."""
+    raw = _by_series(raw)
+    series = _Series(raw)
+    sales = raw["weekly_sales"].to_numpy(dtype="float64")
+    lags, window, mean_4 = _window(series, sales)
+    means = {f"sales_mean_{n}": series.mean(sales, n) for n in LONG_MEANS}
+    year_ago = _year_ago(series, sales)
     stamps = pd.to_datetime(raw["date"])
+    if medians is None:
+        pooled = _pooled(series, sales, mean_4, means[f"sales_mean_{POOLED_MEAN}"], year_ago)
+        dept = {name: _dept_median(values, raw["dept"], stamps) for name, values in pooled.items()}
+    else:
+        dept = medians.of(raw["dept"], stamps)
     week, weeks = pd.factorize(stamps)
     calendar = target_calendar(pd.DatetimeIndex(weeks))
     columns = {
@@ -181,6 +245,6 @@ def build_features(raw: pd.DataFrame) -> pd.DataFrame:
         **{name: raw[name].to_numpy(copy=True) for name in EXOGENOUS_FEATURES},
         **means,
         **year_ago,
-        **{name: _dept_median(values, raw["dept"], stamps) for name, values in pooled.items()},
+        **dept,
     }
     return pd.DataFrame({name: columns[name] for name in FEATURE_COLUMNS}, copy=False)

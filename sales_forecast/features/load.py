@@ -17,6 +17,7 @@ COPY gives its rows its own ``xmin``, with or without triggers). The check reads
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 import adbc_driver_postgresql.dbapi as adbc
 import pandas as pd
@@ -40,18 +41,34 @@ def _connect(settings: PostgresSettings) -> adbc.Connection:
     return adbc.connect(settings.libpq_url())
 
 
+class Fingerprint:
+    """What a load writes: its schema (names, types, pandas metadata), the index and every buffer, part by part (a
+    table loaded in one part has the digest ``fingerprint`` gives)."""
+
+    def __init__(self, schema: pa.Schema, index_columns: list[str]):
+        self.schema = schema
+        self._digest = hashlib.sha256(FINGERPRINT_VERSION)
+        for part in (schema.serialize(), ",".join(index_columns).encode()):
+            self._digest.update(len(part).to_bytes(8, "little") + part)
+
+    def add(self, data: pa.Table) -> None:
+        if data.schema != self.schema:
+            raise ValueError(f"a part's columns differ from the first part's: {data.schema} against {self.schema}")
+        for column in data.columns:
+            for chunk in column.chunks:
+                self._digest.update(f"|{chunk.offset},{len(chunk)}".encode())
+                for buffer in chunk.buffers():
+                    self._digest.update(b"-" if buffer is None else len(buffer).to_bytes(8, "little"))
+                    if buffer is not None:
+                        self._digest.update(buffer)
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
 def fingerprint(data: pa.Table, index_columns: list[str]) -> str:
-    """What a load of ``data`` writes: its schema (names, types, pandas metadata), the index and every buffer."""
-    digest = hashlib.sha256(FINGERPRINT_VERSION)
-    for part in (data.schema.serialize(), ",".join(index_columns).encode()):
-        digest.update(len(part).to_bytes(8, "little") + part)
-    for column in data.columns:
-        for chunk in column.chunks:
-            digest.update(f"|{chunk.offset},{len(chunk)}".encode())
-            for buffer in chunk.buffers():
-                digest.update(b"-" if buffer is None else len(buffer).to_bytes(8, "little"))
-                if buffer is not None:
-                    digest.update(buffer)
+    digest = Fingerprint(data.schema, index_columns)
+    digest.add(data)
     return digest.hexdigest()
 
 
@@ -77,19 +94,24 @@ def column_type(field: pa.Field) -> tuple[str, pa.DataType]:
                     "strings, binary, dates and timestamps can)")
 
 
-def copy_into(cur: psycopg.Cursor, table: str, data: pa.Table) -> int:
-    """Create ``table`` with ``data``'s columns and fill it with one binary COPY, encoded by pgpq in batches
-    while PostgreSQL parses the previous one; returns the rows. ADBC's ingest did the same 3x slower on the client
-    (10x features, 6M rows x 35 columns: 14 s of CPU against 4.4 s; 15.2 s wall against 8.1 s)."""
+def _for_copy(data: pa.Table) -> tuple[list[str], pa.Table]:
+    """The PostgreSQL column types of ``data`` and the data as COPY sends it: nanoseconds truncated to
+    microseconds, as ADBC's ingest does; every other check kept."""
     types = [column_type(field) for field in data.schema]
     sent = pa.schema([pa.field(f.name, kind) for f, (_, kind) in zip(data.schema, types, strict=True)])
-    # nanoseconds truncated to microseconds, as ADBC's ingest does; every other check kept
-    data = pa.table([pc.cast(column, options=pc.CastOptions(kind, allow_time_truncate=True))
-                     for column, kind in zip(data.columns, sent.types, strict=True)], schema=sent)
+    return [name for name, _ in types], pa.table(
+        [pc.cast(column, options=pc.CastOptions(kind, allow_time_truncate=True))
+         for column, kind in zip(data.columns, sent.types, strict=True)], schema=sent)
+
+
+def _create(cur: psycopg.Cursor, table: str, schema: pa.Schema, types: list[str]) -> None:
     cur.execute(sql.SQL("CREATE TABLE {} ({})").format(sql.Identifier(table), sql.SQL(", ").join(
-        sql.SQL("{} {}").format(sql.Identifier(f.name), sql.SQL(name)) for f, (name, _) in zip(sent, types,
-                                                                                               strict=True))))
-    encoder = ArrowToPostgresBinaryEncoder(sent)
+        sql.SQL("{} {}").format(sql.Identifier(f.name), sql.SQL(name)) for f, name in zip(schema, types,
+                                                                                        strict=True))))
+
+
+def _copy(cur: psycopg.Cursor, table: str, data: pa.Table) -> None:
+    encoder = ArrowToPostgresBinaryEncoder(data.schema)
     # FREEZE (the table is this transaction's own): rows written frozen and all-visible, so autovacuum does not
     # rewrite the whole table right after the load, while step 1 materializes
     with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY, FREEZE)").format(sql.Identifier(table))) as copy:
@@ -97,6 +119,15 @@ def copy_into(cur: psycopg.Cursor, table: str, data: pa.Table) -> int:
         for batch in data.to_batches(max_chunksize=INGEST_BATCH_ROWS):
             copy.write(encoder.write_batch(batch))
         copy.write(encoder.finish())
+
+
+def copy_into(cur: psycopg.Cursor, table: str, data: pa.Table) -> int:
+    """Create ``table`` with ``data``'s columns and fill it with one binary COPY, encoded by pgpq in batches
+    while PostgreSQL parses the previous one; returns the rows. ADBC's ingest did the same 3x slower on the client
+    (10x features, 6M rows x 35 columns: 14 s of CPU against 4.4 s; 15.2 s wall against 8.1 s)."""
+    types, data = _for_copy(data)
+    _create(cur, table, data.schema, types)
+    _copy(cur, table, data)
     return data.num_rows
 
 
@@ -155,16 +186,47 @@ class TableLoad:
         if kept is not None:
             self.kept.append(table)
             return kept
+        self._drop_staging(table)
+        rows = copy_into(self.cur, f"{table}__staging", data)
+        self._index(table, index_columns, digest, rows)
+        return rows
+
+    def stage_parts(self, table: str, parts: Iterable[pd.DataFrame], index_columns: list[str]) -> int:
+        """``stage`` for data too big to hold whole, in parts (same columns), each copied as it comes. Whether the
+        table already holds this data is known only after the last part: then the staged copy is dropped."""
+        self._drop_staging(table)
+        cur, staging = self.cur, f"{table}__staging"
+        digest, rows = None, 0
+        for frame in parts:
+            data = pa.Table.from_pandas(frame, preserve_index=False)
+            types, sent = _for_copy(data)
+            if digest is None:
+                digest = Fingerprint(data.schema, index_columns)
+                _create(cur, staging, sent.schema, types)
+            digest.add(data)
+            _copy(cur, staging, sent)
+            rows += data.num_rows
+            del data, sent, frame
+        if digest is None:
+            raise ValueError(f"{table}: no parts to load")
+        kept = self._kept_rows(table, digest.hexdigest())
+        if kept is not None:
+            self._drop_staging(table)
+            self.kept.append(table)
+            return kept
+        self._index(table, index_columns, digest.hexdigest(), rows)
+        return rows
+
+    def _drop_staging(self, table: str) -> None:
+        self.cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(f"{table}__staging")))
+
+    def _index(self, table: str, index_columns: list[str], digest: str, rows: int) -> None:
         staging = sql.Identifier(f"{table}__staging")
-        cur = self.cur
-        cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(staging))
-        rows = copy_into(cur, f"{table}__staging", data)
-        cur.execute(sql.SQL("CREATE INDEX {} ON {} ({})").format(
+        self.cur.execute(sql.SQL("CREATE INDEX {} ON {} ({})").format(
             sql.Identifier(f"{table}__staging_key_ts"), staging,
             sql.SQL(", ").join(map(sql.Identifier, index_columns))))
-        cur.execute(sql.SQL("ANALYZE {}").format(staging))
+        self.cur.execute(sql.SQL("ANALYZE {}").format(staging))
         self.staged[table] = (digest, rows)
-        return rows
 
     def commit(self) -> None:
         cur = self.cur

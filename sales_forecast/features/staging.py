@@ -4,6 +4,12 @@ while the step's own process imports Feast (5-6 s of CPU, nearly all of it holdi
 In one process the two halves shared one GIL and took as long as both together; in two they run on two cores.
 The step then commits the staged tables, or refuses them (a rollback: nothing is loaded). The child answers with
 what the rest of the step needs: the row counts and the last week's feature rows (one row per series).
+
+A shape of more than RANGE_ROWS rows is made a store range at a time, so the child's memory is bounded by a range
+and not by the data set (100x: 60M rows): a first pass generates each range, stages its raw rows and keeps only the
+four quantities whose department medians are features (their medians need every store); a second pass generates
+each range again and derives and stages its features with those medians. The tables are the ones a whole load
+writes, value for value.
 """
 
 from __future__ import annotations
@@ -11,23 +17,28 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import pandas as pd
 
 from sales_forecast.config import PostgresSettings
 from sales_forecast.contract import FEATURE_TABLE, RAW_TABLE
 from sales_forecast.errors import PipelineError, first_line
-from sales_forecast.features.derive import build_features
-from sales_forecast.features.generator import Shape, generate
+from sales_forecast.features.derive import DeptMedians, build_features, pooled_values
+from sales_forecast.features.generator import Shape, generate, generate_stores, week_dates
 from sales_forecast.features.load import TableLoad
 from sales_forecast.features.store import RARE_COLLECTIONS
 
 T = TypeVar("T")
+# Rows per store range (whole stores) of a load made range by range; a shape up to this size (10x: 6.0M rows) is made
+# whole. A range of 8M rows peaks at about 6 GiB in the child (its features, their Arrow copy, the derivation's
+# temporaries).
+RANGE_ROWS = 8_000_000
 
 
 @dataclass(frozen=True)
@@ -50,7 +61,17 @@ def _in_child(work: Callable[[], T]) -> T:
         raise PipelineError(f"making the offline data failed: {type(exc).__name__}: {first_line(exc)}") from None
 
 
-def _stage(shape: Shape, postgres: PostgresSettings) -> StagedData:
+def store_ranges(shape: Shape, range_rows: int) -> list[tuple[int, int]]:
+    """The shape's stores, first and last (inclusive), in ranges of whole stores of at most ``range_rows`` rows (at
+    least one store)."""
+    stores = max(1, range_rows // max(1, shape.depts * shape.weeks))
+    return [(first, min(shape.stores, first + stores - 1)) for first in range(1, shape.stores + 1, stores)]
+
+
+def _stage(shape: Shape, postgres: PostgresSettings, range_rows: int) -> StagedData:
+    ranges = store_ranges(shape, range_rows)
+    if len(ranges) > 1:
+        return _in_child(lambda: _staged_by_ranges(shape, postgres, ranges))
     return _in_child(lambda: _staged(shape, postgres))
 
 
@@ -81,6 +102,57 @@ def _staged(shape: Shape, postgres: PostgresSettings) -> StagedData:
     return StagedData(rows=rows, latest=latest, kept=list(load.kept), seconds=seconds)
 
 
+def _staged_by_ranges(shape: Shape, postgres: PostgresSettings, ranges: list[tuple[int, int]]) -> StagedData:
+    """``_staged`` a store range at a time (module docstring)."""
+    global _staged_load
+    parts = {"generate (both passes)": 0.0, "pool (pass 1)": 0.0, "derive (pass 2)": 0.0}
+    pooled: list[dict[str, np.ndarray]] = []
+    latest: list[pd.DataFrame] = []
+
+    def generated(first: int, last: int) -> pd.DataFrame:
+        started = time.perf_counter()
+        raw = generate_stores(shape, first, last)
+        parts["generate (both passes)"] += time.perf_counter() - started
+        return raw
+
+    def raw_ranges() -> Iterator[pd.DataFrame]:
+        for first, last in ranges:
+            raw = generated(first, last)
+            started = time.perf_counter()
+            pooled.append(pooled_values(raw))
+            parts["pool (pass 1)"] += time.perf_counter() - started
+            yield raw
+
+    def feature_ranges(medians: DeptMedians) -> Iterator[pd.DataFrame]:
+        for first, last in ranges:
+            raw = generated(first, last)
+            started = time.perf_counter()
+            features = build_features(raw, medians)
+            del raw
+            latest.append(features[features["event_timestamp"] == features["event_timestamp"].max()])
+            parts["derive (pass 2)"] += time.perf_counter() - started
+            yield features
+
+    load = TableLoad(postgres)
+    try:
+        seconds: dict[str, float] = {}
+        rows, seconds[f"pass 1 over {len(ranges)} store ranges: generate, pool, load {RAW_TABLE}"] = _timed(
+            load.stage_parts, RAW_TABLE, raw_ranges(), ["store", "dept", "date"])
+        started = time.perf_counter()
+        medians = DeptMedians.of_ranges(pooled, np.arange(1, shape.depts + 1, dtype=np.int64),
+                                        week_dates(shape.resolved_end_date(), shape.weeks))
+        pooled.clear()
+        seconds["department medians"] = time.perf_counter() - started
+        _, seconds[f"pass 2: generate, derive, load {FEATURE_TABLE}"] = _timed(
+            load.stage_parts, FEATURE_TABLE, feature_ranges(medians), ["store", "dept", "event_timestamp"])
+    except BaseException:
+        load.__exit__()
+        raise
+    _staged_load = load
+    seconds.update(parts)
+    return StagedData(rows=rows, latest=pd.concat(latest, ignore_index=True), kept=list(load.kept), seconds=seconds)
+
+
 def _timed(work: Callable[..., T], *args: object) -> tuple[T, float]:
     started = time.perf_counter()
     return work(*args), time.perf_counter() - started
@@ -102,12 +174,12 @@ class OfflineLoad:
     """The child process, started on construction; ``staged()`` waits for its data, ``commit()`` swaps the tables
     in. Leaving the ``with`` block without ``commit`` rolls the load back."""
 
-    def __init__(self, shape: Shape, postgres: PostgresSettings):
+    def __init__(self, shape: Shape, postgres: PostgresSettings, range_rows: int = RANGE_ROWS):
         # spawn: a fresh interpreter, safe whatever threads this process runs (Ray's, Feast's, torch's); it collects
         # garbage rarely (store.collecting_rarely) from its first import on
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=gc.set_threshold, initargs=RARE_COLLECTIONS)
-        self._staged = self._pool.submit(_stage, shape, postgres)
+        self._staged = self._pool.submit(_stage, shape, postgres, range_rows)
         self._committed = False
 
     def staged(self) -> StagedData:
