@@ -227,7 +227,7 @@ def prepare(args: argparse.Namespace):
     import psycopg
 
     from sales_forecast.config import REPO_ROOT, load_settings
-    from sales_forecast.contract import FEATURE_TABLE, RAW_TABLE
+    from sales_forecast.contract import FEATURE_INDEX, FEATURE_TABLE, RAW_INDEX, RAW_TABLE
     from sales_forecast.features.derive import FEATURE_COLUMNS, build_features
     from sales_forecast.features.generator import Shape, generate
     from sales_forecast.features.load import load_table
@@ -259,8 +259,8 @@ def prepare(args: argparse.Namespace):
         if stale or rows(FEATURE_TABLE) != shape.rows or rows(RAW_TABLE) != shape.rows:
             raw = generate(shape)
             features = build_features(raw)
-            load_table(settings.postgres, RAW_TABLE, raw, ["store", "dept", "date"])
-            load_table(settings.postgres, FEATURE_TABLE, features, ["store", "dept", "event_timestamp"])
+            load_table(settings.postgres, RAW_TABLE, raw, RAW_INDEX)
+            load_table(settings.postgres, FEATURE_TABLE, features, FEATURE_INDEX)
             print(f"loaded {shape.rows:,} rows into {RAW_TABLE} and {FEATURE_TABLE}")
             conn.execute(f'DROP TABLE IF EXISTS "{SINGLE_KEY_TABLE}"')
         if stale or rows(SINGLE_KEY_TABLE) != shape.rows:

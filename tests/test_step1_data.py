@@ -288,7 +288,7 @@ def test_a_derivation_by_store_ranges_equals_the_whole_one(raw: pd.DataFrame) ->
     exactly the whole derivation's rows; rows of a department or week the medians do not cover are refused."""
     ranges = [(1, 2), (3, 3), (4, 6)]
     pooled = [pooled_values(generate_stores(SHAPE, first, last)) for first, last in ranges]
-    medians = DeptMedians.of_ranges(pooled, np.arange(1, SHAPE.depts + 1), g.week_dates(END, SHAPE.weeks))
+    medians = DeptMedians.of_ranges(pooled, SHAPE.dept_ids(), SHAPE.dates())
     by_range = pd.concat([build_features(generate_stores(SHAPE, first, last), medians) for first, last in ranges],
                          ignore_index=True)
     whole = build_features(raw)

@@ -13,7 +13,7 @@ import pytest
 from conftest import database_settings, free_port
 
 from sales_forecast.config import REPO_ROOT
-from sales_forecast.contract import FEATURE_TABLE, RAW_TABLE
+from sales_forecast.contract import FEATURE_INDEX, FEATURE_TABLE, RAW_INDEX, RAW_TABLE
 from sales_forecast.errors import PipelineError
 from sales_forecast.features import store as fs_ops
 from sales_forecast.features.derive import build_features
@@ -30,8 +30,8 @@ def empty_tables(stack_settings):
     """Step 1's tables and Feast definitions, with no rows."""
     settings = database_settings(stack_settings, "training_empty")
     raw = generate(Shape(stores=1, depts=1, weeks=6, seed=1)).iloc[0:0]
-    load_table(settings.postgres, RAW_TABLE, raw, ["store", "dept", "date"])
-    load_table(settings.postgres, FEATURE_TABLE, build_features(raw), ["store", "dept", "event_timestamp"])
+    load_table(settings.postgres, RAW_TABLE, raw, RAW_INDEX)
+    load_table(settings.postgres, FEATURE_TABLE, build_features(raw), FEATURE_INDEX)
     fs_ops.apply_definitions(fs_ops.open_store(settings), settings.feast_repo_path)
     return settings
 

@@ -27,10 +27,10 @@ from conftest import database_settings
 
 from sales_forecast import model_dir
 from sales_forecast.config import REPO_ROOT
-from sales_forecast.contract import FEATURE_SERVICE, FEATURE_TABLE, RAW_TABLE
+from sales_forecast.contract import FEATURE_INDEX, FEATURE_SERVICE, FEATURE_TABLE, RAW_INDEX, RAW_TABLE
 from sales_forecast.features import store as fs_ops
 from sales_forecast.features.derive import build_features
-from sales_forecast.features.generator import Shape, generate, week_dates
+from sales_forecast.features.generator import Shape, generate
 from sales_forecast.features.load import load_table
 from sales_forecast.forecaster import Forecaster
 from sales_forecast.training.params import TrainingParams
@@ -46,8 +46,8 @@ def fixed_data(stack_settings):
     """Step 1 without materialization (training reads only the offline store): tables + feast apply."""
     settings = database_settings(stack_settings, "training_fixed")
     raw = generate(FIXED_SHAPE)
-    load_table(settings.postgres, RAW_TABLE, raw, ["store", "dept", "date"])
-    load_table(settings.postgres, FEATURE_TABLE, build_features(raw), ["store", "dept", "event_timestamp"])
+    load_table(settings.postgres, RAW_TABLE, raw, RAW_INDEX)
+    load_table(settings.postgres, FEATURE_TABLE, build_features(raw), FEATURE_INDEX)
     fs_ops.apply_definitions(fs_ops.open_store(settings), settings.feast_repo_path)
     return settings
 
@@ -95,7 +95,7 @@ def test_mlflow_run_holds_params_metrics_model_plot_and_version(champion_run, ml
     assert [m.step for m in history] == list(range(1, champion_run.fit.epochs_run + 1))
     assert len(client.get_metric_history(run.info.run_id, "val_wmae")) == champion_run.fit.epochs_run
     assert tags["feature_service"] == FEATURE_SERVICE
-    weeks = [f"{day:%Y-%m-%d}" for day in week_dates(FIXED_SHAPE.end_date, FIXED_SHAPE.weeks)]
+    weeks = [f"{day:%Y-%m-%d}" for day in FIXED_SHAPE.dates()]
     # Prediction weeks: from the 4th week (complete lags) to the last but one (its label is the last week).
     assert (tags["data_start"], tags["data_end"]) == (weeks[3], weeks[-2])
     assert tags["test_range"] == f"{weeks[-9]}..{weeks[-2]}"
@@ -200,7 +200,7 @@ def test_backtest_scores_every_origin_on_a_model_trained_before_it(training_env,
     result = train_sales_model({**FAST, "registered_model": "sales-forecast-backtest", "run_name": "backtest",
                                 "backtest": 2})
     backtest = result.backtest
-    weeks = [f"{day:%Y-%m-%d}" for day in week_dates(FIXED_SHAPE.end_date, FIXED_SHAPE.weeks)]
+    weeks = [f"{day:%Y-%m-%d}" for day in FIXED_SHAPE.dates()]
     # prediction weeks end with the last but one week (its label is the last week)
     assert [origin.test_range for origin in backtest.origins] == [f"{weeks[-5]}..{weeks[-2]}",
                                                                  f"{weeks[-9]}..{weeks[-6]}"]

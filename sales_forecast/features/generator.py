@@ -80,6 +80,13 @@ class Shape:
     def resolved_end_date(self) -> dt.date:
         return self.end_date or latest_friday(dt.datetime.now(dt.UTC).date())
 
+    def dept_ids(self) -> np.ndarray:
+        return np.arange(1, self.depts + 1, dtype=np.int64)
+
+    def dates(self) -> pd.DatetimeIndex:
+        """The week-ending Fridays, oldest first."""
+        return week_dates(self.resolved_end_date(), self.weeks)
+
 
 def latest_friday(day: dt.date) -> dt.date:
     return day - dt.timedelta(days=(day.weekday() - 4) % 7)
@@ -367,9 +374,9 @@ def generate_stores(shape: Shape, first_store: int, last_store: int) -> pd.DataF
     that frame's slice; sorted by store, dept, date."""
     if not 1 <= first_store <= last_store:
         raise ValueError(f"need 1 <= first_store <= last_store, got {first_store}..{last_store}")
-    dates = week_dates(shape.resolved_end_date(), shape.weeks)
+    dates = shape.dates()
     stores = np.arange(first_store, last_store + 1, dtype=np.int64)
-    depts = np.arange(1, shape.depts + 1, dtype=np.int64)
+    depts = shape.dept_ids()
     n_stores, n_depts, n_weeks = len(stores), len(depts), len(dates)
     n = n_stores * n_depts * n_weeks
     out = {name: np.empty(n) for name in ("weekly_sales", "temperature", "fuel_price", "cpi", "unemployment")}

@@ -17,7 +17,7 @@ COPY gives its rows its own ``xmin``, with or without triggers). The check reads
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import adbc_driver_postgresql.dbapi as adbc
 import pandas as pd
@@ -45,7 +45,7 @@ class Fingerprint:
     """What a load writes: its schema (names, types, pandas metadata), the index and every buffer, part by part (a
     table loaded in one part has the digest ``fingerprint`` gives)."""
 
-    def __init__(self, schema: pa.Schema, index_columns: list[str]):
+    def __init__(self, schema: pa.Schema, index_columns: Sequence[str]):
         self.schema = schema
         self._digest = hashlib.sha256(FINGERPRINT_VERSION)
         for part in (schema.serialize(), ",".join(index_columns).encode()):
@@ -66,7 +66,7 @@ class Fingerprint:
         return self._digest.hexdigest()
 
 
-def fingerprint(data: pa.Table, index_columns: list[str]) -> str:
+def fingerprint(data: pa.Table, index_columns: Sequence[str]) -> str:
     digest = Fingerprint(data.schema, index_columns)
     digest.add(data)
     return digest.hexdigest()
@@ -177,7 +177,7 @@ class TableLoad:
                                                "FROM {}").format(sql.Identifier(table)), (str(load_xid),)).fetchone()
         return int(rows) if (count, rewritten) == (rows, 0) else None
 
-    def stage(self, table: str, frame: pd.DataFrame, index_columns: list[str]) -> int:
+    def stage(self, table: str, frame: pd.DataFrame, index_columns: Sequence[str]) -> int:
         """Fill ``table``'s staging table with ``frame`` (not visible to others until ``commit``), unless the table
         provably holds that data already; returns its rows."""
         data = pa.Table.from_pandas(frame, preserve_index=False)
@@ -191,7 +191,7 @@ class TableLoad:
         self._index(table, index_columns, digest, rows)
         return rows
 
-    def stage_parts(self, table: str, parts: Iterable[pd.DataFrame], index_columns: list[str]) -> int:
+    def stage_parts(self, table: str, parts: Iterable[pd.DataFrame], index_columns: Sequence[str]) -> int:
         """``stage`` for data too big to hold whole, in parts (same columns), each copied as it comes. Whether the
         table already holds this data is known only after the last part: then the staged copy is dropped."""
         self._drop_staging(table)
@@ -220,7 +220,7 @@ class TableLoad:
     def _drop_staging(self, table: str) -> None:
         self.cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(f"{table}__staging")))
 
-    def _index(self, table: str, index_columns: list[str], digest: str, rows: int) -> None:
+    def _index(self, table: str, index_columns: Sequence[str], digest: str, rows: int) -> None:
         staging = sql.Identifier(f"{table}__staging")
         self.cur.execute(sql.SQL("CREATE INDEX {} ON {} ({})").format(
             sql.Identifier(f"{table}__staging_key_ts"), staging,
@@ -254,7 +254,7 @@ class TableLoad:
         self.conn.close()
 
 
-def load_table(settings: PostgresSettings, table: str, frame: pd.DataFrame, index_columns: list[str]) -> int:
+def load_table(settings: PostgresSettings, table: str, frame: pd.DataFrame, index_columns: Sequence[str]) -> int:
     """Replace ``table`` with ``frame`` (or keep it when it holds exactly that); returns the rows now in it."""
     with TableLoad(settings) as load:
         count = load.stage(table, frame, index_columns)

@@ -27,10 +27,10 @@ import numpy as np
 import pandas as pd
 
 from sales_forecast.config import PostgresSettings
-from sales_forecast.contract import FEATURE_TABLE, RAW_TABLE
+from sales_forecast.contract import FEATURE_INDEX, FEATURE_TABLE, RAW_INDEX, RAW_TABLE
 from sales_forecast.errors import PipelineError, first_line
 from sales_forecast.features.derive import DeptMedians, build_features, pooled_values
-from sales_forecast.features.generator import Shape, generate, generate_stores, week_dates
+from sales_forecast.features.generator import Shape, generate, generate_stores
 from sales_forecast.features.load import TableLoad
 from sales_forecast.features.store import RARE_COLLECTIONS
 
@@ -86,19 +86,23 @@ def _staged(shape: Shape, postgres: PostgresSettings) -> StagedData:
         # hashing and Arrow's conversions run on the second core (pgpq's encoding holds the GIL; one connection,
         # used by one thread at a time).
         with ThreadPoolExecutor(1) as pool:
-            raw_staged = pool.submit(_timed, load.stage, RAW_TABLE, raw, ["store", "dept", "date"])
+            raw_staged = pool.submit(_timed, load.stage, RAW_TABLE, raw, RAW_INDEX)
             started = time.perf_counter()
             features = build_features(raw)
             seconds["derive"] = time.perf_counter() - started
             _, seconds[f"load {RAW_TABLE} (alongside derive)"] = raw_staged.result()
-        rows, seconds[f"load {FEATURE_TABLE}"] = _timed(load.stage, FEATURE_TABLE, features,
-                                                         ["store", "dept", "event_timestamp"])
+        rows, seconds[f"load {FEATURE_TABLE}"] = _timed(load.stage, FEATURE_TABLE, features, FEATURE_INDEX)
     except BaseException:
         load.__exit__()
         raise
     _staged_load = load
-    latest = features[features["event_timestamp"] == features["event_timestamp"].max()].reset_index(drop=True)
-    return StagedData(rows=rows, latest=latest, kept=list(load.kept), seconds=seconds)
+    return StagedData(rows=rows, latest=_latest(features).reset_index(drop=True), kept=list(load.kept),
+                      seconds=seconds)
+
+
+def _latest(features: pd.DataFrame) -> pd.DataFrame:
+    """The feature rows of the last week (one per series)."""
+    return features[features["event_timestamp"] == features["event_timestamp"].max()]
 
 
 def _staged_by_ranges(shape: Shape, postgres: PostgresSettings, ranges: list[tuple[int, int]]) -> StagedData:
@@ -128,7 +132,7 @@ def _staged_by_ranges(shape: Shape, postgres: PostgresSettings, ranges: list[tup
             started = time.perf_counter()
             features = build_features(raw, medians)
             del raw
-            latest.append(features[features["event_timestamp"] == features["event_timestamp"].max()])
+            latest.append(_latest(features))
             parts["derive (pass 2)"] += time.perf_counter() - started
             yield features
 
@@ -136,14 +140,13 @@ def _staged_by_ranges(shape: Shape, postgres: PostgresSettings, ranges: list[tup
     try:
         seconds: dict[str, float] = {}
         rows, seconds[f"pass 1 over {len(ranges)} store ranges: generate, pool, load {RAW_TABLE}"] = _timed(
-            load.stage_parts, RAW_TABLE, raw_ranges(), ["store", "dept", "date"])
+            load.stage_parts, RAW_TABLE, raw_ranges(), RAW_INDEX)
         started = time.perf_counter()
-        medians = DeptMedians.of_ranges(pooled, np.arange(1, shape.depts + 1, dtype=np.int64),
-                                        week_dates(shape.resolved_end_date(), shape.weeks))
+        medians = DeptMedians.of_ranges(pooled, shape.dept_ids(), shape.dates())
         pooled.clear()
         seconds["department medians"] = time.perf_counter() - started
         _, seconds[f"pass 2: generate, derive, load {FEATURE_TABLE}"] = _timed(
-            load.stage_parts, FEATURE_TABLE, feature_ranges(medians), ["store", "dept", "event_timestamp"])
+            load.stage_parts, FEATURE_TABLE, feature_ranges(medians), FEATURE_INDEX)
     except BaseException:
         load.__exit__()
         raise
