@@ -172,8 +172,7 @@ def test_complete_rows_drops_incomplete_features() -> None:
 def test_training_retrieval_runs_the_ray_join_by_default(small_features) -> None:
     """feature_repo selects the Ray offline store, so get_historical_features is the Ray point-in-time join."""
     from sales_forecast.contract import FEATURE_SERVICE
-    from sales_forecast.ray_offline_store.job import RayPostgreSQLRetrievalJob
-    from sales_forecast.ray_offline_store.store import STORE_TYPE
+    from sales_forecast.ray_offline_store.store import STORE_TYPE, RayPostgreSQLRetrievalJob
 
     settings, _ = small_features
     store = fs_ops.open_store(settings)
