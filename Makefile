@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint validate-manifests check-crd-schemas stack-up stack-down stack-status bench-features bench-serving bench-pit-join bench-scale bench-cycle bench-stack bench-training train features clean-stack
+.PHONY: demo test lint validate-manifests check-crd-schemas stack-up stack-down stack-status bench-features bench-serving bench-pit-join bench-online-write bench-scale bench-cycle bench-stack bench-training train features clean-stack
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ bench-cycle: $(STAMP)
 
 bench-pit-join: $(STAMP)
 	$(PY) -m benchmarks.bench_pit_join
+
+# One online write's upsert into a 100x online table (SERIES=115830: 10x), against the statement before it.
+SERIES ?= 1158300
+bench-online-write: $(STAMP)
+	$(PY) -m benchmarks.bench_online_write --series $(SERIES)
 
 # Steps 1 and 2 at 10x the default rows with the whole machine's memory sampled (SCALE=100: how far it gets).
 SCALE ?= 10

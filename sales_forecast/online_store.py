@@ -105,24 +105,34 @@ def online_rows(config: RepoConfig, data: WriteRows, has_value_num: bool) -> lis
     return rows
 
 
-def upsert_statement(table_name: str, columns: list[str]) -> sql.Composed:
-    """Feast's upsert (ON CONFLICT DO UPDATE of every value column) of the staged rows that are not stored already,
-    in key order, so concurrent writers of overlapping keys lock rows in one order."""
+# Whether a staged row differs from its stored one (or has none): a scalar subquery, which PostgreSQL runs as a
+# primary-key probe per staged row. NOT EXISTS of an equal row, the form before, it turns into a join, whose hash
+# anti-join read the whole online table on every write (benchmarks/bench_online_write.py). Values are compared
+# column by column, so each staged ``timestamp`` is cast to the table's ``timestamptz`` as the insert casts it.
+DIFFERS_FROM_STORED = (
+    "(SELECT ({stored}) IS NOT DISTINCT FROM ({new}) FROM {target} WHERE {target}.entity_key = {staged}.entity_key "
+    "AND {target}.feature_name = {staged}.feature_name) IS NOT TRUE")
+
+
+def upsert_statement(table_name: str, columns: list[str], differs: str = DIFFERS_FROM_STORED) -> sql.Composed:
+    """Feast's upsert (ON CONFLICT DO UPDATE of every value column) of the staged rows that satisfy ``differs`` (a
+    condition on ``{target}``, ``{staged}``, their value columns ``{stored}`` and ``{new}``), in key order, so
+    concurrent writers of overlapping keys lock rows in one order."""
     target, staged = sql.Identifier(table_name), sql.Identifier(STAGING_TABLE)
     values = [c for c in columns if c not in KEY_COLUMNS]
 
     def qualified(table: sql.Identifier, names: list[str]) -> sql.Composable:
         return sql.SQL(", ").join(sql.SQL("{}.{}").format(table, sql.Identifier(c)) for c in names)
 
+    condition = sql.SQL(differs).format(target=target, staged=staged, stored=qualified(target, values),
+                                        new=qualified(staged, values))
     return sql.SQL(
-        "INSERT INTO {target} ({names}) SELECT {staged_columns} FROM {staged} WHERE NOT EXISTS ("
-        "SELECT FROM {target} WHERE {target}.entity_key = {staged}.entity_key "
-        "AND {target}.feature_name = {staged}.feature_name AND ({stored}) IS NOT DISTINCT FROM ({new})) "
+        "INSERT INTO {target} ({names}) SELECT {staged_columns} FROM {staged} WHERE {condition} "
         "ORDER BY {staged}.entity_key, {staged}.feature_name "
         "ON CONFLICT (entity_key, feature_name) DO UPDATE SET {assign}"
     ).format(
         target=target, staged=staged, names=sql.SQL(", ").join(map(sql.Identifier, columns)),
-        staged_columns=qualified(staged, columns), stored=qualified(target, values), new=qualified(staged, values),
+        staged_columns=qualified(staged, columns), condition=condition,
         assign=sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in values))
 
 

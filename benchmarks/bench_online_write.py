@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""One online write's upsert against a large online table: `python -m benchmarks.bench_online_write`
+(make bench-online-write; `--series 115830` for the 10x shape, 1158300 for 100x, the default).
+
+On the stack's PostgreSQL (`make stack-up`) it builds a table in the layout of Feast's PostgreSQL online store
+(`online_columns`, with Feast's `timestamptz` for the timestamps the writes stage as `timestamp`, the primary key
+and the entity-key index Feast's `update` makes) holding ``--series`` series x the model's 32 features, keys
+serialized as Feast's version 3 of (dept, store), in writes of 60,000 series sorted by key, as step 1's
+materialization leaves it. Then it times one write of 60,000 series (1.92M rows, what one materialization write
+holds), the statement alone (the COPY into the staging table is the same for both), in three cases: series the
+table does not hold (a first load), the stored values (a run repeated), new values (a new week). Each case is timed
+with the project's statement (`upsert_statement`) and with the condition it had before, whose NOT EXISTS PostgreSQL
+turns into a hash anti-join over the whole table. Each write is rolled back and the table vacuumed before the next;
+the table is dropped at the end unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import psycopg
+from psycopg import sql
+from rich.console import Console
+from rich.table import Table
+
+from sales_forecast.config import load_settings
+from sales_forecast.features.derive import MODEL_FEATURES
+from sales_forecast.online_store import DIFFERS_FROM_STORED, STAGING_TABLE, online_columns, upsert_statement
+
+TABLE = "bench_online_write"
+KEYS = "bench_online_write_keys"
+WRITE_SERIES = 60_000  # feature_repo's online_write_batch_size
+DEPTS = 81
+STORED = {"timestamp": "timestamptz"}  # Feast's table stores the timestamps that writes stage as timestamp
+CASES = {"new series": (0, 0), "same values": (-WRITE_SERIES, 0), "new values": (-WRITE_SERIES, 7)}
+
+
+# the condition before: NOT EXISTS of an equal stored row, which PostgreSQL plans as a join
+EQUAL_ROW_NOT_STORED = (
+    "NOT EXISTS (SELECT FROM {target} WHERE {target}.entity_key = {staged}.entity_key "
+    "AND {target}.feature_name = {staged}.feature_name AND ({stored}) IS NOT DISTINCT FROM ({new}))")
+
+
+CONDITIONS = {"scalar subquery (now)": DIFFERS_FROM_STORED, "NOT EXISTS (before)": EQUAL_ROW_NOT_STORED}
+
+
+def serialized_keys(count: int) -> list[bytes]:
+    """Feast's version-3 serialization of the join keys (dept, store), series in store-major order."""
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    head = serialize_entity_key(EntityKey(join_keys=["dept", "store"], entity_values=[Value(int64_val=0)] * 2), 3)
+    # only the two 8-byte values vary: dept at bytes 37-45, store at 53-61 (little-endian)
+    series = np.arange(count)
+    return [head[:37] + int(d).to_bytes(8, "little") + head[45:53] + int(s).to_bytes(8, "little")
+            for d, s in zip(series % DEPTS + 1, series // DEPTS + 1, strict=True)]
+
+
+def rows_sql(target: str, low: int, high: int, shift: int) -> sql.Composed:
+    """INSERT of series [low, high) x the features, each value derived from (series, feature, shift)."""
+    names = sql.SQL(", ").join(map(sql.Literal, MODEL_FEATURES))
+    return sql.SQL(
+        "INSERT INTO {target} (entity_key, feature_name, value, value_text, event_ts) "
+        "SELECT k.key, f.name, '\\x09'::bytea || float8send(k.series * 100 + f.n + {shift}), "
+        "(k.series * 100 + f.n + {shift})::text, '2026-11-27'::timestamptz "
+        "FROM {keys} k CROSS JOIN unnest(ARRAY[{names}]) WITH ORDINALITY AS f(name, n) "
+        "WHERE k.series >= {low} AND k.series < {high} ORDER BY k.key, f.name"
+    ).format(target=sql.Identifier(target), keys=sql.Identifier(KEYS), names=names, shift=sql.Literal(shift),
+             low=sql.Literal(low), high=sql.Literal(high))
+
+
+def build(conn: psycopg.Connection, series: int, console: Console) -> None:
+    started = time.perf_counter()
+    columns = online_columns(False)
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(sql.Identifier(TABLE), sql.Identifier(KEYS)))
+    conn.execute(sql.SQL("CREATE TABLE {} (series integer, key bytea)").format(sql.Identifier(KEYS)))
+    with conn.cursor().copy(sql.SQL("COPY {} FROM STDIN").format(sql.Identifier(KEYS))) as copy:
+        for number, key in enumerate(serialized_keys(series + WRITE_SERIES)):
+            copy.write_row((number, key))
+    conn.execute(sql.SQL("CREATE TABLE {} ({}, PRIMARY KEY (entity_key, feature_name))").format(
+        sql.Identifier(TABLE), sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(STORED.get(t, t)))
+                                                  for n, t in columns)))
+    conn.execute(sql.SQL("CREATE INDEX {} ON {} (entity_key)").format(sql.Identifier(f"{TABLE}_ek"),
+                                                                     sql.Identifier(TABLE)))
+    for low in range(0, series, WRITE_SERIES):
+        conn.execute(rows_sql(TABLE, low, min(series, low + WRITE_SERIES), 0))
+        console.print(f"  {min(series, low + WRITE_SERIES):,} series stored, {time.perf_counter() - started:.0f} s")
+    conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(TABLE)))
+    console.print(f"table of {series:,} series x {len(MODEL_FEATURES)} features built in "
+                  f"{time.perf_counter() - started:.1f} s")
+
+
+def timed_write(conn: psycopg.Connection, differs: str, low: int, shift: int) -> float:
+    """Seconds of one write's upsert statement, rolled back; the table vacuumed after."""
+    columns = online_columns(False)
+    with conn.transaction(force_rollback=True):
+        conn.execute(sql.SQL("CREATE TEMPORARY TABLE {} ({}) ON COMMIT DROP").format(
+            sql.Identifier(STAGING_TABLE), sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t))
+                                                              for n, t in columns)))
+        conn.execute(rows_sql(STAGING_TABLE, low, low + WRITE_SERIES, shift))
+        started = time.perf_counter()
+        conn.execute(upsert_statement(TABLE, [name for name, _ in columns], differs))
+        seconds = time.perf_counter() - started
+    conn.execute(sql.SQL("VACUUM {}").format(sql.Identifier(TABLE)))
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--series", type=int, default=1_158_300, help="series in the online table")
+    parser.add_argument("--repeat", type=int, default=1, help="writes per case and statement, alternating")
+    parser.add_argument("--keep", action="store_true", help="keep the table (and reuse a kept one of that size)")
+    args = parser.parse_args()
+    if args.series < WRITE_SERIES:
+        parser.error(f"--series must be at least {WRITE_SERIES:,}: the same and new values cases rewrite the last "
+                     f"{WRITE_SERIES:,} stored series")
+    console = Console()
+    settings = load_settings()
+    with psycopg.connect(settings.postgres.libpq_url(), autocommit=True) as conn:
+        kept = conn.execute("SELECT count(*) FROM pg_class WHERE relname = %s", (KEYS,)).fetchone()[0] and \
+            conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(KEYS))).fetchone()[0] \
+            == args.series + WRITE_SERIES
+        if not (args.keep and kept):
+            build(conn, args.series, console)
+        times: dict[tuple[str, str], list[float]] = {}
+        for _ in range(args.repeat):
+            for case, (offset, shift) in CASES.items():
+                for name, differs in CONDITIONS.items():
+                    seconds = timed_write(conn, differs, args.series + offset, shift)
+                    times.setdefault((case, name), []).append(seconds)
+                    console.print(f"  {case}, {name}: {seconds:.2f} s")
+        if not args.keep:
+            conn.execute(sql.SQL("DROP TABLE {}, {}").format(sql.Identifier(TABLE), sql.Identifier(KEYS)))
+    table = Table(title=f"one write of {WRITE_SERIES:,} series x {len(MODEL_FEATURES)} features "
+                        f"({WRITE_SERIES * len(MODEL_FEATURES):,} rows) into {args.series:,} stored series, "
+                        "the upsert statement alone, seconds")
+    table.add_column("case")
+    for name in CONDITIONS:
+        table.add_column(name, justify="right")
+    for case in CASES:
+        table.add_row(case, *(", ".join(f"{s:.1f}" for s in times[(case, name)]) for name in CONDITIONS))
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
