@@ -21,13 +21,21 @@ import time
 
 import numpy as np
 import psycopg
+import pyarrow as pa
 from psycopg import sql
 from rich.console import Console
 from rich.table import Table
 
 from sales_forecast.config import load_settings
 from sales_forecast.features.derive import MODEL_FEATURES
-from sales_forecast.online_store import DIFFERS_FROM_STORED, STAGING_TABLE, online_columns, upsert_statement
+from sales_forecast.online_store import (
+    DIFFERS_FROM_STORED,
+    STAGING_TABLE,
+    _serialized_keys,
+    online_columns,
+    staging_statement,
+    upsert_statement,
+)
 
 TABLE = "bench_online_write"
 KEYS = "bench_online_write_keys"
@@ -46,17 +54,14 @@ EQUAL_ROW_NOT_STORED = (
 CONDITIONS = {"scalar subquery (now)": DIFFERS_FROM_STORED, "NOT EXISTS (before)": EQUAL_ROW_NOT_STORED}
 
 
-def serialized_keys(count: int) -> list[bytes]:
-    """Feast's version-3 serialization of the join keys (dept, store), series in store-major order."""
-    from feast.infra.key_encoding_utils import serialize_entity_key
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import Value
+def serialized_keys(count: int) -> np.ndarray:
+    """Feast's version-3 serialization of the join keys (dept, store), series in store-major order, one row of bytes
+    per series: the online store's own encoding, which checks itself against Feast's."""
+    from feast import ValueType
 
-    head = serialize_entity_key(EntityKey(join_keys=["dept", "store"], entity_values=[Value(int64_val=0)] * 2), 3)
-    # only the two 8-byte values vary: dept at bytes 37-45, store at 53-61 (little-endian)
-    series = np.arange(count)
-    return [head[:37] + int(d).to_bytes(8, "little") + head[45:53] + int(s).to_bytes(8, "little")
-            for d, s in zip(series % DEPTS + 1, series // DEPTS + 1, strict=True)]
+    series = np.arange(count, dtype=np.int64)
+    keys = pa.table({"dept": series % DEPTS + 1, "store": series // DEPTS + 1})
+    return _serialized_keys(keys, {"dept": ValueType.INT64, "store": ValueType.INT64})
 
 
 def rows_sql(target: str, low: int, high: int, shift: int) -> sql.Composed:
@@ -79,7 +84,7 @@ def build(conn: psycopg.Connection, series: int, console: Console) -> None:
     conn.execute(sql.SQL("CREATE TABLE {} (series integer, key bytea)").format(sql.Identifier(KEYS)))
     with conn.cursor().copy(sql.SQL("COPY {} FROM STDIN").format(sql.Identifier(KEYS))) as copy:
         for number, key in enumerate(serialized_keys(series + WRITE_SERIES)):
-            copy.write_row((number, key))
+            copy.write_row((number, key.tobytes()))
     conn.execute(sql.SQL("CREATE TABLE {} ({}, PRIMARY KEY (entity_key, feature_name))").format(
         sql.Identifier(TABLE), sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(STORED.get(t, t)))
                                                   for n, t in columns)))
@@ -97,9 +102,7 @@ def timed_write(conn: psycopg.Connection, differs: str, low: int, shift: int) ->
     """Seconds of one write's upsert statement, rolled back; the table vacuumed after."""
     columns = online_columns(False)
     with conn.transaction(force_rollback=True):
-        conn.execute(sql.SQL("CREATE TEMPORARY TABLE {} ({}) ON COMMIT DROP").format(
-            sql.Identifier(STAGING_TABLE), sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t))
-                                                              for n, t in columns)))
+        conn.execute(staging_statement(columns))
         conn.execute(rows_sql(STAGING_TABLE, low, low + WRITE_SERIES, shift))
         started = time.perf_counter()
         conn.execute(upsert_statement(TABLE, [name for name, _ in columns], differs))

@@ -105,6 +105,13 @@ def online_rows(config: RepoConfig, data: WriteRows, has_value_num: bool) -> lis
     return rows
 
 
+def staging_statement(columns: list[tuple[str, str]]) -> sql.Composed:
+    """The temporary table one write COPYs its rows into (``online_columns``), dropped at the end of the write."""
+    return sql.SQL("CREATE TEMPORARY TABLE {} ({}) ON COMMIT DROP").format(
+        sql.Identifier(STAGING_TABLE),
+        sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in columns))
+
+
 # Whether a staged row differs from its stored one (or has none): a scalar subquery, which PostgreSQL runs as a
 # primary-key probe per staged row. NOT EXISTS of an equal row, the form before, it turns into a join, whose hash
 # anti-join read the whole online table on every write (benchmarks/bench_online_write.py). Values are compared
@@ -344,9 +351,7 @@ class BulkPostgreSQLOnlineStore(PostgreSQLOnlineStore):
                 columns = online_columns(has_value_num)
                 names = [name for name, _ in columns]
                 staging = sql.Identifier(STAGING_TABLE)
-                cur.execute(sql.SQL("CREATE TEMPORARY TABLE {} ({}) ON COMMIT DROP").format(
-                    staging, sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t))
-                                                for n, t in columns)))
+                cur.execute(staging_statement(columns))
                 copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
                     staging, sql.SQL(", ").join(map(sql.Identifier, names)))
                 with cur.copy(copy_sql) as copy:
