@@ -10,7 +10,10 @@ stack of its own: SALES_STACK_DIR, POSTGRES_PORT, SALES_*_PORT, as for bench_pit
 - memory: peak PSS of the step's process tree, of the Ray head's processes (workers included), of PostgreSQL, and
   the machine's used memory (total - available), each with its baseline before the step, sampled every
   --memory-interval seconds.
---steps 1 or 2 runs one step only (2 needs step 1's data at the same scale); --steps floor measures the read floor
+--steps 1 or 2 runs one step only (2 needs step 1's data at the same scale); --steps persist runs step 2's
+training-set retrieval alone in a process of its own, written to a saved dataset (a PostgreSQL table, dropped
+afterwards) with get_historical_features(...).persist instead of returned with to_df: the store writes a one-view
+result partition by partition, so the set never has to fit in the process; --steps floor measures the read floor
 of step 2's retrieval: PostgreSQL sending the whole feature table (what the point-in-time join reads) to one ADBC
 reader per CPU, each a range of stores, in parallel; no join, nothing sent to a driver. What breaks first at 100x
 is part of the report, so a step is stopped, and reported with the phase it was in, when it passes --timeout or when
@@ -33,16 +36,21 @@ from benchmarks.memory import MachineMemory
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STORES = 143
+PERSIST_TABLE = "bench_scale_training_set"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=int, default=10)
-    parser.add_argument("--steps", default="1,2", help="which steps to run: 1, 2, 1,2 or floor")
+    parser.add_argument("--steps", default="1,2", help="which steps to run: 1, 2, 1,2, persist or floor")
     parser.add_argument("--memory-interval", type=float, default=0.5)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per step")
     parser.add_argument("--stop-above", type=float, default=20.0, help="GiB of machine memory used")
+    parser.add_argument("--persist-child", metavar="TABLE", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.persist_child:
+        persist_training_set(args.persist_child)
+        return
 
     from sales_forecast import stack
     from sales_forecast.config import load_settings
@@ -51,7 +59,8 @@ def main() -> None:
     settings = stack.ensure_services(load_settings(), mlflow=True, ray=True)
     stores = DEFAULT_STORES * args.scale
     commands = {"1": [sys.executable, "01_feast_features.py", "--stores", str(stores)],
-                "2": [sys.executable, "02_training.py", "--run-name", f"bench-scale x{args.scale}"]}
+                "2": [sys.executable, "02_training.py", "--run-name", f"bench-scale x{args.scale}"],
+                "persist": [sys.executable, "-m", "benchmarks.bench_scale", "--persist-child", PERSIST_TABLE]}
     print(f"scale {args.scale}: {stores} stores x 81 depts x 52 weeks = {stores * 81 * 52:,} rows; "
           f"load average {os.getloadavg()[0]:.1f} (2 CPUs)", flush=True)
     if args.steps == "floor":
@@ -74,6 +83,8 @@ def main() -> None:
               + f", load average after {os.getloadavg()[0]:.1f}")
         memory.report(f"step {step}")
         summary.append((step, wall, code, memory.peak))
+        if step == "persist":
+            drop_table(settings, PERSIST_TABLE)
         if code != 0:
             break
     print(f"\n| scale {args.scale} | wall | exit | peak driver | peak Ray | peak PostgreSQL | peak machine used |")
@@ -112,6 +123,42 @@ def read_floor(settings, readers: int) -> None:
     rows, size = sum(r for r, _ in sizes), sum(b for _, b in sizes)
     print(f"read floor: {rows:,} rows ({size / 2**30:.2f} GiB as Arrow) of {FEATURE_TABLE} in {seconds:.1f} s by "
           f"{readers} parallel ADBC readers (store ranges); load average after {os.getloadavg()[0]:.1f}")
+
+
+def persist_training_set(table: str) -> None:
+    """--steps persist's child: step 2's retrieval persisted to ``table``; prints what it wrote and its phases."""
+    started = time.perf_counter()
+    import psycopg
+    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
+        SavedDatasetPostgreSQLStorage,
+    )
+
+    from sales_forecast.config import load_settings
+    from sales_forecast.contract import FEATURE_SERVICE
+    from sales_forecast.features.store import open_store
+    from sales_forecast.training.dataset import entity_sql
+
+    settings = load_settings()
+    store = open_store(settings)
+    ready = time.perf_counter()
+    print("> get_historical_features(...).persist ...", file=sys.stderr, flush=True)
+    job = store.get_historical_features(entity_df=entity_sql(), features=store.get_feature_service(FEATURE_SERVICE))
+    job.persist(SavedDatasetPostgreSQLStorage(table_ref=table), allow_overwrite=True)
+    done = time.perf_counter()
+    with psycopg.connect(settings.postgres.libpq_url()) as conn:
+        rows, size = conn.execute(f'SELECT (SELECT count(*) FROM "{table}"), pg_total_relation_size(%s)',
+                                  (table,)).fetchone()
+    phases = ", ".join(f"{phase} at {seconds:.1f} s" for phase, seconds in job.timings.items())
+    print(f"training set persisted: {rows:,} rows, {size / 2**30:.1f} GiB in PostgreSQL; start-up, imports and "
+          f"FeatureStore {ready - started:.1f} s; get_historical_features(...).persist {done - ready:.1f} s "
+          f"({phases})", flush=True)
+
+
+def drop_table(settings, table: str) -> None:
+    import psycopg
+
+    with psycopg.connect(settings.postgres.libpq_url()) as conn:
+        conn.execute(f'DROP TABLE IF EXISTS "{table}"')
 
 
 class Phase:

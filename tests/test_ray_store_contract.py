@@ -8,6 +8,7 @@ an entity set, filter_by_created_timestamp). The definitions are tests/fixtures/
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pandas as pd
@@ -399,6 +400,140 @@ def test_offline_writes_refuse_a_schema_mismatch(contract_db: Settings) -> None:
     assert read_visits(contract_db) == []
     write(good)
     assert read_visits(contract_db) == [(1, T0.to_pydatetime(), 10)]
+
+
+# --- persist: a one-view result is written partition by partition ------------------------------------------------
+
+def many_store_dept_rows(rng: np.random.Generator) -> pd.DataFrame:
+    keys = pd.MultiIndex.from_product([range(1, 13), range(1, 13), range(6)], names=["store", "dept", "day"])
+    frame = keys.to_frame(index=False)
+    frame["event_timestamp"] = T0 + frame.pop("day") * DAY
+    frame["created"] = frame["event_timestamp"] + pd.to_timedelta(rng.integers(0, 3, len(frame)), unit="h")
+    return frame.assign(sales=rng.normal(size=len(frame)), units=rng.integers(0, 100, len(frame)))
+
+
+def read_table(settings: Settings, name: str) -> pd.DataFrame:
+    import adbc_driver_postgresql.dbapi as adbc
+
+    with adbc.connect(settings.postgres.libpq_url()) as conn, conn.cursor() as cur:
+        cur.execute(f'SELECT * FROM "{name}"')
+        return cur.fetch_arrow_table().to_pandas()
+
+
+@pytest.mark.parametrize("entity_kind", ["sql", "frame", "frame in process"])
+def test_persist_writes_a_one_view_result_partition_by_partition(contract_db: Settings, entity_kind: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-view request (two keys) persists the rows to_df returns, rows with a NULL key or time included, without
+    ever putting the whole result together (InEntityOrder is what does that); one ingest per partition."""
+    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
+        SavedDatasetPostgreSQLStorage,
+    )
+
+    from sales_forecast.ray_offline_store import driver
+    from sales_forecast.ray_offline_store import store as store_module
+
+    rng = np.random.default_rng(5)
+    load_tables(contract_db, {"store_dept_rows": many_store_dept_rows(rng)})
+    entities = pd.DataFrame({"row_id": np.arange(600), "store": rng.integers(0, 14, 600),
+                             "dept": rng.integers(0, 14, 600),
+                             "event_timestamp": T0 + pd.to_timedelta(rng.integers(0, 9 * 24, 600), unit="h")})
+    entities["dept"] = entities["dept"].astype("Int64").mask(entities.row_id % 50 == 7)
+    entities["event_timestamp"] = entities["event_timestamp"].mask(entities.row_id % 50 == 9)
+    options = {"sql": {"min_rows_per_partition": 20}, "frame": {"partitions": 12},
+               "frame in process": {"ray_min_entity_rows": 10_000}}[entity_kind]
+    if entity_kind == "sql":
+        load_tables(contract_db, {"persist_entities": entities})
+        monkeypatch.setattr(store_module, "STREAM_BATCH_BYTES", 2048)  # in several batches
+        entity_df = 'SELECT * FROM persist_entities ORDER BY store, dept'
+    else:
+        entity_df = entities
+    store = feature_store(contract_db, **options)
+    features = ["store_dept_stats:sales", "store_dept_stats:units"]
+    want = store.get_historical_features(entity_df=entity_df, features=features).to_df()
+
+    class Refused(store_module.InEntityOrder):
+        def __init__(self) -> None:
+            raise AssertionError("persist put the whole result together")
+
+    ingests, pending = [], []
+    original, submit = store_module.SavedDatasetWriter._write, driver.Calls.submit
+
+    def write(self, *parts) -> None:
+        ingests.append(parts[0].num_rows)
+        time.sleep(0.2)  # a sink slower than the join: results must not pile up in Ray's object store
+        original(self, *parts)
+
+    def counted(self, *args) -> None:
+        submit(self, *args)
+        pending.append((len(self.pending), self.in_flight))
+
+    monkeypatch.setattr(store_module, "InEntityOrder", Refused)
+    monkeypatch.setattr(store_module.SavedDatasetWriter, "_write", write)
+    monkeypatch.setattr(driver.Calls, "submit", counted)
+    job = store.get_historical_features(entity_df=entity_df, features=features)
+    job.persist(SavedDatasetPostgreSQLStorage(table_ref="persisted"), allow_overwrite=True)
+    got = read_table(contract_db, "persisted")
+    assert list(got.columns) == list(want.columns)
+    assert len(got) == len(want) == 600 and got["sales"].notna().sum() > 300
+    pd.testing.assert_frame_equal(got.sort_values("row_id").reset_index(drop=True),
+                                  want.sort_values("row_id").reset_index(drop=True), check_dtype=False)
+    assert len(ingests) >= (1 if entity_kind == "frame in process" else 4) + 1  # partitions, then NULL-key rows
+    assert all(count <= bound for count, bound in pending)
+    assert entity_kind == "frame in process" or max(count for count, _ in pending) == pending[0][1]
+
+
+def test_persist_of_a_date_range_keeps_feasts_columns(contract_db: Settings) -> None:
+    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
+        SavedDatasetPostgreSQLStorage,
+    )
+
+    load_tables(contract_db, {"store_dept_rows": created_rows()})
+    kwargs = {"features": ["store_dept_stats:sales"], "start_date": (T0 + DAY).to_pydatetime(),
+              "end_date": (T0 + 2 * DAY).to_pydatetime()}
+    want = feature_store(contract_db).get_historical_features(**kwargs).to_df()
+    feature_store(contract_db).get_historical_features(**kwargs).persist(
+        SavedDatasetPostgreSQLStorage(table_ref="persisted_range"), allow_overwrite=True)
+    got = read_table(contract_db, "persisted_range")
+    assert list(got.columns) == ["event_timestamp", "created_timestamp", "store", "dept", "sales"]
+    by = ["event_timestamp", "store", "dept"]
+    pd.testing.assert_frame_equal(got.sort_values(by).reset_index(drop=True), want, check_dtype=False)
+
+
+def test_a_failed_persist_leaves_the_table_it_would_replace(contract_db: Settings,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure after some partitions were written rolls all of them back: the old table stays as it was; without
+    allow_overwrite an existing table is refused."""
+    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
+        SavedDatasetPostgreSQLStorage,
+    )
+
+    from sales_forecast.ray_offline_store import store as store_module
+
+    rng = np.random.default_rng(6)
+    load_tables(contract_db, {"store_dept_rows": many_store_dept_rows(rng)})
+    entities = pd.DataFrame({"row_id": np.arange(300), "store": rng.integers(1, 13, 300),
+                             "dept": rng.integers(1, 13, 300), "event_timestamp": [T0 + 3 * DAY] * 300})
+    storage = SavedDatasetPostgreSQLStorage(table_ref="persisted_kept")
+    store = feature_store(contract_db, partitions=4)
+    store.get_historical_features(entity_df=entities.head(3), features=["store_dept_stats:sales"]).persist(
+        storage, allow_overwrite=True)
+    before = read_table(contract_db, "persisted_kept")
+    with pytest.raises(ValueError, match="cannot persist to persisted_kept"):
+        store.get_historical_features(entity_df=entities, features=["store_dept_stats:sales"]).persist(storage)
+
+    original, calls = store_module.SavedDatasetWriter._write, []
+
+    def failing(self, *parts):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the third partition fails")
+        original(self, *parts)
+
+    monkeypatch.setattr(store_module.SavedDatasetWriter, "_write", failing)
+    with pytest.raises(RuntimeError, match="third partition"):
+        store.get_historical_features(entity_df=entities, features=["store_dept_stats:sales"]).persist(
+            storage, allow_overwrite=True)
+    pd.testing.assert_frame_equal(read_table(contract_db, "persisted_kept"), before)
 
 
 # --- a partition's read goes through the (keys, timestamp) index ----------------------------------------------------

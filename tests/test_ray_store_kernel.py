@@ -227,7 +227,7 @@ def test_in_entity_order(block_rows: int, monkeypatch: pytest.MonkeyPatch) -> No
                          "s": [None if p in nulls else str(p) for p in positions],
                          POSITION: pa.array(positions, pa.int64())})
 
-    order = InEntityOrder(5)
+    order = InEntityOrder()
     order.add(part([4, 1], nulls=(1,)))
     order.add(part([3, 0]))  # row 2 is in no partition (a NULL key)
     got = order.finish(5)
@@ -237,9 +237,24 @@ def test_in_entity_order(block_rows: int, monkeypatch: pytest.MonkeyPatch) -> No
     assert got["when"].type == pa.timestamp("us") and got["when"].cast(pa.int64()).to_pylist() == [0, None, None, 3, 4]
     assert got["flag"].to_pylist() == [True, None, None, False, True]
     assert got["s"].to_pylist() == ["0", None, None, "3", "4"]
-    empty = InEntityOrder(0)
+    empty = InEntityOrder()
     empty.add(part([]))
     assert empty.finish(0).num_rows == 0
+
+
+def test_arriving_rows_are_taken_by_position_across_batches() -> None:
+    from sales_forecast.ray_offline_store.store import ArrivingRows
+
+    schema = pa.schema([("x", pa.int64()), ("s", pa.string())])
+    arriving = ArrivingRows(schema)
+    for start, size in ((0, 3), (3, 0), (3, 4), (7, 2)):
+        values = list(range(start, start + size))
+        arriving.append(pa.RecordBatch.from_pydict({"x": values, "s": [str(v) for v in values]}, schema=schema))
+    for positions in ([], [0], [2, 3], [1, 4, 6, 7, 8], list(range(9))):
+        got = arriving.take(np.array(positions, dtype=np.int64))
+        assert got.schema == schema and got["x"].to_pylist() == positions
+        assert got["s"].to_pylist() == [str(p) for p in positions]
+    assert arriving.table()["x"].to_pylist() == list(range(9))
 
 
 def _stream(keys: pa.Table, stamps: np.ndarray, batch: int, cutter) -> list:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -578,7 +578,7 @@ class InEntityOrder:
     a validity mask; blocks are added while the entity set is still arriving, never copied); other columns (text,
     lists...) are gathered at the end. Rows no partition holds stay NULL."""
 
-    def __init__(self, rows: int = 0):
+    def __init__(self) -> None:
         self.types: dict[str, pa.DataType] = {}
         self.values: dict[str, list[np.ndarray]] = {}
         self.valid: dict[str, list[np.ndarray]] = {}
@@ -647,57 +647,68 @@ class InEntityOrder:
         return pa.table(arrays)
 
 
+class Sink(Protocol):
+    """Where one view's partition results go as they arrive (InEntityOrder; a persist's writer)."""
+
+    def add(self, part: pa.Table) -> None: ...
+
+
 class Calls:
     """The Ray calls of one request: submitted on the warm ``workers`` (round robin) or as plain tasks, each
-    result copied into its view's output as soon as it arrives and then released."""
+    result handed to its view's sink as soon as it arrives and then released. At most ``in_flight`` calls are
+    pending: a sink slower than the join (a persist writing to PostgreSQL) holds the next submission back instead
+    of letting finished results pile up in Ray's object store (and spill to disk)."""
 
-    def __init__(self, plans: list[ViewPlan], workers: list[Any] | None, rows: int = 0):
-        self.outputs = [InEntityOrder(rows) for _ in plans]
+    def __init__(self, sinks: list[Sink], workers: list[Any] | None, in_flight: int):
+        self.sinks = sinks
         self.workers = workers
+        self.in_flight = max(in_flight, 1)
         self.pending: dict[Any, int] = {}
         self.count = itertools.count()
 
     def submit(self, view: int, task: PartitionTask, part: pa.Table) -> None:
+        self.collect(wait=False)
+        if len(self.pending) >= self.in_flight:
+            self.collect(wait=True, until=self.in_flight - 1)
         if self.workers:
             ref = self.workers[next(self.count) % len(self.workers)].join.remote(task, part)
         else:
             ref = _remote_join().remote(task, part)
         self.pending[ref] = view
 
-    def collect(self, wait: bool) -> None:
-        """Copy the results that are ready (all of them, waiting, with ``wait``)."""
+    def collect(self, wait: bool, until: int = 0) -> None:
+        """Hand over the results that are ready; with ``wait``, wait until at most ``until`` calls are pending."""
         import ray
 
-        while self.pending:
+        while len(self.pending) > until:
             done, _ = ray.wait(list(self.pending), num_returns=1, timeout=None if wait else 0)
             if not done:
                 return
             for ref in done:
-                self.outputs[self.pending.pop(ref)].add(ray.get(ref))
-
-    def finish(self, rows: int) -> list[pa.Table]:
-        self.collect(wait=True)
-        return [output.finish(rows) for output in self.outputs]
+                self.sinks[self.pending.pop(ref)].add(ray.get(ref))
 
 
-def run_on_ray(plans: list[ViewPlan], entities: EntityRows, connection: str, partitions: int,
-               workers: list[Any] | None = None) -> list[pa.Table]:
-    """Each view's features, one row per entity row, in the entity set's order: one Ray call per (view, key
-    range)."""
-    calls = Calls(plans, workers, entities.num_rows)
+def in_flight(cpus: int, workers: list[Any] | None) -> int:
+    """Calls pending at once: two per worker (one running, one queued behind it), so no worker waits."""
+    return 2 * (len(workers) if workers else cpus)
+
+
+def run_on_ray(plans: list[ViewPlan], entities: EntityRows, connection: str, partitions: int, sinks: list[Sink],
+               cpus: int, workers: list[Any] | None = None) -> None:
+    """Each view's features for every entity row, into the view's sink: one Ray call per (view, key range)."""
+    calls = Calls(sinks, workers, in_flight(cpus, workers))
     for view, plan in enumerate(plans):
         for task, part in view_tasks(plan, entities, connection, partitions):
             calls.submit(view, task, part)
-            calls.collect(wait=False)
-    return calls.finish(entities.num_rows)
+    calls.collect(wait=True)
 
 
 def run_streaming(plans: list[ViewPlan], batches: Iterator[tuple[pa.Table, np.ndarray]], connection: str,
-                  cpus: int, parallelism: Parallelism, workers: list[Any] | None = None,
-                  on_read: Callable[[], None] = lambda: None) -> list[pa.Table]:
+                  cpus: int, parallelism: Parallelism, sinks: list[Sink], workers: list[Any] | None = None,
+                  on_read: Callable[[], None] = lambda: None) -> int:
     """run_on_ray for an entity set that arrives in batches (each: the join key columns and UTC nanoseconds):
-    partitions are cut and joined while later batches are still being read (StreamCutter)."""
-    calls = Calls(plans, workers)
+    partitions are cut and joined while later batches are still being read (StreamCutter); returns the rows read."""
+    calls = Calls(sinks, workers, in_flight(cpus, workers))
     cutters = [StreamCutter(plan, cpus, parallelism.min_rows_per_partition, parallelism.rows_per_partition)
                for plan in plans]
     rows = 0
@@ -707,20 +718,17 @@ def run_streaming(plans: list[ViewPlan], batches: Iterator[tuple[pa.Table, np.nd
         for view, cutter in enumerate(cutters):
             for part in cutter.add(positions, keys, stamps):
                 calls.submit(view, *partition_task(plans[view], connection, part))
-                calls.collect(wait=False)
+        calls.collect(wait=False)
     on_read()
     for view, cutter in enumerate(cutters):
         for part in cutter.finish():
             calls.submit(view, *partition_task(plans[view], connection, part))
-    return calls.finish(rows)
+    calls.collect(wait=True)
+    return rows
 
 
-def run_in_process(plans: list[ViewPlan], entities: EntityRows, connection: str) -> list[pa.Table]:
+def run_in_process(plans: list[ViewPlan], entities: EntityRows, connection: str, sinks: list[Sink]) -> None:
     """The same join in this process, one partition per view: for entity sets too small to pay Ray's start-up."""
-    results = []
-    for plan in plans:
-        output = InEntityOrder(entities.num_rows)
+    for plan, sink in zip(plans, sinks, strict=True):
         for task, part in view_tasks(plan, entities, connection, 1):
-            output.add(join_partition(task, part))
-        results.append(output.finish(entities.num_rows))
-    return results
+            sink.add(join_partition(task, part))

@@ -65,7 +65,9 @@ from pydantic import NonNegativeInt, PositiveInt, StrictStr
 from sales_forecast.errors import first_line
 from sales_forecast.ray_offline_store.driver import (
     EntityRows,
+    InEntityOrder,
     Parallelism,
+    Sink,
     ViewPlan,
     cluster_cpus,
     date_range_query,
@@ -75,7 +77,13 @@ from sales_forecast.ray_offline_store.driver import (
     run_on_ray,
     run_streaming,
 )
-from sales_forecast.ray_offline_store.worker import NULL_TIME, arrow_nanoseconds, feast_types, read_arrow
+from sales_forecast.ray_offline_store.worker import (
+    NULL_TIME,
+    POSITION,
+    arrow_nanoseconds,
+    feast_types,
+    read_arrow,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -398,6 +406,44 @@ class EntitySet:
         return low.to_pydatetime(warn=False), high.to_pydatetime(warn=False)
 
 
+class ArrivingRows:
+    """A SQL entity set's batches as they arrive; rows can be taken by position before the last one is in."""
+
+    def __init__(self, schema: pa.Schema):
+        self.schema = schema
+        self.batches: list[pa.RecordBatch] = []
+        self.starts = [0]  # each batch's first position, then the rows so far
+
+    def append(self, batch: pa.RecordBatch) -> pa.Table:
+        self.batches.append(batch)
+        self.starts.append(self.starts[-1] + batch.num_rows)
+        return pa.Table.from_batches([batch], self.schema)
+
+    def take(self, positions: np.ndarray) -> pa.Table:
+        """The rows at ``positions`` (ascending), batch by batch (a take from every batch at once would first
+        concatenate them)."""
+        cuts = np.searchsorted(positions, self.starts)
+        pieces = [self.batches[index].take(pa.array(positions[low:high] - self.starts[index]))
+                  for index, (low, high) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)) if high > low]
+        return pa.Table.from_batches(pieces, self.schema)
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_batches(self.batches, self.schema)
+
+
+def with_features(entities: pa.Table, per_view: list[pa.Table], date_range: bool) -> pa.Table:
+    """A result's columns: the entity set's, then each view's features; a date-range retrieval's created
+    timestamp second, Feast's place for it."""
+    result = entities
+    for features in per_view:
+        for name, column in zip(features.column_names, features.columns, strict=True):
+            if name == DATE_RANGE_CREATED and date_range:
+                result = result.add_column(1, name, column)
+            else:
+                result = result.append_column(name, column)
+    return result
+
+
 def timestamp_column(schema: pa.Schema) -> str:
     """Feast's rule: ``event_timestamp`` if present, else the only timestamp column."""
     if DEFAULT_ENTITY_DF_EVENT_TIMESTAMP_COL in schema.names:
@@ -425,6 +471,54 @@ def load_entities(entity_df: pd.DataFrame | str, config: PostgreSQLConfig, zone:
     return EntitySet(table=feast_types(table), rows=rows, timestamp_column=column)
 
 
+class SavedDatasetWriter:
+    """persist's sink for a one-view request: each partition's rows (the entity rows at its positions, then its
+    features) are appended to the saved dataset's table as the partition arrives, so the whole result is never in
+    this process; the entity rows no partition holds (a NULL key or time) come last, with NULL features."""
+
+    def __init__(self, cursor: Any, table: str, mode: Literal["create", "replace"],
+                 entity_rows: Callable[[np.ndarray], pa.Table], date_range: bool):
+        self.cursor, self.table, self.mode = cursor, table, mode
+        self.entity_rows, self.date_range = entity_rows, date_range
+        self.schema: pa.Schema | None = None
+        self.features: pa.Schema | None = None
+        self.covered = np.zeros(0, dtype=bool)
+
+    def add(self, part: pa.Table) -> None:
+        positions = part.column(POSITION).to_numpy()
+        features = part.drop_columns([POSITION])
+        if len(positions) > 1 and not (np.diff(positions) > 0).all():
+            order = np.argsort(positions)
+            positions, features = positions[order], features.take(pa.array(order))
+        if len(positions) and positions[-1] >= len(self.covered):
+            grown = np.zeros(max(int(positions[-1]) + 1, 2 * len(self.covered)), dtype=bool)
+            grown[:len(self.covered)] = self.covered
+            self.covered = grown
+        self.covered[positions] = True
+        if self.features is None:
+            self.features = features.schema
+        self._write(self.entity_rows(positions), features)
+
+    def finish(self, rows: int) -> None:
+        assert self.features is not None  # every view has at least one partition, empty or not
+        missing = np.flatnonzero(~self.covered[:rows])
+        if rows > len(self.covered):
+            missing = np.concatenate([missing, np.arange(len(self.covered), rows)])
+        nulls = pa.table([pa.nulls(len(missing), field.type) for field in self.features], schema=self.features)
+        self._write(self.entity_rows(missing), nulls)
+
+    def _write(self, entities: pa.Table, features: pa.Table) -> None:
+        data = with_features(entities, [features], self.date_range)
+        if self.schema is None:
+            self.schema = data.schema
+        elif not data.num_rows:
+            return
+        elif data.schema != self.schema:
+            data = data.cast(self.schema)
+        self.cursor.adbc_ingest(self.table, data, mode=self.mode)
+        self.mode = "append"
+
+
 # --- the retrieval job ------------------------------------------------------------------------------------------
 
 class RayPostgreSQLRetrievalJob(RetrievalJob):
@@ -444,6 +538,7 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
         self._full_feature_names = full_feature_names
         self._on_demand_feature_views = on_demand_feature_views
         self._entities: EntitySet | None = None
+        self._arriving: ArrivingRows | None = None  # a SQL entity set while it is being read
         self._time_zone: str | None = None
         self.timings: dict[str, float] = {}
         """Seconds from the start of the join to the end of each phase (logged at DEBUG; for benchmarks)."""
@@ -484,25 +579,32 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
 
     def _to_arrow_internal(self, timeout: int | None = None) -> pa.Table:
         self._started, self.timings = time.perf_counter(), {}
-        store = self.config.offline_store
-        query = self._entity_query()
-        if isinstance(query, str) and store.partitions is None and not store.ray_min_entity_rows \
-                and self._entities is None:
-            per_view = self._join_streamed(query)
-        else:
-            per_view = self._join_loaded()
+        outputs = [InEntityOrder() for _ in self._plans]
+        self._join(outputs)
         entities = self.entities()
-        result = entities.table
-        for features in per_view:
-            for name, column in zip(features.column_names, features.columns, strict=True):
-                if name == DATE_RANGE_CREATED and self._entity_df is None:
-                    result = result.add_column(1, name, column)  # Feast's place for it
-                else:
-                    result = result.append_column(name, column)
+        result = with_features(entities.table, [output.finish(entities.num_rows) for output in outputs],
+                               self._entity_df is None)
         self._mark("result table")
         logger.debug("Ray join of %s entity rows: %s", result.num_rows,
                      ", ".join(f"{phase} at {seconds:.2f} s" for phase, seconds in self.timings.items()))
         return result
+
+    def _join(self, sinks: list[Sink]) -> None:
+        """Every view's partition results into its sink; afterwards ``entities()`` is the entity set."""
+        store = self.config.offline_store
+        query = self._entity_query()
+        if isinstance(query, str) and store.partitions is None and not store.ray_min_entity_rows \
+                and self._entities is None:
+            self._join_streamed(query, sinks)
+        else:
+            self._join_loaded(sinks)
+
+    def _entity_rows(self, positions: np.ndarray) -> pa.Table:
+        """The entity set's rows at ``positions`` (ascending), also while a SQL entity set is still arriving."""
+        if self._entities is not None:
+            return self._entities.table.take(pa.array(positions))
+        assert self._arriving is not None
+        return feast_types(self._arriving.take(positions))
 
     def _attach(self) -> tuple[int, list[Any] | None]:
         """Ray attached (or started); the cluster's CPUs and the warm join workers, if any."""
@@ -519,7 +621,7 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
         store = self.config.offline_store
         return Parallelism(store.partitions, store.rows_per_partition, store.min_rows_per_partition)
 
-    def _join_loaded(self) -> list[pa.Table]:
+    def _join_loaded(self, sinks: list[Sink]) -> None:
         """The join of an entity set read at once (a DataFrame; a SQL set with a fixed partition count or a size
         threshold): in this process when smaller than ray_min_entity_rows, else on Ray."""
         store = self.config.offline_store
@@ -527,23 +629,22 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
         if small or (store.ray_min_entity_rows and self._entities is None):
             self.entities()  # whether Ray is needed depends on the entity set's size
         if self._entities is not None and self._entities.num_rows < store.ray_min_entity_rows:
-            return run_in_process(self._plans, self._entities.rows, self._partition_connection())
+            run_in_process(self._plans, self._entities.rows, self._partition_connection(), sinks)
+            return
         with ThreadPoolExecutor(1) as loader:  # read the entity set while attaching to Ray
             loading = loader.submit(self.entities)
             cpus, workers = self._attach()
             entities = loading.result()
         self._mark("entity set read")
-        per_view = run_on_ray(self._plans, entities.rows, self._partition_connection(),
-                              self._parallelism().partitions_for(entities.num_rows, cpus), workers)
+        run_on_ray(self._plans, entities.rows, self._partition_connection(),
+                   self._parallelism().partitions_for(entities.num_rows, cpus), sinks, cpus, workers)
         self._mark("joins")
-        return per_view
 
-    def _join_streamed(self, query: str) -> list[pa.Table]:
+    def _join_streamed(self, query: str, sinks: list[Sink]) -> None:
         """The join of a SQL entity set read as a stream of batches (in a thread, while Ray attaches): partitions
         are joined while PostgreSQL is still producing the rest (driver.StreamCutter)."""
         config = self.config.offline_store
         arrived: Queue = Queue()
-        raw: list[pa.RecordBatch] = []
         stamps: list[np.ndarray] = []
 
         def read() -> pa.Schema:
@@ -562,12 +663,11 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
             finally:
                 arrived.put(None)
 
-        def batches(schema: pa.Schema) -> Iterator[tuple[pa.Table, np.ndarray]]:
+        def batches(entities: ArrivingRows) -> Iterator[tuple[pa.Table, np.ndarray]]:
             while (item := arrived.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                raw.append(item)
-                table = pa.Table.from_batches([item], schema)
+                table = entities.append(item)
                 stamps.append(entity_nanoseconds(table.column(column), self.time_zone(), config))
                 yield table.select(sorted(self._join_keys())), stamps[-1]
 
@@ -581,17 +681,20 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
             if missing:
                 raise FeastEntityDFMissingColumnsError(self._join_keys(), missing)
             column = timestamp_column(schema)
-            per_view = run_streaming(self._plans, batches(schema), self._partition_connection(), cpus,
-                                     self._parallelism(), workers, on_read=lambda: self._mark("entity set read"))
-            reading.result()
+            self._arriving = ArrivingRows(schema)
+            try:
+                run_streaming(self._plans, batches(self._arriving), self._partition_connection(), cpus,
+                              self._parallelism(), sinks, workers, on_read=lambda: self._mark("entity set read"))
+                reading.result()
+                table = self._arriving.table()
+            finally:
+                self._arriving = None
         self._mark("joins")
-        table = pa.Table.from_batches(raw, schema)
         self._entities = EntitySet(
             table=feast_types(table),
             rows=EntityRows(keys=table.select(sorted(self._join_keys())),
                             timestamps_ns=np.concatenate(stamps) if stamps else np.zeros(0, np.int64)),
             timestamp_column=column)
-        return per_view
 
     def _partition_connection(self) -> str:
         return conninfo(self.config.offline_store, self.time_zone(), parallel_query=False)
@@ -620,15 +723,25 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
     def persist(self, storage: SavedDatasetStorage, allow_overwrite: bool | None = False,
                 timeout: int | None = None) -> None:
         """The result (on-demand features included) into the saved dataset's table, with ADBC's bulk ingest
-        (Feast's store inserts row by row); an existing table is replaced only with ``allow_overwrite``."""
+        (Feast's store inserts row by row), in one transaction; an existing table is replaced only with
+        ``allow_overwrite``. A one-view request without on-demand features is written partition by partition
+        as the join produces it (SavedDatasetWriter), so a result larger than this process's memory can be
+        persisted; its rows are then in the partitions' order, not the entity set's."""
         assert isinstance(storage, SavedDatasetPostgreSQLStorage)
-        table = self.to_arrow(timeout=timeout)
+        name = storage.postgres_options._table
+        mode: Literal["create", "replace"] = "replace" if allow_overwrite else "create"
         store = self.config.offline_store
         with adbc.connect(conninfo(store, self.time_zone())) as conn:
             try:
                 with conn.cursor() as cur:
-                    cur.adbc_ingest(storage.postgres_options._table, table,
-                                    mode="replace" if allow_overwrite else "create")
+                    if len(self._plans) == 1 and not self.on_demand_feature_views:
+                        self._started, self.timings = time.perf_counter(), {}
+                        writer = SavedDatasetWriter(cur, name, mode, self._entity_rows, self._entity_df is None)
+                        self._join([writer])
+                        writer.finish(self.entities().num_rows)
+                        self._mark("written")
+                    else:
+                        cur.adbc_ingest(name, self.to_arrow(timeout=timeout), mode=mode)
                 conn.commit()
             except adbc.Error as exc:
-                raise ValueError(f"cannot persist to {storage.postgres_options._table}: {first_line(exc)}") from exc
+                raise ValueError(f"cannot persist to {name}: {first_line(exc)}") from exc
