@@ -569,6 +569,11 @@ def _fixed_width(type_: pa.DataType) -> bool:
             or pa.types.is_timestamp(type_))
 
 
+def position_order(positions: np.ndarray) -> np.ndarray | None:
+    """The permutation that sorts a partition result's entity positions; None when they already ascend."""
+    return None if len(positions) < 2 or (np.diff(positions) > 0).all() else np.argsort(positions)
+
+
 BLOCK_ROWS = 1 << 20  # the output buffers' block size: they grow by blocks while the entity set arrives
 
 
@@ -586,7 +591,7 @@ class InEntityOrder:
 
     def add(self, part: pa.Table) -> None:
         positions = part.column(POSITION).to_numpy()
-        order = None if len(positions) < 2 or (np.diff(positions) > 0).all() else np.argsort(positions)
+        order = position_order(positions)
         if order is not None:
             positions = positions[order]
         blocks = np.searchsorted(positions, np.arange(0, (int(positions[-1]) if len(positions) else 0) + 2

@@ -73,6 +73,7 @@ from sales_forecast.ray_offline_store.driver import (
     date_range_query,
     ensure_ray,
     join_workers,
+    position_order,
     run_in_process,
     run_on_ray,
     run_streaming,
@@ -487,13 +488,11 @@ class SavedDatasetWriter:
     def add(self, part: pa.Table) -> None:
         positions = part.column(POSITION).to_numpy()
         features = part.drop_columns([POSITION])
-        if len(positions) > 1 and not (np.diff(positions) > 0).all():
-            order = np.argsort(positions)
+        order = position_order(positions)
+        if order is not None:
             positions, features = positions[order], features.take(pa.array(order))
-        if len(positions) and positions[-1] >= len(self.covered):
-            grown = np.zeros(max(int(positions[-1]) + 1, 2 * len(self.covered)), dtype=bool)
-            grown[:len(self.covered)] = self.covered
-            self.covered = grown
+        if len(positions):
+            self._cover(int(positions[-1]) + 1)
         self.covered[positions] = True
         if self.features is None:
             self.features = features.schema
@@ -501,11 +500,17 @@ class SavedDatasetWriter:
 
     def finish(self, rows: int) -> None:
         assert self.features is not None  # every view has at least one partition, empty or not
+        self._cover(rows)
         missing = np.flatnonzero(~self.covered[:rows])
-        if rows > len(self.covered):
-            missing = np.concatenate([missing, np.arange(len(self.covered), rows)])
         nulls = pa.table([pa.nulls(len(missing), field.type) for field in self.features], schema=self.features)
         self._write(self.entity_rows(missing), nulls)
+
+    def _cover(self, rows: int) -> None:
+        """Room for ``rows`` positions in ``covered`` (doubling, while a SQL entity set is still arriving)."""
+        if rows > len(self.covered):
+            grown = np.zeros(max(rows, 2 * len(self.covered)), dtype=bool)
+            grown[:len(self.covered)] = self.covered
+            self.covered = grown
 
     def _write(self, entities: pa.Table, features: pa.Table) -> None:
         data = with_features(entities, [features], self.date_range)
@@ -578,7 +583,6 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
         return self._entities
 
     def _to_arrow_internal(self, timeout: int | None = None) -> pa.Table:
-        self._started, self.timings = time.perf_counter(), {}
         outputs = [InEntityOrder() for _ in self._plans]
         self._join(outputs)
         entities = self.entities()
@@ -590,7 +594,9 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
         return result
 
     def _join(self, sinks: list[Sink]) -> None:
-        """Every view's partition results into its sink; afterwards ``entities()`` is the entity set."""
+        """Every view's partition results into its sink; afterwards ``entities()`` is the entity set. Starts the
+        phase clock (``timings``)."""
+        self._started, self.timings = time.perf_counter(), {}
         store = self.config.offline_store
         query = self._entity_query()
         if isinstance(query, str) and store.partitions is None and not store.ray_min_entity_rows \
@@ -735,7 +741,6 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
             try:
                 with conn.cursor() as cur:
                     if len(self._plans) == 1 and not self.on_demand_feature_views:
-                        self._started, self.timings = time.perf_counter(), {}
                         writer = SavedDatasetWriter(cur, name, mode, self._entity_rows, self._entity_df is None)
                         self._join([writer])
                         writer.finish(self.entities().num_rows)
