@@ -149,7 +149,7 @@ def persist_training_set(table: str) -> None:
         rows, size = conn.execute(f'SELECT (SELECT count(*) FROM "{table}"), pg_total_relation_size(%s)',
                                   (table,)).fetchone()
     phases = ", ".join(f"{phase} at {seconds:.1f} s" for phase, seconds in job.timings.items())
-    print(f"training set persisted: {rows:,} rows, {size / 2**30:.1f} GiB in PostgreSQL; start-up, imports and "
+    print(f"training set persisted: {rows:,} rows, {size / 2**30:.1f} GiB in PostgreSQL; imports and "
           f"FeatureStore {ready - started:.1f} s; get_historical_features(...).persist {done - ready:.1f} s "
           f"({phases})", flush=True)
 
