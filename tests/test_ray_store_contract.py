@@ -479,7 +479,9 @@ def test_persist_writes_a_one_view_result_partition_by_partition(contract_db: Se
                                   want.sort_values("row_id").reset_index(drop=True), check_dtype=False)
     assert len(ingests) >= (1 if entity_kind == "frame in process" else 4) + 1  # partitions, then NULL-key rows
     assert all(count <= bound for count, bound in pending)
-    assert entity_kind == "frame in process" or max(count for count, _ in pending) == pending[0][1]
+    # twelve partitions submitted in one loop fill the bound; a SQL set's are cut as its batches arrive, and whether
+    # earlier calls are still pending then depends on timing
+    assert entity_kind != "frame" or max(count for count, _ in pending) == pending[0][1]
 
 
 def test_persist_of_a_date_range_keeps_feasts_columns(contract_db: Settings) -> None:
@@ -534,6 +536,205 @@ def test_a_failed_persist_leaves_the_table_it_would_replace(contract_db: Setting
         store.get_historical_features(entity_df=entities, features=["store_dept_stats:sales"]).persist(
             storage, allow_overwrite=True)
     pd.testing.assert_frame_equal(read_table(contract_db, "persisted_kept"), before)
+
+
+def column_types(settings: Settings, name: str) -> list[tuple[str, str]]:
+    import psycopg
+
+    with psycopg.connect(settings.postgres.libpq_url()) as conn:
+        return conn.execute("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = %s "
+                            "ORDER BY ordinal_position", (name,)).fetchall()
+
+
+@pytest.mark.parametrize("views", ["one view, partition by partition", "two views, at once"])
+def test_persist_writes_the_types_and_values_adbcs_ingest_wrote(contract_db: Settings, views: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """persist writes with binary COPY (pgpq), ADBC's ingest before: for entity columns of every type COPY sends (NULLs
+    of each, text that SQL or a shell would interpret, a naive timestamp), the same column types and rows as ADBC's
+    ingest of the job's to_arrow. A list column, which COPY cannot send, makes the whole table ADBC's ingest."""
+    import adbc_driver_postgresql.dbapi as adbc
+    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
+        SavedDatasetPostgreSQLStorage,
+    )
+
+    from sales_forecast.ray_offline_store import store as store_module
+
+    rng = np.random.default_rng(8)
+    load_tables(contract_db, {"store_dept_rows": many_store_dept_rows(rng), "store_rows": store_rows(
+        store=list(range(1, 13)), event_timestamp=[T0] * 12, temperature=rng.normal(size=12), visitors=range(12))})
+    copies, copy_rows = [], store_module.copy_rows
+    monkeypatch.setattr(store_module, "copy_rows", lambda cur, table, data: (copies.append(data.num_rows),
+                                                                             copy_rows(cur, table, data)))
+    n = 40
+    entities = pd.DataFrame({
+        "row_id": np.arange(n), "store": rng.integers(1, 13, n), "dept": rng.integers(1, 13, n),
+        "event_timestamp": T0 + pd.to_timedelta(rng.integers(0, 7 * 24, n), unit="h"),
+        "note": pd.Series(["'; DROP TABLE persisted; --", None, "$(rm -rf /) \\N \t\n é 😀", "x"] * (n // 4)),
+        "flag": pd.array([True, None, False, True] * (n // 4), dtype="boolean"),
+        "count": pd.array([2**62, None, -1, 0] * (n // 4), dtype="Int64"),
+        "weight": pd.array([0.5, None, -1e300, 5e-324] * (n // 4), dtype="Float64"),
+        "seen": pd.Series([pd.Timestamp("2026-03-08 02:30"), pd.NaT, pd.Timestamp("1970-01-01"),
+                           pd.Timestamp("2026-01-01 00:00:00.123456789")] * (n // 4)),
+    })
+    features = ["store_dept_stats:sales", "store_dept_stats:units"] + (
+        ["store_stats:temperature"] if views.startswith("two") else [])
+    store = feature_store(contract_db, partitions=3)
+    for suffix, frame in (("", entities), ("_lists", entities.assign(tags=[[1, 2], None, [], [3]] * (n // 4)))):
+        job = store.get_historical_features(entity_df=frame, features=features)
+        job.persist(SavedDatasetPostgreSQLStorage(table_ref=f"copied{suffix}"), allow_overwrite=True)
+        with adbc.connect(contract_db.postgres.libpq_url()) as conn, conn.cursor() as cur:
+            cur.adbc_ingest(f"ingested{suffix}", job.to_arrow(), mode="replace")
+            conn.commit()
+        assert column_types(contract_db, f"copied{suffix}") == column_types(contract_db, f"ingested{suffix}")
+        got, want = (read_table(contract_db, f"{kind}{suffix}").sort_values("row_id").reset_index(drop=True)
+                     for kind in ("copied", "ingested"))
+        pd.testing.assert_frame_equal(got, want)
+        assert got["note"].isna().sum() == n // 4 and got["sales"].notna().all()
+        assert (sum(copies) == n) if suffix == "" else not copies, copies  # COPY, or ADBC's ingest for lists
+        copies.clear()
+    assert ("tags", "ARRAY") in column_types(contract_db, "copied_lists")
+
+
+@pytest.mark.timeout(300, method="thread")  # a hang is in ray.wait, which a signal does not interrupt
+def test_persist_can_replace_the_table_its_join_reads(contract_db: Settings) -> None:
+    """Saved to the view's own source table with allow_overwrite: the old table is dropped only once the join is
+    done. When the first partition's write dropped it, that write's lock and the next partitions' reads of the
+    table waited for each other for ever."""
+    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
+        SavedDatasetPostgreSQLStorage,
+    )
+
+    rng = np.random.default_rng(9)
+    load_tables(contract_db, {"store_dept_rows": many_store_dept_rows(rng)})
+    entities = pd.DataFrame({"row_id": np.arange(400), "store": rng.integers(1, 13, 400),
+                             "dept": rng.integers(1, 13, 400), "event_timestamp": [T0 + 3 * DAY] * 400})
+    job = feature_store(contract_db, partitions=8).get_historical_features(entity_df=entities,
+                                                                            features=["store_dept_stats:sales"])
+    want = job.to_df()
+    job.persist(SavedDatasetPostgreSQLStorage(table_ref="store_dept_rows"), allow_overwrite=True)
+    got = read_table(contract_db, "store_dept_rows")
+    pd.testing.assert_frame_equal(got.sort_values("row_id").reset_index(drop=True),
+                                  want.sort_values("row_id").reset_index(drop=True), check_dtype=False)
+    load_tables(contract_db, {"store_dept_rows": many_store_dept_rows(rng)})
+
+
+def test_a_saved_dataset_reads_back_what_persist_wrote_under_its_name(contract_db: Settings) -> None:
+    """The saved dataset is read back through PostgreSQLSource(table=name), which puts the name into SQL as it is:
+    persist writes the table that SQL names (a schema-qualified name in its schema, an unquoted name lowercased, a
+    quoted one as quoted). A name that would not read back, or that is SQL, is refused before anything is read or
+    written. Feast's own persist fails on every one of these names."""
+    import psycopg
+    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
+        SavedDatasetPostgreSQLStorage,
+    )
+
+    rng = np.random.default_rng(10)
+    load_tables(contract_db, {"store_dept_rows": many_store_dept_rows(rng)})
+    with psycopg.connect(contract_db.postgres.libpq_url(), autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS other_schema")
+    entities = pd.DataFrame({"row_id": np.arange(50), "store": rng.integers(1, 13, 50),
+                             "dept": rng.integers(1, 13, 50), "event_timestamp": [T0 + 3 * DAY] * 50})
+    store = feature_store(contract_db, partitions=3)
+    want = store.get_historical_features(entity_df=entities, features=["store_dept_stats:sales"]).to_df()
+    for name, relation in (("other_schema.Saved_Here", "other_schema.saved_here"), ("MixedCase", "mixedcase"),
+                           ('"Quoted Name"', '"Quoted Name"'), ('other_schema."x.y"', 'other_schema."x.y"')):
+        job = store.get_historical_features(entity_df=entities, features=["store_dept_stats:sales"])
+        saved = store.create_saved_dataset(from_=job, name=f"saved {name}", allow_overwrite=True,
+                                           storage=SavedDatasetPostgreSQLStorage(table_ref=name))
+        got = store.get_saved_dataset(saved.name).to_df()  # the dataset's keys, time and features, not row_id
+        assert set(got.columns) == {"store", "dept", "event_timestamp", "sales"}, got.columns
+        columns = ["store", "dept", "event_timestamp", "sales"]
+        pd.testing.assert_frame_equal(got[columns].sort_values(columns).reset_index(drop=True),
+                                      want[columns].sort_values(columns).reset_index(drop=True), check_dtype=False)
+        with psycopg.connect(contract_db.postgres.libpq_url()) as conn:
+            assert conn.execute(f"SELECT count(*) FROM {relation}").fetchone()[0] == 50
+    for name in ('x"; DROP TABLE store_dept_rows; --', "with space", "a.b.c", "", '"unclosed', "t;"):
+        job = store.get_historical_features(entity_df=entities, features=["store_dept_stats:sales"])
+        with pytest.raises(ValueError, match="not a table name a saved dataset reads back"):
+            job.persist(SavedDatasetPostgreSQLStorage(table_ref=name), allow_overwrite=True)
+    assert len(read_table(contract_db, "store_dept_rows")) == len(many_store_dept_rows(rng))
+
+
+def test_persist_refuses_an_unsigned_value_bigint_cannot_hold(contract_db: Settings) -> None:
+    """An unsigned entity column is written in the smallest signed type that holds it; a uint64 value above
+    2**63 - 1 is refused with the column's name (ADBC's ingest wrapped it around to a negative number; Feast's
+    store fails with 'bigint out of range')."""
+    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
+        SavedDatasetPostgreSQLStorage,
+    )
+
+    rng = np.random.default_rng(11)
+    load_tables(contract_db, {"store_dept_rows": many_store_dept_rows(rng)})
+    entities = pd.DataFrame({"row_id": np.arange(4), "store": [1, 2, 3, 4], "dept": [1, 2, 3, 4],
+                             "event_timestamp": [T0 + 3 * DAY] * 4,
+                             "small": np.array([0, 1, 2, 255], dtype="uint8"),
+                             "big": np.array([0, 1, 2**63 - 1, 2**32], dtype="uint64")})
+    store = feature_store(contract_db, partitions=2)
+    storage = SavedDatasetPostgreSQLStorage(table_ref="persisted_unsigned")
+    store.get_historical_features(entity_df=entities, features=["store_dept_stats:sales"]).persist(
+        storage, allow_overwrite=True)
+    got = read_table(contract_db, "persisted_unsigned").sort_values("row_id")
+    assert got["small"].tolist() == [0, 1, 2, 255] and got["big"].tolist() == [0, 1, 2**63 - 1, 2**32]
+    assert ("big", "bigint") in column_types(contract_db, "persisted_unsigned")
+    with pytest.raises(ValueError, match="cannot persist to persisted_unsigned: column 'big'"):
+        store.get_historical_features(entity_df=entities.assign(big=entities["big"] + np.uint64(2**63)),
+                                      features=["store_dept_stats:sales"]).persist(storage, allow_overwrite=True)
+    assert read_table(contract_db, "persisted_unsigned").sort_values("row_id")["big"].tolist() == got["big"].tolist()
+
+
+def test_a_failed_partition_read_reaches_the_caller_with_postgresqls_message(contract_db: Settings) -> None:
+    """A Ray worker's failed read (here the view's source table is gone) reaches the caller as PartitionReadError
+    with PostgreSQL's message (ADBC's own error does not survive Ray's pickling: the caller got "Failed to
+    deserialize exception"), and persist does not call it a write failure."""
+    import psycopg
+    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
+        SavedDatasetPostgreSQLStorage,
+    )
+
+    from sales_forecast.ray_offline_store.worker import PartitionReadError
+
+    with psycopg.connect(contract_db.postgres.libpq_url(), autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS store_rows")
+    entities = pd.DataFrame({"store": [1, 2, 3], "event_timestamp": [T0 + DAY] * 3})
+    store = feature_store(contract_db, partitions=2)
+    with pytest.raises(PartitionReadError, match='relation "store_rows" does not exist'):
+        store.get_historical_features(entity_df=entities, features=["store_stats:temperature"]).to_df()
+    with pytest.raises(PartitionReadError, match='relation "store_rows" does not exist'):
+        store.get_historical_features(entity_df=entities, features=["store_stats:temperature"]).persist(
+            SavedDatasetPostgreSQLStorage(table_ref="persisted_nothing"), allow_overwrite=True)
+
+
+def test_entity_columns_of_types_adbc_hands_over_as_extensions(contract_db: Settings) -> None:
+    """An entity query's uuid and json columns come back as text and a numeric[] as arrays of doubles, in to_df
+    and in a saved dataset alike; a type ADBC hands over as opaque wire bytes (inet) is refused with the column's
+    name by both. to_df used to fail with KeyError on all of them while persist wrote inet's wire bytes."""
+    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
+        SavedDatasetPostgreSQLStorage,
+    )
+
+    load_tables(contract_db, {"store_rows": store_rows(store=[1, 2], event_timestamp=[T0, T0],
+                                                       temperature=[10.0, 20.0], visitors=[1, 2])})
+    query = ("SELECT s AS store, timestamptz '2026-01-03' AS event_timestamp, "
+             "CASE WHEN s = 1 THEN 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid END AS id, "
+             "jsonb_build_object('s', s) AS doc, ARRAY[s * 1.5, NULL]::numeric[] AS amounts "
+             "FROM generate_series(1, 2) s")
+    store = feature_store(contract_db, partitions=2)
+    frame = store.get_historical_features(entity_df=query, features=["store_stats:temperature"]).to_df()
+    store.get_historical_features(entity_df=query, features=["store_stats:temperature"]).persist(
+        SavedDatasetPostgreSQLStorage(table_ref="persisted_extensions"), allow_overwrite=True)
+    for got in (frame, read_table(contract_db, "persisted_extensions")):
+        got = got.sort_values("store").reset_index(drop=True)
+        assert got["id"].tolist() == ["a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", None]
+        assert [json.loads(doc) for doc in got["doc"]] == [{"s": 1}, {"s": 2}]
+        np.testing.assert_array_equal(np.vstack([np.asarray(a, dtype=float) for a in got["amounts"]]),
+                                      [[1.5, np.nan], [3.0, np.nan]])  # NULL items: NaN, as NumPy has no NULL
+        assert got["temperature"].tolist() == [10.0, 20.0]
+    inet = query.replace("AS amounts", "AS amounts, '10.0.0.1'::inet AS address")
+    with pytest.raises(ValueError, match="column 'address' is of PostgreSQL type inet"):
+        store.get_historical_features(entity_df=inet, features=["store_stats:temperature"]).to_df()
+    with pytest.raises(ValueError, match="column 'address' is of PostgreSQL type inet"):
+        store.get_historical_features(entity_df=inet, features=["store_stats:temperature"]).persist(
+            SavedDatasetPostgreSQLStorage(table_ref="persisted_inet"), allow_overwrite=True)
 
 
 # --- a partition's read goes through the (keys, timestamp) index ----------------------------------------------------

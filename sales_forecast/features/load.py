@@ -1,5 +1,5 @@
-"""Bulk load into PostgreSQL (the offline store): binary COPY of Arrow data encoded by pgpq; a week's append with
-ADBC's ingest.
+"""Bulk load into PostgreSQL (the offline store): binary COPY of Arrow data encoded by pgpq (``arrow_copy``); a
+week's append with ADBC's ingest.
 
 A load writes a staging table, indexes it, then swaps it in, all in one transaction (several tables: all in one),
 so a re-run replaces the data (never duplicates it) and readers never see a half-loaded table.
@@ -23,17 +23,13 @@ import adbc_driver_postgresql.dbapi as adbc
 import pandas as pd
 import psycopg
 import pyarrow as pa
-import pyarrow.compute as pc
-from pgpq import ArrowToPostgresBinaryEncoder
 from psycopg import sql
 
+from sales_forecast.arrow_copy import COPY_BATCH_ROWS, copy_into, copy_rows, create_table, for_copy
 from sales_forecast.config import PostgresSettings
 from sales_forecast.contract import LOADS_TABLE
 
 FINGERPRINT_VERSION = b"1"  # change it when what a load writes changes in a way the data does not show
-# COPY data is encoded and sent in batches of this many rows, so PostgreSQL parses one while the next is encoded (ADBC's
-# ingest of the 10x features as one batch, 6M rows x 35 columns: 27.9 s, encoding and parsing one after the other)
-INGEST_BATCH_ROWS = 16_384
 INDEX_MEMORY = "256MB"  # PostgreSQL's default 64MB: the 10x features' index took 3.2 s, 2.4 s with this
 
 
@@ -73,62 +69,7 @@ def fingerprint(data: pa.Table, index_columns: Sequence[str]) -> str:
 
 
 def in_batches(data: pa.Table) -> pa.RecordBatchReader:
-    return pa.RecordBatchReader.from_batches(data.schema, data.to_batches(max_chunksize=INGEST_BATCH_ROWS))
-
-
-def column_type(field: pa.Field) -> tuple[str, pa.DataType]:
-    """The PostgreSQL type of a loaded column (for these types, ADBC's ingest creates the same) and the Arrow type
-    it is sent as. Other types (unsigned, dictionary, decimal, time, duration, list) are refused."""
-    kind = field.type
-    if pa.types.is_timestamp(kind):  # PostgreSQL keeps microseconds; the binary value is UTC for timestamptz
-        return ("timestamptz" if kind.tz else "timestamp"), pa.timestamp("us", kind.tz)
-    for test, name in ((pa.types.is_boolean, "boolean"), (pa.types.is_int8, "smallint"),
-                       (pa.types.is_int16, "smallint"), (pa.types.is_int32, "integer"), (pa.types.is_int64, "bigint"),
-                       (pa.types.is_float32, "real"), (pa.types.is_float64, "double precision"),
-                       (pa.types.is_string, "text"), (pa.types.is_large_string, "text"),
-                       (pa.types.is_binary, "bytea"), (pa.types.is_large_binary, "bytea"),
-                       (pa.types.is_date32, "date")):
-        if test(kind):
-            return name, kind
-    raise TypeError(f"column {field.name!r}: cannot bulk-load Arrow type {kind} (booleans, signed integers, floats, "
-                    "strings, binary, dates and timestamps can)")
-
-
-def _for_copy(data: pa.Table) -> tuple[list[str], pa.Table]:
-    """The PostgreSQL column types of ``data`` and the data as COPY sends it: nanoseconds truncated to
-    microseconds, as ADBC's ingest does; every other check kept."""
-    types = [column_type(field) for field in data.schema]
-    sent = pa.schema([pa.field(f.name, kind) for f, (_, kind) in zip(data.schema, types, strict=True)])
-    return [name for name, _ in types], pa.table(
-        [pc.cast(column, options=pc.CastOptions(kind, allow_time_truncate=True))
-         for column, kind in zip(data.columns, sent.types, strict=True)], schema=sent)
-
-
-def _create(cur: psycopg.Cursor, table: str, schema: pa.Schema, types: list[str]) -> None:
-    cur.execute(sql.SQL("CREATE TABLE {} ({})").format(sql.Identifier(table), sql.SQL(", ").join(
-        sql.SQL("{} {}").format(sql.Identifier(f.name), sql.SQL(name)) for f, name in zip(schema, types,
-                                                                                        strict=True))))
-
-
-def _copy(cur: psycopg.Cursor, table: str, data: pa.Table) -> None:
-    encoder = ArrowToPostgresBinaryEncoder(data.schema)
-    # FREEZE (the table is this transaction's own): rows written frozen and all-visible, so autovacuum does not
-    # rewrite the whole table right after the load, while step 1 materializes
-    with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY, FREEZE)").format(sql.Identifier(table))) as copy:
-        copy.write(encoder.write_header())
-        for batch in data.to_batches(max_chunksize=INGEST_BATCH_ROWS):
-            copy.write(encoder.write_batch(batch))
-        copy.write(encoder.finish())
-
-
-def copy_into(cur: psycopg.Cursor, table: str, data: pa.Table) -> int:
-    """Create ``table`` with ``data``'s columns and fill it with one binary COPY, encoded by pgpq in batches
-    while PostgreSQL parses the previous one; returns the rows. ADBC's ingest did the same 3x slower on the client
-    (10x features, 6M rows x 35 columns: 14 s of CPU against 4.4 s; 15.2 s wall against 8.1 s)."""
-    types, data = _for_copy(data)
-    _create(cur, table, data.schema, types)
-    _copy(cur, table, data)
-    return data.num_rows
+    return pa.RecordBatchReader.from_batches(data.schema, data.to_batches(max_chunksize=COPY_BATCH_ROWS))
 
 
 # The table's identity as the record keeps it: oid, storage file, columns with their positions and types (a column
@@ -199,12 +140,12 @@ class TableLoad:
         digest, rows = None, 0
         for frame in parts:
             data = pa.Table.from_pandas(frame, preserve_index=False)
-            types, sent = _for_copy(data)
+            types, sent = for_copy(data)
             if digest is None:
                 digest = Fingerprint(data.schema, index_columns)
-                _create(cur, staging, sent.schema, types)
+                create_table(cur, staging, sent.schema, types)
             digest.add(data)
-            _copy(cur, staging, sent)
+            copy_rows(cur, staging, sent)
             rows += data.num_rows
             del data, sent, frame
         if digest is None:

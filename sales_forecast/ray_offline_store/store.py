@@ -15,7 +15,9 @@ blocks pull_latest hands Feast's Ray engine (``LatestRowsJob``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +31,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import adbc_driver_postgresql.dbapi as adbc
 import numpy as np
 import pandas as pd
+import psycopg
 import pyarrow as pa
 from feast.data_source import DataSource
 from feast.errors import EntityTimestampInferenceException, FeastEntityDFMissingColumnsError, InvalidEntityType
@@ -59,9 +62,11 @@ from feast.utils import (
     _get_requested_on_demand_feature_views,
     compute_non_entity_date_range,
 )
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from pydantic import NonNegativeInt, PositiveInt, StrictStr
 
+from sales_forecast.arrow_copy import copy_rows, copyable, create_table, for_copy
 from sales_forecast.errors import first_line
 from sales_forecast.ray_offline_store.driver import (
     EntityRows,
@@ -472,15 +477,121 @@ def load_entities(entity_df: pd.DataFrame | str, config: PostgreSQLConfig, zone:
     return EntitySet(table=feast_types(table), rows=rows, timestamp_column=column)
 
 
+_IDENTIFIER = re.compile(r'"((?:[^"]|"")+)"|([A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_$\u0080-\U0010ffff]*)')
+
+
+def saved_dataset_relation(name: str) -> tuple[str, ...]:
+    """The (table,) or (schema, table) a saved dataset's table name names, read as PostgreSQL reads it: the dataset
+    is read back through ``PostgreSQLSource(table=name)``, which puts the name into its SQL as it is, so an unquoted
+    part is lowercased and a double-quoted one kept. Any other name is refused: it would not read back, and it
+    would be SQL."""
+    parts, position = [], 0
+    while len(parts) < 2:
+        match = _IDENTIFIER.match(name, position)
+        if match is None:
+            break
+        quoted, plain = match.groups()
+        parts.append(quoted.replace('""', '"') if quoted is not None else plain.translate(_ASCII_LOWER))
+        position = match.end()
+        if position == len(name):
+            return tuple(parts)
+        if name[position] != ".":
+            break
+        position += 1
+    raise ValueError(f"cannot persist to {name!r}: not a table name a saved dataset reads back (a PostgreSQL table "
+                     "name, optionally schema-qualified; double-quote a part that is not lowercase letters, digits "
+                     "and underscores)")
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _quoted(*parts: str) -> str:
+    return ".".join('"' + part.replace('"', '""') + '"' for part in parts)
+
+
+class SavedDatasetTable:
+    """persist's table, written in one transaction: a new table under a unique name in the saved dataset's schema,
+    created with the first part's columns and filled part by part with binary COPY (ADBC's ingest when a column
+    is of a type COPY cannot send, such as a list); at the end the old table (``allow_overwrite``) is dropped and
+    the new one takes its name. Until then the old table stays readable and unlocked: the join may be reading it (a
+    view's own source), and the saved dataset's readers are not held up for the whole join."""
+
+    def __init__(self, connection: str, name: str, allow_overwrite: bool):
+        self.connection, self.name, self.allow_overwrite = connection, name, allow_overwrite
+        *self.schema, self.table = saved_dataset_relation(name)
+        self.staging = f"feast_persist_{uuid.uuid4().hex}"
+        self._conn: psycopg.Connection | adbc.Connection | None = None
+        self._copying = False
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (psycopg.Error, adbc.Error, ValueError) as exc:
+            raise ValueError(f"cannot persist to {self.name}: {first_line(exc)}") from exc
+
+    def __enter__(self) -> SavedDatasetTable:
+        if not self.allow_overwrite:  # refused before the join, not after it
+            with self._errors(), psycopg.connect(self.connection) as conn:
+                if conn.execute("SELECT to_regclass(%s)", (_quoted(*self.schema, self.table),)).fetchone()[0]:
+                    raise ValueError("it exists (persist with allow_overwrite=True replaces it)")
+        return self
+
+    def write(self, data: pa.Table) -> None:
+        with self._errors():
+            if self._conn is None:
+                self._create(data.schema)
+            with self._conn.cursor() as cur:
+                if self._copying:
+                    copy_rows(cur, sql.SQL(_quoted(*self.schema, self.staging)), for_copy(data)[1])
+                else:
+                    cur.adbc_ingest(self.staging, data, mode="append", db_schema_name=self._schema_name)
+
+    @property
+    def _schema_name(self) -> str | None:
+        return self.schema[0] if self.schema else None
+
+    def _create(self, schema: pa.Schema) -> None:
+        self._copying = copyable(schema)
+        if not self._copying:
+            self._conn = adbc.connect(self.connection)
+            with self._conn.cursor() as cur:
+                cur.adbc_ingest(self.staging, schema.empty_table(), mode="create", db_schema_name=self._schema_name)
+            return
+        self._conn = psycopg.connect(self.connection)
+        types, sent = for_copy(schema.empty_table())
+        with self._conn.cursor() as cur:
+            create_table(cur, sql.SQL(_quoted(*self.schema, self.staging)), sent.schema, types)
+
+    def _swap(self) -> None:
+        with self._conn.cursor() as cur:
+            if self.allow_overwrite:
+                cur.execute(f"DROP TABLE IF EXISTS {_quoted(*self.schema, self.table)}")
+            cur.execute(f"ALTER TABLE {_quoted(*self.schema, self.staging)} RENAME TO {_quoted(self.table)}")
+        self._conn.commit()
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if self._conn is None:
+            return
+        try:
+            if kind is None:
+                with self._errors():
+                    self._swap()
+            else:
+                with contextlib.suppress(psycopg.Error, adbc.Error):  # the failure that got here is the one to report
+                    self._conn.rollback()
+        finally:
+            self._conn.close()
+
+
 class SavedDatasetWriter:
     """persist's sink for a one-view request: each partition's rows (the entity rows at its positions, then its
     features) are appended to the saved dataset's table as the partition arrives, so the whole result is never in
     this process; the entity rows no partition holds (a NULL key or time) come last, with NULL features."""
 
-    def __init__(self, cursor: Any, table: str, mode: Literal["create", "replace"],
-                 entity_rows: Callable[[np.ndarray], pa.Table], date_range: bool):
-        self.cursor, self.table, self.mode = cursor, table, mode
-        self.entity_rows, self.date_range = entity_rows, date_range
+    def __init__(self, table: SavedDatasetTable, entity_rows: Callable[[np.ndarray], pa.Table], date_range: bool):
+        self.table, self.entity_rows, self.date_range = table, entity_rows, date_range
         self.schema: pa.Schema | None = None
         self.features: pa.Schema | None = None
         self.covered = np.zeros(0, dtype=bool)
@@ -520,8 +631,7 @@ class SavedDatasetWriter:
             return
         elif data.schema != self.schema:
             data = data.cast(self.schema)
-        self.cursor.adbc_ingest(self.table, data, mode=self.mode)
-        self.mode = "append"
+        self.table.write(data)
 
 
 # --- the retrieval job ------------------------------------------------------------------------------------------
@@ -728,25 +838,19 @@ class RayPostgreSQLRetrievalJob(RetrievalJob):
 
     def persist(self, storage: SavedDatasetStorage, allow_overwrite: bool | None = False,
                 timeout: int | None = None) -> None:
-        """The result (on-demand features included) into the saved dataset's table, with ADBC's bulk ingest
-        (Feast's store inserts row by row), in one transaction; an existing table is replaced only with
-        ``allow_overwrite``. A one-view request without on-demand features is written partition by partition
+        """The result (on-demand features included) into the saved dataset's table (SavedDatasetTable: binary
+        COPY in one transaction, the old table replaced at the end and only with ``allow_overwrite``; Feast's store
+        inserts row by row). A one-view request without on-demand features is written partition by partition
         as the join produces it (SavedDatasetWriter), so a result larger than this process's memory can be
         persisted; its rows are then in the partitions' order, not the entity set's."""
         assert isinstance(storage, SavedDatasetPostgreSQLStorage)
         name = storage.postgres_options._table
-        mode: Literal["create", "replace"] = "replace" if allow_overwrite else "create"
-        store = self.config.offline_store
-        with adbc.connect(conninfo(store, self.time_zone())) as conn:
-            try:
-                with conn.cursor() as cur:
-                    if len(self._plans) == 1 and not self.on_demand_feature_views:
-                        writer = SavedDatasetWriter(cur, name, mode, self._entity_rows, self._entity_df is None)
-                        self._join([writer])
-                        writer.finish(self.entities().num_rows)
-                        self._mark("written")
-                    else:
-                        cur.adbc_ingest(name, self.to_arrow(timeout=timeout), mode=mode)
-                conn.commit()
-            except adbc.Error as exc:
-                raise ValueError(f"cannot persist to {name}: {first_line(exc)}") from exc
+        with SavedDatasetTable(conninfo(self.config.offline_store, self.time_zone()), name,
+                               bool(allow_overwrite)) as table:
+            if len(self._plans) == 1 and not self.on_demand_feature_views:
+                writer = SavedDatasetWriter(table, self._entity_rows, self._entity_df is None)
+                self._join([writer])
+                writer.finish(self.entities().num_rows)
+                self._mark("written")
+            else:
+                table.write(self.to_arrow(timeout=timeout))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import adbc_driver_manager
@@ -83,11 +83,24 @@ def read_reusing(connection: str, query: str) -> pa.Table:
 
 
 def feast_types(table: pa.Table) -> pa.Table:
-    """Feast's PostgreSQL output types: naive UTC microsecond timestamps, numeric as double, no field metadata."""
+    """Feast's PostgreSQL output types: naive UTC microsecond timestamps, numeric (also in arrays) as double, json
+    and uuid as text, no field metadata. Other types ADBC hands over as opaque wire bytes (inet, point, ...) are
+    refused with the column's name: they would reach a DataFrame or a saved dataset as bytes."""
     columns, fields = [], []
     for field, column in zip(table.schema, table.columns, strict=True):
-        if field.metadata and field.metadata.get(_PG_TYPE) == b"numeric":
-            column = pa.chunked_array([_storage(chunk) for chunk in column.chunks], pa.string()).cast(pa.float64())
+        pg_type = (field.metadata or {}).get(_PG_TYPE, b"").decode()
+        if pg_type in ("numeric", "_numeric"):
+            column = pa.chunked_array([_numeric_as_double(chunk) for chunk in column.chunks],
+                                      pa.float64() if pg_type == "numeric" else pa.list_(pa.float64()))
+        elif isinstance(field.type, pa.UuidType):
+            column = pa.array([None if value is None else str(value) for value in column.to_pylist()], pa.string())
+        elif isinstance(field.type, pa.JsonType):
+            column = pa.chunked_array([chunk.storage for chunk in column.chunks], field.type.storage_type)
+        elif isinstance(field.type, pa.BaseExtensionType) or (
+                pa.types.is_list(field.type) and isinstance(field.type.value_type, pa.BaseExtensionType)):
+            shown = f"{pg_type[1:]}[]" if pg_type.startswith("_") else pg_type or str(field.type)
+            raise ValueError(f"column {field.name!r} is of PostgreSQL type {shown}, which the Ray "
+                             f"offline store does not read: cast it in the query (for example {field.name}::text)")
         elif pa.types.is_timestamp(field.type) and field.type != pa.timestamp("us"):
             column = column.cast(pa.timestamp("us"), safe=False)
         columns.append(column)
@@ -95,8 +108,13 @@ def feast_types(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
-def _storage(chunk: pa.Array) -> pa.Array:
-    return chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+def _numeric_as_double(chunk: pa.Array) -> pa.Array:
+    """numeric's text (ADBC's opaque string) as double, also as the items of a numeric[]."""
+    if isinstance(chunk, pa.ExtensionArray):
+        return chunk.storage.cast(pa.float64())
+    if pa.types.is_list(chunk.type) and isinstance(chunk.values, pa.ExtensionArray):
+        return pa.ListArray.from_arrays(chunk.offsets, chunk.values.storage.cast(pa.float64()), mask=chunk.is_null())
+    return chunk.cast(pa.float64())
 
 
 def arrow_nanoseconds(values: pa.ChunkedArray) -> np.ndarray:
@@ -311,9 +329,23 @@ def join_partition(task: PartitionTask, entities: pa.Table, reuse_connection: bo
     return joined.rename_columns(names).append_column(POSITION, entities.column(POSITION))
 
 
+class PartitionReadError(RuntimeError):
+    """A partition's read failed in a Ray worker. ADBC's errors cannot cross to the caller (their unpickling fails, and
+    the caller got Ray's "Failed to deserialize exception"), so their message comes in this one."""
+
+
+@contextlib.contextmanager
+def _crossing_ray() -> Iterator[None]:
+    try:
+        yield
+    except adbc_driver_manager.Error as exc:
+        raise PartitionReadError(f"{type(exc).__name__}: {exc}") from None
+
+
 def join_in_worker(task: PartitionTask, entities: pa.Table) -> pa.Table:
     """join_partition as a plain Ray task (a worker process of this job, kept for its other partitions)."""
-    return join_partition(task, entities, reuse_connection=True)
+    with _crossing_ray():
+        return join_partition(task, entities, reuse_connection=True)
 
 
 class JoinWorker:
@@ -322,7 +354,8 @@ class JoinWorker:
 
     def join(self, task: PartitionTask, entities: pa.Table) -> pa.Table:
         try:
-            return join_partition(task, entities, reuse_connection=True)
+            with _crossing_ray():
+                return join_partition(task, entities, reuse_connection=True)
         finally:  # an idle worker keeps no partition's memory: Arrow's pool and the C heap (NumPy's arrays)
             pa.default_memory_pool().release_unused()
             _malloc_trim()
