@@ -67,7 +67,7 @@ def _relation(table: str | sql.Composable) -> sql.Composable:
 
 
 def create_table(cur: psycopg.Cursor, table: str | sql.Composable, schema: pa.Schema, types: list[str]) -> None:
-    """``table``: a name, or SQL naming a relation (a schema-qualified one)."""
+    """``table``: a name, or an ``sql.Identifier`` (a schema-qualified one)."""
     cur.execute(sql.SQL("CREATE TABLE {} ({})").format(_relation(table), sql.SQL(", ").join(
         sql.SQL("{} {}").format(sql.Identifier(f.name), sql.SQL(name)) for f, name in zip(schema, types,
                                                                                         strict=True))))

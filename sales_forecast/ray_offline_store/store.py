@@ -506,10 +506,6 @@ def saved_dataset_relation(name: str) -> tuple[str, ...]:
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
-def _quoted(*parts: str) -> str:
-    return ".".join('"' + part.replace('"', '""') + '"' for part in parts)
-
-
 class SavedDatasetTable:
     """persist's table, written in one transaction: a new table under a unique name in the saved dataset's schema,
     created with the first part's columns and filled part by part with binary COPY (ADBC's ingest when a column
@@ -519,8 +515,10 @@ class SavedDatasetTable:
 
     def __init__(self, connection: str, name: str, allow_overwrite: bool):
         self.connection, self.name, self.allow_overwrite = connection, name, allow_overwrite
-        *self.schema, self.table = saved_dataset_relation(name)
-        self.staging = f"feast_persist_{uuid.uuid4().hex}"
+        *schema, self.table = saved_dataset_relation(name)
+        self.schema_name = schema[0] if schema else None
+        self.staging_name = f"feast_persist_{uuid.uuid4().hex}"
+        self.target, self.staging = sql.Identifier(*schema, self.table), sql.Identifier(*schema, self.staging_name)
         self._conn: psycopg.Connection | adbc.Connection | None = None
         self._copying = False
 
@@ -534,7 +532,7 @@ class SavedDatasetTable:
     def __enter__(self) -> SavedDatasetTable:
         if not self.allow_overwrite:  # refused before the join, not after it
             with self._errors(), psycopg.connect(self.connection) as conn:
-                if conn.execute("SELECT to_regclass(%s)", (_quoted(*self.schema, self.table),)).fetchone()[0]:
+                if conn.execute("SELECT to_regclass(%s)", (self.target.as_string(conn),)).fetchone()[0]:
                     raise ValueError("it exists (persist with allow_overwrite=True replaces it)")
         return self
 
@@ -544,31 +542,30 @@ class SavedDatasetTable:
                 self._create(data.schema)
             with self._conn.cursor() as cur:
                 if self._copying:
-                    copy_rows(cur, sql.SQL(_quoted(*self.schema, self.staging)), for_copy(data)[1])
+                    copy_rows(cur, self.staging, for_copy(data)[1])
                 else:
-                    cur.adbc_ingest(self.staging, data, mode="append", db_schema_name=self._schema_name)
-
-    @property
-    def _schema_name(self) -> str | None:
-        return self.schema[0] if self.schema else None
+                    cur.adbc_ingest(self.staging_name, data, mode="append", db_schema_name=self.schema_name)
 
     def _create(self, schema: pa.Schema) -> None:
         self._copying = copyable(schema)
         if not self._copying:
             self._conn = adbc.connect(self.connection)
             with self._conn.cursor() as cur:
-                cur.adbc_ingest(self.staging, schema.empty_table(), mode="create", db_schema_name=self._schema_name)
+                cur.adbc_ingest(self.staging_name, schema.empty_table(), mode="create",
+                                db_schema_name=self.schema_name)
             return
         self._conn = psycopg.connect(self.connection)
         types, sent = for_copy(schema.empty_table())
         with self._conn.cursor() as cur:
-            create_table(cur, sql.SQL(_quoted(*self.schema, self.staging)), sent.schema, types)
+            create_table(cur, self.staging, sent.schema, types)
 
     def _swap(self) -> None:
+        statements = [sql.SQL("ALTER TABLE {} RENAME TO {}").format(self.staging, sql.Identifier(self.table))]
+        if self.allow_overwrite:
+            statements.insert(0, sql.SQL("DROP TABLE IF EXISTS {}").format(self.target))
         with self._conn.cursor() as cur:
-            if self.allow_overwrite:
-                cur.execute(f"DROP TABLE IF EXISTS {_quoted(*self.schema, self.table)}")
-            cur.execute(f"ALTER TABLE {_quoted(*self.schema, self.staging)} RENAME TO {_quoted(self.table)}")
+            for statement in statements:  # as text: the connection may be ADBC's, which takes no psycopg SQL
+                cur.execute(statement.as_string(None))
         self._conn.commit()
 
     def __exit__(self, kind, value, traceback) -> None:
