@@ -28,7 +28,7 @@ from feast.infra.compute_engines.ray.nodes import RayWriteNode
 from feast.infra.registry.base_registry import BaseRegistry
 
 from sales_forecast.online_store import feast_type, write_as_protos
-from sales_forecast.ray_offline_store.store import write_concurrency
+from sales_forecast.ray_offline_store.driver import write_concurrency
 
 logger = logging.getLogger(__name__)
 

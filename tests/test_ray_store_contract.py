@@ -903,7 +903,7 @@ def test_the_projects_engine_fails_a_materialization_whose_write_fails(contract_
 
 
 def test_write_blocks_are_whole_batches_one_per_concurrent_write() -> None:
-    from sales_forecast.ray_offline_store.store import write_blocks, write_concurrency
+    from sales_forecast.ray_offline_store.driver import write_blocks, write_concurrency
 
     assert [write_blocks(rows, 20_000, 2) for rows in (0, 11_583, 20_000, 20_001, 115_830)] == [1, 1, 1, 2, 2]
     assert write_blocks(115_830, None, 2) == 1 and write_blocks(10, 2, 8) == 5

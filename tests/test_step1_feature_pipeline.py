@@ -219,6 +219,20 @@ def test_step1_as_a_ray_job_on_a_ray_cluster(stack_settings) -> None:
     assert not {"POSTGRES_USER", "POSTGRES_PASSWORD", "RAY_ADDRESS"} & set(submitted)
 
 
+def test_warm_workers_start_before_the_step_imports_feast(stack_settings) -> None:
+    """Step 1's Ray workers import Feast while the step's process does, on the other core. Starting them must not
+    import Feast in the step's process: when it did (the write count came from a module that imports Feast), a
+    worker was still importing when the materialization began (1x, run again: materialization 15-17 s, not 4-5)."""
+    code = ("import sys\n"
+            "from sales_forecast.config import load_settings\n"
+            "from sales_forecast.features.store import WarmWorkers\n"
+            "workers = WarmWorkers(load_settings(), 115_830)\n"
+            "print(len(workers.pending), 'feast' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["2", "False"]  # 10x: two writes at once, each with a worker
+
+
 def test_the_local_ray_head_is_started_without_rays_sigterm_drain(stack_settings) -> None:
     """Ray 2.58 waits up to 30 s on SIGTERM for the node to drain (for Ray Serve), unless
     RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S <= 0: the stack's head, whose stop sends SIGTERM, has it at 0."""

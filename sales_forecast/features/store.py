@@ -123,7 +123,7 @@ def _import_materialization_modules(store_types: list[str]) -> int:
 def write_tasks(settings: Settings, series: int) -> int:
     """How many of the Ray engine's online writes run at once for ``series`` latest rows (the offline store's
     ``LatestRowsJob`` blocks)."""
-    from sales_forecast.ray_offline_store.store import write_blocks, write_concurrency  # Feast's import
+    from sales_forecast.ray_offline_store.driver import write_blocks, write_concurrency
 
     config = repo_yaml(settings)
     engine = config.get("batch_engine")
@@ -150,6 +150,8 @@ class WarmWorkers:
         # Feast's engine initializes Ray with ignore_reinit_error, so it keeps this connection.
         ray.init(address=settings.ray_address, ignore_reinit_error=True, include_dashboard=False,
                  log_to_driver=False, logging_level="ERROR")
+        # Submitted before this process imports Feast (write_tasks does not), so the workers' imports overlap this
+        # one's. After it, a worker was still importing when the materialization began: 8 s of a 14 s one.
         warm = ray.remote(num_cpus=1)(_import_materialization_modules)
         self.pending = [warm.remote(store_classes(settings)) for _ in range(write_tasks(settings, series))]
 

@@ -173,6 +173,30 @@ class Parallelism:
 
 # --- the pushed-down read of one partition ----------------------------------------------------------------------
 
+def write_concurrency(engine: Any) -> int:
+    """How many online writes Feast's Ray engine runs at once (its RayWriteNode's rule): ``write_concurrency``, else
+    ``max_workers``, else 1. ``engine`` is the repo's batch_engine, its parsed config or its yaml mapping."""
+    for key in ("write_concurrency", "max_workers"):
+        value = engine.get(key) if isinstance(engine, dict) else getattr(engine, key, None)
+        if value is not None:
+            return value
+    return 1
+
+
+def block_rows(rows: int, batch_rows: int | None, concurrency: int) -> int:
+    """Rows per block of ``LatestRowsJob``: a whole number of write batches, so that ``rows`` make one block per
+    write that can run at once; all of them without a batch size."""
+    if not batch_rows:
+        return max(rows, 1)
+    batches = -(-rows // batch_rows)
+    return batch_rows * max(1, -(-batches // concurrency))
+
+
+def write_blocks(rows: int, batch_rows: int | None, concurrency: int) -> int:
+    """How many blocks ``LatestRowsJob`` cuts ``rows`` latest rows into (writes that run at once)."""
+    return max(1, -(-rows // block_rows(rows, batch_rows, concurrency)))
+
+
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 

@@ -74,6 +74,7 @@ from sales_forecast.ray_offline_store.driver import (
     Parallelism,
     Sink,
     ViewPlan,
+    block_rows,
     cluster_cpus,
     date_range_query,
     ensure_ray,
@@ -82,6 +83,7 @@ from sales_forecast.ray_offline_store.driver import (
     run_in_process,
     run_on_ray,
     run_streaming,
+    write_concurrency,
 )
 from sales_forecast.ray_offline_store.worker import (
     NULL_TIME,
@@ -214,30 +216,6 @@ class RayPostgreSQLOfflineStore(PostgreSQLOfflineStore):
                 raise OfflineWriteError(f"cannot write to {target}: {first_line(exc)}") from exc
         if progress:
             progress(data.num_rows)
-
-
-def write_concurrency(engine: Any) -> int:
-    """How many online writes Feast's Ray engine runs at once (its RayWriteNode's rule): ``write_concurrency``, else
-    ``max_workers``, else 1. ``engine`` is the repo's batch_engine, its parsed config or its yaml mapping."""
-    for key in ("write_concurrency", "max_workers"):
-        value = engine.get(key) if isinstance(engine, dict) else getattr(engine, key, None)
-        if value is not None:
-            return value
-    return 1
-
-
-def block_rows(rows: int, batch_rows: int | None, concurrency: int) -> int:
-    """Rows per block of ``LatestRowsJob``: a whole number of write batches, so that ``rows`` make one block per
-    write that can run at once; all of them without a batch size."""
-    if not batch_rows:
-        return max(rows, 1)
-    batches = -(-rows // batch_rows)
-    return batch_rows * max(1, -(-batches // concurrency))
-
-
-def write_blocks(rows: int, batch_rows: int | None, concurrency: int) -> int:
-    """How many blocks ``LatestRowsJob`` cuts ``rows`` latest rows into (writes that run at once)."""
-    return max(1, -(-rows // block_rows(rows, batch_rows, concurrency)))
 
 
 class LatestRowsJob(PostgreSQLRetrievalJob):
