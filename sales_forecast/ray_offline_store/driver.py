@@ -1,6 +1,7 @@
 """The driver side of a retrieval, without Feast: what to read per view (ViewPlan), key-range partitions of the
 entity rows, the pushed-down SQL of each partition, connecting to Ray, and putting the partitions' features back in
-the entity set's row order.
+the entity set's row order; also how many blocks the materialization's latest rows are cut into (step 1 starts one
+Ray worker per block before it imports Feast).
 
 Each partition is a contiguous range of key tuples (in key order), so its feature rows are one key-range predicate
 in PostgreSQL (served by a (keys, timestamp) index) and no shuffle is needed: every feature row of a key is read by
@@ -171,7 +172,7 @@ class Parallelism:
         return max(1, min(max(cpus, by_size), math.ceil(rows / self.min_rows_per_partition)))
 
 
-# --- the pushed-down read of one partition ----------------------------------------------------------------------
+# --- the materialization's online writes: how many blocks of latest rows ----------------------------------------
 
 def write_concurrency(engine: Any) -> int:
     """How many online writes Feast's Ray engine runs at once (its RayWriteNode's rule): ``write_concurrency``, else
@@ -196,6 +197,8 @@ def write_blocks(rows: int, batch_rows: int | None, concurrency: int) -> int:
     """How many blocks ``LatestRowsJob`` cuts ``rows`` latest rows into (writes that run at once)."""
     return max(1, -(-rows // block_rows(rows, batch_rows, concurrency)))
 
+
+# --- the pushed-down read of one partition ----------------------------------------------------------------------
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
