@@ -4,6 +4,7 @@ an unreachable MLflow server, a diverging (NaN) loss; and 02_training.py turns t
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -106,3 +107,19 @@ def test_cli_rejects_bad_arguments() -> None:
     done = subprocess.run([sys.executable, "02_training.py", "--lr", "0"], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=120, check=False)
     assert done.returncode == 2 and "must be > 0" in done.stderr
+
+
+def test_an_embedded_mlflow_that_cannot_start_is_reported_when_its_process_ends(tmp_path) -> None:
+    """Step 2 launches the embedded MLflow server and reads the training set while it starts; before the first use
+    it waits for it (wait_ready; the test session's server is started through it). A server that cannot start, its
+    port taken, is reported with its log as soon as its process ends; before, its unreaped process still counted as
+    running and the wait lasted until the timeout."""
+    from sales_forecast.stack import mlflow_server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        mlflow_server.start(tmp_path, busy, wait=False)
+        with pytest.raises(PipelineError, match=f"(?s)did not start on port {busy}; log tail:.*in use"):
+            mlflow_server.wait_ready(tmp_path, busy, timeout=300)

@@ -50,15 +50,25 @@ def check_mlflow(uri: str, timeout: float = MLFLOW_CHECK_TIMEOUT_S) -> None:
         raise PipelineError(f"the MLflow tracking server at {uri} answered HTTP {response.status_code} on /health")
 
 
-def ensure_mlflow(settings: Settings) -> Settings:
-    """Settings whose tracking URI answers: the configured one, checked, or the embedded server, started."""
+def ensure_mlflow(settings: Settings, wait: bool = True) -> Settings:
+    """Settings whose tracking URI answers: the configured one, checked, or the embedded server, started (with
+    ``wait=False`` only launched: ``wait_for_mlflow`` before the first use)."""
     from sales_forecast.stack import mlflow_server
 
     if settings.mlflow_tracking_uri:
         check_mlflow(settings.mlflow_tracking_uri)
         return settings
-    uri = mlflow_server.start(settings.stack_dir, settings.stack_ports.mlflow)
+    uri = mlflow_server.start(settings.stack_dir, settings.stack_ports.mlflow, wait=wait)
     return dataclasses.replace(settings, mlflow_tracking_uri=uri)
+
+
+def wait_for_mlflow(settings: Settings) -> None:
+    """Until the embedded server that ``ensure_services(..., wait_for_mlflow=False)`` launched answers; a configured
+    server was checked then."""
+    from sales_forecast.stack import mlflow_server
+
+    if settings.mlflow_tracking_uri == settings.embedded_mlflow_uri:
+        mlflow_server.wait_ready(settings.stack_dir, settings.stack_ports.mlflow)
 
 
 def ensure_ray(settings: Settings) -> Settings:
@@ -72,12 +82,14 @@ def ensure_ray(settings: Settings) -> Settings:
     return dataclasses.replace(settings, ray_address=head)
 
 
-def ensure_services(settings: Settings, *, mlflow: bool = False, ray: bool = False) -> Settings:
+def ensure_services(settings: Settings, *, mlflow: bool = False, ray: bool = False,
+                    wait_for_mlflow: bool = True) -> Settings:
     """PostgreSQL, and MLflow / Ray when asked; returns the resolved settings, also put into os.environ (Feast
-    reads its connection and Ray address from there)."""
+    reads its connection and Ray address from there). ``wait_for_mlflow=False``: an embedded MLflow server is
+    launched, not waited for (see ``wait_for_mlflow``)."""
     ensure_postgres(settings)
     if mlflow:
-        settings = ensure_mlflow(settings)
+        settings = ensure_mlflow(settings, wait=wait_for_mlflow)
     if ray:
         settings = ensure_ray(settings)
     apply_to_environment(settings)

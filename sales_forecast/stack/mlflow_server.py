@@ -21,8 +21,9 @@ def _paths(stack_dir: Path) -> tuple[Path, Path, Path]:
     return root, root / "mlflow.log", root / "mlflow.pid"
 
 
-def start(stack_dir: Path, port: int) -> str:
-    """Start (or reuse) the server; returns its tracking URI."""
+def start(stack_dir: Path, port: int, wait: bool = True) -> str:
+    """Start (or reuse) the server; returns its tracking URI. ``wait=False`` returns once the process is launched:
+    ``wait_ready`` then waits for it (its imports take 5-10 s that the caller can spend on other work)."""
     uri = f"http://127.0.0.1:{port}"
     if processes.http_ok(f"{uri}/health"):
         return uri
@@ -31,13 +32,22 @@ def start(stack_dir: Path, port: int) -> str:
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")]
-    pid = processes.start_background(command, log, pid_file, env=LIGHT_SERVER_ENV)
-    alive = lambda: processes.pid_of(pid_file) == pid  # noqa: E731
-    if not processes.wait_until(lambda: processes.http_ok(f"{uri}/health"), 120, alive):
+    processes.start_background(command, log, pid_file, env=LIGHT_SERVER_ENV)
+    if wait:
+        wait_ready(stack_dir, port)
+    return uri
+
+
+def wait_ready(stack_dir: Path, port: int, timeout: float = 120.0) -> None:
+    """Until the server answers; a server that exits or does not answer in ``timeout`` is stopped and reported."""
+    uri = f"http://127.0.0.1:{port}"
+    _, log, pid_file = _paths(stack_dir)
+    pid = processes.pid_of(pid_file)
+    alive = lambda: pid is not None and processes.pid_of(pid_file) == pid and not processes.exited(pid)  # noqa: E731
+    if not processes.wait_until(lambda: processes.http_ok(f"{uri}/health"), timeout, alive):
         tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
         processes.stop(pid_file)
         raise PipelineError(f"the local MLflow server did not start on port {port}; log tail:\n{tail}")
-    return uri
 
 
 def stop(stack_dir: Path) -> bool:

@@ -83,6 +83,8 @@ def _retrieve(settings: Settings, timer) -> tuple[pd.DataFrame, int]:
         frame, returned = fetch_training_frame(store, settings.postgres)
         timer.note("retrieve training set (Feast point-in-time join)",
                    f"{returned:,} entity rows, {len(frame):,} with complete features")
+    with timer.phase("wait for MLflow"):  # on rank 0 (in dist.share): a failure reaches every rank
+        stack.wait_for_mlflow(settings)
     return frame, returned
 
 
@@ -157,7 +159,8 @@ def _train(params: TrainingParams, settings: Settings, dist: Distributed) -> Tra
     timer = PhaseTimer("step 2: training") if dist.is_main else _Silent()
     if dist.is_main:
         with timer.phase("connect PostgreSQL, MLflow and Ray"):
-            settings = stack.ensure_services(settings, mlflow=True, ray=True)
+            # an embedded MLflow server starts while the training set is read: its first use is after that
+            settings = stack.ensure_services(settings, mlflow=True, ray=True, wait_for_mlflow=False)
     frame, returned = dist.share(lambda: _retrieve(settings, timer))
     split = chronological_split(frame, params.test_weeks, params.validation_weeks)
     baselines = None
