@@ -43,8 +43,8 @@ def wait_ready(stack_dir: Path, port: int, timeout: float = 120.0) -> None:
     uri = f"http://127.0.0.1:{port}"
     _, log, pid_file = _paths(stack_dir)
     pid = processes.pid_of(pid_file)
-    alive = lambda: pid is not None and processes.pid_of(pid_file) == pid and not processes.exited(pid)  # noqa: E731
-    if not processes.wait_until(lambda: processes.http_ok(f"{uri}/health"), timeout, alive):
+    if not processes.wait_until(lambda: processes.http_ok(f"{uri}/health"), timeout,
+                                lambda: processes.running(pid, pid_file)):
         tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
         processes.stop(pid_file)
         raise PipelineError(f"the local MLflow server did not start on port {port}; log tail:\n{tail}")

@@ -46,15 +46,11 @@ def start(settings: Settings, port: int, *, model_dir: Path | None = None, name:
     if model_dir is not None:
         command += ["--model-dir", str(model_dir)]
     pid = processes.start_background(command, log, pid_file, env={**settings.environment(), **(extra_env or {})})
-    if not processes.wait_until(lambda: is_ready(url), timeout, lambda: _running(pid, pid_file)):
+    if not processes.wait_until(lambda: is_ready(url), timeout, lambda: processes.running(pid, pid_file)):
         tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
         stop(settings.stack_dir, name)
         raise PipelineError(f"the model server did not become ready on port {port}; log tail:\n{tail}")
     return url
-
-
-def _running(pid: int, pid_file: Path) -> bool:
-    return processes.pid_of(pid_file) == pid and not processes.exited(pid)
 
 
 def stop(stack_dir: Path, name: str = DEFAULT_NAME, timeout: float = 15.0) -> bool:

@@ -73,6 +73,12 @@ def exited(pid: int) -> bool:
     return False
 
 
+def running(pid: int | None, pid_file: Path) -> bool:
+    """Whether ``pid``, which ``start_background`` recorded in ``pid_file``, still runs: an exited child that was not
+    reaped yet (its pid still answers kill 0) counts as exited."""
+    return pid is not None and pid_of(pid_file) == pid and not exited(pid)
+
+
 def http_ok(url: str, timeout: float = 1.0) -> bool:
     try:
         return httpx.get(url, timeout=timeout).status_code == 200

@@ -71,7 +71,7 @@ def start(stack_dir: Path, port: int, dashboard_port: int, num_cpus: int | None 
     pid = processes.start_background(command, log, pid_file, env={"RAY_DISABLE_USAGE_STATS": "1",
                                                                   "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
     ready = processes.wait_until(lambda: processes.http_ok(f"{dashboard_url(dashboard_port)}/api/version"),
-                                 timeout, lambda: processes.pid_of(pid_file) == pid and not processes.exited(pid))
+                                 timeout, lambda: processes.running(pid, pid_file))
     if not ready:
         tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
         processes.stop(pid_file)
