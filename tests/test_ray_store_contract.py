@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import database_settings
+from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import SavedDatasetPostgreSQLStorage
 
 from sales_forecast.config import Settings
 from sales_forecast.ray_engine import ENGINE_TYPE
@@ -425,10 +426,6 @@ def test_persist_writes_a_one_view_result_partition_by_partition(contract_db: Se
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A one-view request (two keys) persists the rows to_df returns, rows with a NULL key or time included, without
     ever putting the whole result together (InEntityOrder is what does that); one ingest per partition."""
-    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
-        SavedDatasetPostgreSQLStorage,
-    )
-
     from sales_forecast.ray_offline_store import driver
     from sales_forecast.ray_offline_store import store as store_module
 
@@ -485,10 +482,6 @@ def test_persist_writes_a_one_view_result_partition_by_partition(contract_db: Se
 
 
 def test_persist_of_a_date_range_keeps_feasts_columns(contract_db: Settings) -> None:
-    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
-        SavedDatasetPostgreSQLStorage,
-    )
-
     load_tables(contract_db, {"store_dept_rows": created_rows()})
     kwargs = {"features": ["store_dept_stats:sales"], "start_date": (T0 + DAY).to_pydatetime(),
               "end_date": (T0 + 2 * DAY).to_pydatetime()}
@@ -505,10 +498,6 @@ def test_a_failed_persist_leaves_the_table_it_would_replace(contract_db: Setting
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure after some partitions were written rolls all of them back: the old table stays as it was; without
     allow_overwrite an existing table is refused."""
-    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
-        SavedDatasetPostgreSQLStorage,
-    )
-
     from sales_forecast.ray_offline_store import store as store_module
 
     rng = np.random.default_rng(6)
@@ -553,9 +542,6 @@ def test_persist_writes_the_types_and_values_adbcs_ingest_wrote(contract_db: Set
     of each, text that SQL or a shell would interpret, a naive timestamp), the same column types and rows as ADBC's
     ingest of the job's to_arrow. A list column, which COPY cannot send, makes the whole table ADBC's ingest."""
     import adbc_driver_postgresql.dbapi as adbc
-    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
-        SavedDatasetPostgreSQLStorage,
-    )
 
     from sales_forecast.ray_offline_store import store as store_module
 
@@ -600,10 +586,6 @@ def test_persist_can_replace_the_table_its_join_reads(contract_db: Settings) -> 
     """Saved to the view's own source table with allow_overwrite: the old table is dropped only once the join is
     done. When the first partition's write dropped it, that write's lock and the next partitions' reads of the
     table waited for each other for ever."""
-    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
-        SavedDatasetPostgreSQLStorage,
-    )
-
     rng = np.random.default_rng(9)
     load_tables(contract_db, {"store_dept_rows": many_store_dept_rows(rng)})
     entities = pd.DataFrame({"row_id": np.arange(400), "store": rng.integers(1, 13, 400),
@@ -624,10 +606,6 @@ def test_a_saved_dataset_reads_back_what_persist_wrote_under_its_name(contract_d
     quoted one as quoted). A name that would not read back, or that is SQL, is refused before anything is read or
     written. Feast's own persist fails on every one of these names."""
     import psycopg
-    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
-        SavedDatasetPostgreSQLStorage,
-    )
-
     rng = np.random.default_rng(10)
     load_tables(contract_db, {"store_dept_rows": many_store_dept_rows(rng)})
     with psycopg.connect(contract_db.postgres.libpq_url(), autocommit=True) as conn:
@@ -659,10 +637,6 @@ def test_persist_refuses_an_unsigned_value_bigint_cannot_hold(contract_db: Setti
     """An unsigned entity column is written in the smallest signed type that holds it; a uint64 value above
     2**63 - 1 is refused with the column's name (ADBC's ingest wrapped it around to a negative number; Feast's
     store fails with 'bigint out of range')."""
-    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
-        SavedDatasetPostgreSQLStorage,
-    )
-
     rng = np.random.default_rng(11)
     load_tables(contract_db, {"store_dept_rows": many_store_dept_rows(rng)})
     entities = pd.DataFrame({"row_id": np.arange(4), "store": [1, 2, 3, 4], "dept": [1, 2, 3, 4],
@@ -687,9 +661,6 @@ def test_a_failed_partition_read_reaches_the_caller_with_postgresqls_message(con
     with PostgreSQL's message (ADBC's own error does not survive Ray's pickling: the caller got "Failed to
     deserialize exception"), and persist does not call it a write failure."""
     import psycopg
-    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
-        SavedDatasetPostgreSQLStorage,
-    )
 
     from sales_forecast.ray_offline_store.worker import PartitionReadError
 
@@ -708,10 +679,6 @@ def test_entity_columns_of_types_adbc_hands_over_as_extensions(contract_db: Sett
     """An entity query's uuid and json columns come back as text and a numeric[] as arrays of doubles, in to_df
     and in a saved dataset alike; a type ADBC hands over as opaque wire bytes (inet) is refused with the column's
     name by both. to_df used to fail with KeyError on all of them while persist wrote inet's wire bytes."""
-    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
-        SavedDatasetPostgreSQLStorage,
-    )
-
     load_tables(contract_db, {"store_rows": store_rows(store=[1, 2], event_timestamp=[T0, T0],
                                                        temperature=[10.0, 20.0], visitors=[1, 2])})
     query = ("SELECT s AS store, timestamptz '2026-01-03' AS event_timestamp, "
