@@ -152,8 +152,8 @@ class WarmWorkers:
                  log_to_driver=False, logging_level="ERROR")
         # Submitted before this process imports Feast (write_tasks does not), so the workers' imports overlap this
         # one's. After it, a worker was still importing when the materialization began: 8 s of a 14 s one.
-        warm = ray.remote(num_cpus=1)(_import_materialization_modules)
-        self.pending = [warm.remote(store_classes(settings)) for _ in range(write_tasks(settings, series))]
+        warm, stores = ray.remote(num_cpus=1)(_import_materialization_modules), store_classes(settings)
+        self.pending = [warm.remote(stores) for _ in range(write_tasks(settings, series))]
 
     def wait(self, timeout: float = 60.0) -> None:
         """Until the workers are up (a failure here is the engine's to report, with its own message)."""

@@ -456,6 +456,7 @@ def load_entities(entity_df: pd.DataFrame | str, config: PostgreSQLConfig, zone:
 
 
 _IDENTIFIER = re.compile(r'"((?:[^"]|"")+)"|([A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_$\u0080-\U0010ffff]*)')
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def saved_dataset_relation(name: str) -> tuple[str, ...]:
@@ -479,9 +480,6 @@ def saved_dataset_relation(name: str) -> tuple[str, ...]:
     raise ValueError(f"cannot persist to {name!r}: not a table name a saved dataset reads back (a PostgreSQL table "
                      "name, optionally schema-qualified; double-quote a part that is not lowercase letters, digits "
                      "and underscores)")
-
-
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 class SavedDatasetTable:
