@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint validate-manifests check-crd-schemas stack-up stack-down stack-status bench-features bench-serving bench-pit-join bench-online-write bench-scale bench-cycle bench-stack bench-training train features clean-stack
+.PHONY: demo test lint validate-manifests check-crd-schemas stack-up stack-down stack-status bench-features bench-serving bench-pit-join bench-online-write bench-scale bench-cycle bench-stack bench-imports bench-training train features clean-stack
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,9 @@ bench-serving: $(STAMP)
 
 bench-stack: $(STAMP)
 	$(PY) -m benchmarks.bench_stack
+
+bench-imports: $(STAMP)
+	$(PY) -m benchmarks.bench_imports
 
 bench-cycle: $(STAMP)
 	$(PY) -m benchmarks.bench_cycle

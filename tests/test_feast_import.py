@@ -1,0 +1,162 @@
+"""Feast imported through this package (sales_forecast/feast_import.py) against Feast imported alone: typeguard's
+checks instrumented at a method's first call, with the same errors and signatures, and torch imported at the first
+``get_torch()``, with the same answers.
+
+Each side runs in a fresh interpreter: "upstream" imports Feast alone, "deferred" imports this package first.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+_COUNT_INSTRUMENTATIONS = """
+import typeguard._decorators as decorators
+instrumented = []
+_instrument = decorators.instrument
+def counting(function):
+    instrumented.append(function.__qualname__)
+    return _instrument(function)
+decorators.instrument = counting
+"""
+
+_MISUSES = """
+from datetime import timedelta
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import PostgreSQLSource
+from feast.protos.feast.core.Entity_pb2 import Entity as EntityProto
+from feast.types import Float64
+
+source = FileSource(path="sales.parquet", timestamp_field="event_timestamp")
+store = Entity(name="store", join_keys=["store"], value_type=ValueType.INT64)
+misuses = {
+    "Entity name": lambda: Entity(name=1),
+    "Entity name again": lambda: Entity(name=1),
+    "Field dtype": lambda: Field(name="sales", dtype=int),
+    "FeatureView ttl": lambda: FeatureView(name="v", entities=[store], source=source, ttl="1d"),
+    "FeatureView.from_proto (classmethod)": lambda: FeatureView.from_proto(EntityProto()),
+    "FeatureService features": lambda: FeatureService(name="s", features=[1]),
+    "FileSource path": lambda: FileSource(path=3, timestamp_field="event_timestamp"),
+    "PostgreSQLSource name": lambda: PostgreSQLSource(name=1, query="SELECT 1", timestamp_field="event_timestamp"),
+}
+answers = {}
+for label, misuse in misuses.items():
+    try:
+        answers[label] = f"accepted {type(misuse()).__name__}"
+    except Exception as error:
+        answers[label] = f"{type(error).__module__}.{type(error).__name__}: {error}"
+view = FeatureView(name="v", entities=[store], schema=[Field(name="sales", dtype=Float64)], source=source,
+                   ttl=timedelta(days=7))
+def spec(proto):  # without the source's created and updated timestamps
+    proto.spec.batch_source.ClearField("meta")
+    return proto.spec.SerializeToString().hex()
+answers["valid FeatureView, spec"] = spec(view.to_proto())
+answers["valid FeatureView, round trip"] = spec(FeatureView.from_proto(view.to_proto()).to_proto())
+"""
+
+_SIGNATURES = """
+import importlib, inspect
+modules = ["feast.entity", "feast.field", "feast.feature_view", "feast.on_demand_feature_view",
+           "feast.stream_feature_view", "feast.feature_service", "feast.data_source", "feast.project",
+           "feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source"]
+answers = {}
+for name in modules:
+    module = importlib.import_module(name)
+    for cls in vars(module).values():
+        if not inspect.isclass(cls) or cls.__module__ != name:
+            continue
+        for attribute, value in vars(cls).items():
+            function = value.__func__ if isinstance(value, classmethod | staticmethod) else value
+            if isinstance(value, property):
+                function = value.fget
+            if not callable(function):
+                continue
+            try:
+                signature = str(inspect.signature(function))
+            except (TypeError, ValueError) as error:
+                signature = f"no signature: {error}"
+            answers[f"{cls.__qualname__}.{attribute}"] = [
+                type(value).__name__ if isinstance(value, classmethod | staticmethod | property) else "function",
+                signature, inspect.iscoroutinefunction(function), inspect.isgeneratorfunction(function),
+                getattr(function, "__doc__", None), getattr(function, "__name__", None)]
+"""
+
+
+_TORCH = """
+import sys
+from feast.infra.offline_stores.offline_store import RetrievalJob  # noqa: F401  the module that imports torch
+answers = {"torch imported": "torch" in sys.modules}
+from feast.infra.offline_stores import offline_store
+try:
+    answers["get_torch"] = offline_store.get_torch().__name__
+except ImportError as error:
+    answers["get_torch"] = f"ImportError: {error}"
+import feast.torch_wrapper
+answers["wrapper"] = feast.torch_wrapper.__file__.split("site-packages/")[-1]
+answers["TORCH_AVAILABLE"] = feast.torch_wrapper.TORCH_AVAILABLE
+answers["torch imported after get_torch"] = "torch" in sys.modules
+"""
+
+
+def _run(side: str, body: str, before: str = "") -> dict:
+    first = "import sales_forecast\n" if side == "deferred" else ""
+    code = textwrap.dedent(_COUNT_INSTRUMENTATIONS) + before + first + "import feast\n" + \
+        "at_import = len(instrumented)\n" + textwrap.dedent(body) + \
+        "import json\nprint(json.dumps({'at_import': at_import, 'instrumented': sorted(set(instrumented)), " \
+        "'answers': answers}))\n"
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _both(body: str, before: str = "") -> tuple[dict, dict]:
+    with ThreadPoolExecutor(2) as pool:
+        upstream, deferred = pool.map(lambda side: _run(side, body, before), ("upstream", "deferred"))
+    return upstream, deferred
+
+
+def test_feasts_type_errors_are_upstreams_and_nothing_is_instrumented_at_import():
+    upstream, deferred = _both(_MISUSES)
+    assert upstream["at_import"] > 100, upstream["at_import"]  # what the deferral removes: typeguard#468
+    assert deferred["at_import"] <= 5  # Feast builds a dummy Entity and Field at import: those two are called
+    assert deferred["answers"] == upstream["answers"]
+    answers = deferred["answers"]
+    assert answers["Entity name"].startswith("typeguard.TypeCheckError: argument \"name\" (int)")
+    assert answers["Entity name again"] == answers["Entity name"]  # the instrumented method, called again
+    assert answers["FeatureView.from_proto (classmethod)"].startswith("typeguard.TypeCheckError")
+    assert answers["PostgreSQLSource name"].startswith("typeguard.TypeCheckError")
+    # only what was called got instrumented, each method once
+    assert "Entity.__init__" in deferred["instrumented"]
+    assert "FeatureView.from_proto" in deferred["instrumented"]
+    assert len(deferred["instrumented"]) < upstream["at_import"] // 4
+
+
+def test_every_decorated_method_keeps_its_signature_kind_and_docstring():
+    upstream, deferred = _both(_SIGNATURES)
+    assert len(upstream["answers"]) > 150  # 209 methods, class methods and properties in Feast 0.67
+    assert deferred["answers"] == upstream["answers"]
+
+
+def test_torch_is_imported_at_feasts_first_get_torch_with_feasts_answers():
+    upstream, deferred = _both(_TORCH)
+    assert upstream["answers"]["torch imported"] is True
+    assert deferred["answers"]["torch imported"] is False
+    for answers in (upstream["answers"], deferred["answers"]):
+        answers.pop("torch imported")
+    assert deferred["answers"] == upstream["answers"] == {
+        "get_torch": "torch", "wrapper": "feast/torch_wrapper.py", "TORCH_AVAILABLE": True,
+        "torch imported after get_torch": True}
+
+
+def test_a_torch_that_cannot_be_imported_gets_feasts_error():
+    upstream, deferred = _both(_TORCH, before="import sys\nsys.modules['torch'] = None\n")
+    assert deferred["answers"] == upstream["answers"]
+    assert deferred["answers"]["get_torch"].startswith("ImportError: Torch is not available or failed to import.")
+    assert deferred["answers"]["TORCH_AVAILABLE"] is False
