@@ -14,6 +14,11 @@ import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+import typeguard
+
+from sales_forecast import feast_import
+
 REPO = Path(__file__).resolve().parents[1]
 
 _COUNT_INSTRUMENTATIONS = """
@@ -120,6 +125,29 @@ answers["TORCH_AVAILABLE"] = feast.torch_wrapper.TORCH_AVAILABLE
 answers["torch imported after get_torch"] = "torch" in sys.modules
 """
 
+_FIRST_LOOKUPS_AT_ONCE = """
+import threading
+from feast import FeatureService, FileSource
+barrier, results, lock = threading.Barrier(8), [], threading.Lock()
+def first_use(i):
+    barrier.wait()  # eight threads look up methods no one has looked up yet, at once
+    try:
+        FeatureService(name=i, features=[])
+        answer = "accepted"
+    except Exception as error:
+        answer = f"{type(error).__name__}: {error}"
+    path = FileSource(path=f"sales_{i}.parquet", timestamp_field="event_timestamp").path
+    with lock:
+        results.append([answer, path])
+threads = [threading.Thread(target=first_use, args=(i,)) for i in range(8)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+answers = {"results": sorted(results), "FeatureService.__init__": type(vars(FeatureService)["__init__"]).__name__,
+           "FileSource.__init__": type(vars(FileSource)["__init__"]).__name__}
+"""
+
 
 def _run(side: str, body: str, before: str = "") -> dict:
     imports = "import sales_forecast, feast\n" if side == "deferred" else "import feast\n"  # the same line numbers
@@ -178,3 +206,25 @@ def test_a_torch_that_cannot_be_imported_gets_feasts_error():
     assert deferred["answers"] == upstream["answers"]
     assert deferred["answers"]["get_torch"].startswith("ImportError: Torch is not available or failed to import.")
     assert deferred["answers"]["TORCH_AVAILABLE"] is False
+
+
+def test_first_lookups_from_many_threads_at_once_get_upstreams_answers():
+    upstream, deferred = _both(_FIRST_LOOKUPS_AT_ONCE)
+    assert deferred["answers"] == upstream["answers"]
+    assert len(deferred["answers"]["results"]) == 8
+    assert all(answer.startswith("TypeCheckError") for answer, _ in deferred["answers"]["results"])
+    assert deferred["answers"]["FeatureService.__init__"] == "function"
+
+
+def test_a_class_outside_feast_is_instrumented_at_once_as_typeguard_does():
+    assert typeguard.typechecked is feast_import.typechecked_on_first_use  # this package is imported
+
+    @typeguard.typechecked
+    class Doubler:
+        def double(self, value: int) -> int:
+            return value * 2
+
+    assert type(vars(Doubler)["double"]).__name__ == "function"
+    assert Doubler().double(2) == 4
+    with pytest.raises(typeguard.TypeCheckError):
+        Doubler().double("2")
