@@ -4,7 +4,7 @@ benchmarks.bench_imports [--runs N]` (make bench-imports).
 
 Each run is a fresh interpreter, so a figure includes Python's start-up; the files are in the page cache after
 the first run (warm), and the two kinds alternate. "upstream" runs `import feast`; "this project" runs
-`import sales_forecast, feast` (typeguard's instrumentation deferred to each method's first call, torch to
+`import sales_forecast, feast` (typeguard's instrumentation deferred to each method's first lookup, torch to
 Feast's first `get_torch()`); "... and a FeatureView" adds building and converting one view, which pays the first
 calls' instrumentation. It prints wall and CPU (user + system) seconds of each, min / median.
 """

@@ -1,5 +1,5 @@
 """Feast imported through this package (sales_forecast/feast_import.py) against Feast imported alone: typeguard's
-checks instrumented at a method's first call, with the same errors and signatures, and torch imported at the first
+checks instrumented at a method's first lookup, with the same errors and signatures, and torch imported at the first
 ``get_torch()``, with the same answers.
 
 Each side runs in a fresh interpreter: "upstream" imports Feast alone, "deferred" imports this package first.
