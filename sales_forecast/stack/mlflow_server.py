@@ -16,6 +16,10 @@ from sales_forecast.stack import processes
 LIGHT_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
+def _uri(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
 def _paths(stack_dir: Path) -> tuple[Path, Path, Path]:
     root = stack_dir / "mlflow"
     return root, root / "mlflow.log", root / "mlflow.pid"
@@ -24,7 +28,7 @@ def _paths(stack_dir: Path) -> tuple[Path, Path, Path]:
 def start(stack_dir: Path, port: int, wait: bool = True) -> str:
     """Start (or reuse) the server; returns its tracking URI. ``wait=False`` returns once the process is launched:
     ``wait_ready`` then waits for it (its imports take 5-10 s that the caller can spend on other work)."""
-    uri = f"http://127.0.0.1:{port}"
+    uri = _uri(port)
     if processes.http_ok(f"{uri}/health"):
         return uri
     root, log, pid_file = _paths(stack_dir)
@@ -40,10 +44,9 @@ def start(stack_dir: Path, port: int, wait: bool = True) -> str:
 
 def wait_ready(stack_dir: Path, port: int, timeout: float = 120.0) -> None:
     """Until the server answers; a server that exits or does not answer in ``timeout`` is stopped and reported."""
-    uri = f"http://127.0.0.1:{port}"
     _, log, pid_file = _paths(stack_dir)
     pid = processes.pid_of(pid_file)
-    if not processes.wait_until(lambda: processes.http_ok(f"{uri}/health"), timeout,
+    if not processes.wait_until(lambda: processes.http_ok(f"{_uri(port)}/health"), timeout,
                                 lambda: processes.running(pid, pid_file)):
         tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
         processes.stop(pid_file)
