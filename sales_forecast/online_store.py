@@ -190,12 +190,16 @@ class ArrowRows:
         return cls(keys, features, event_ts, created_ts)
 
     def batches(self, has_value_num: bool, rows: int) -> Iterable[pa.RecordBatch]:
-        """The table rows, ``rows`` entity keys at a time (one row per key and feature)."""
+        """The table rows, ``rows`` entity keys at a time (one row per key and feature), the rows of a key together
+        and the keys in byte order, as the table's primary key (entity_key, feature_name) orders them: the upsert
+        probes that index for each row, and in its order a probe mostly finds the page the one before read (at 1x,
+        one write's upsert of unchanged rows took 1.6-1.8 s so, 2.2-2.9 s feature by feature)."""
         names = pa.array([name for name, _, _ in self.features])
-        for start in range(0, len(self.keys), rows):
-            yield self._rows(slice(start, start + rows), names, has_value_num)
+        order = np.argsort(self.keys.view(np.dtype((np.void, self.keys.shape[1]))).ravel(), kind="stable")
+        for start in range(0, len(order), rows):
+            yield self._rows(order[start:start + rows], names, has_value_num)
 
-    def _rows(self, part: slice, names: pa.Array, has_value_num: bool) -> pa.RecordBatch:
+    def _rows(self, part: np.ndarray, names: pa.Array, has_value_num: bool) -> pa.RecordBatch:
         keys = np.ascontiguousarray(self.keys[part])
         count, features = len(keys), len(self.features)
         values, texts, numbers = [], [], []
@@ -205,18 +209,19 @@ class ArrowRows:
             texts.append(pa.array([str(n) if n == n else None for n in of_part.tolist()], pa.string()))
             as_float = of_part.astype(np.float64)
             numbers.append(pa.array(as_float, mask=np.isnan(as_float)))
-        key_bytes = np.tile(keys, (features, 1))
+        take = pa.array((np.arange(features)[None, :] * count + np.arange(count)[:, None]).ravel())  # key by key
+        key_bytes = np.repeat(keys, features, axis=0)
         rows = len(key_bytes)
         columns = {
             "entity_key": pa.Array.from_buffers(pa.binary(keys.shape[1]), rows,
                                                 [None, pa.py_buffer(key_bytes)]).cast(pa.binary()),
             "feature_name": pa.DictionaryArray.from_arrays(
-                pa.array(np.repeat(np.arange(features, dtype=np.int32), count)), names).cast(pa.string()),
-            "value": pa.concat_arrays(values), "value_text": pa.concat_arrays(texts),
-            **({"value_num": pa.concat_arrays(numbers)} if has_value_num else {}),
+                pa.array(np.tile(np.arange(features, dtype=np.int32), count)), names).cast(pa.string()),
+            "value": pa.concat_arrays(values).take(take), "value_text": pa.concat_arrays(texts).take(take),
+            **({"value_num": pa.concat_arrays(numbers).take(take)} if has_value_num else {}),
             "vector_value": pa.nulls(rows, pa.binary()),
-            "event_ts": _timestamps(np.tile(self.event_ts[part], features)),
-            "created_ts": (_timestamps(np.tile(self.created_ts[part], features)) if self.created_ts is not None
+            "event_ts": _timestamps(np.repeat(self.event_ts[part], features)),
+            "created_ts": (_timestamps(np.repeat(self.created_ts[part], features)) if self.created_ts is not None
                            else pa.nulls(rows, pa.timestamp("us"))),
         }
         return pa.RecordBatch.from_pydict(columns)

@@ -114,6 +114,8 @@ def test_arrow_rows_are_the_rows_of_feasts_protos(seed: int) -> None:
         ours = _arrow_rows(view, batch, has_value_num, part=int(np.random.default_rng(seed).integers(1, 64)))
         assert len(ours) == batch.num_rows * len(view.features)
         assert _by_key(ours) == _by_key(theirs)
+        keys = [row[0] for row in ours]
+        assert keys == sorted(keys)  # the primary key's order, which the upsert's probes follow
 
 
 def test_the_special_values_byte_for_byte() -> None:
