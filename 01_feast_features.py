@@ -14,14 +14,19 @@ import datetime as dt
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sales_forecast.cli import add_shape_arguments, from_environment, run_cli
 from sales_forecast.config import load_settings, load_shape_defaults
-from sales_forecast.features.generator import Shape, latest_friday
 from sales_forecast.stack import disconnect_ray
+
+if TYPE_CHECKING:
+    from sales_forecast.features.generator import Shape
 
 
 def week_end_date(text: str) -> dt.date:
+    from sales_forecast.features.generator import latest_friday
+
     try:
         day = dt.date.fromisoformat(text)
     except ValueError as exc:
@@ -58,7 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     settings = args.settings
-    shape = Shape(args.stores, args.depts, args.weeks, args.seed, args.end_date)
     if args.ray_jobs_address:
         from sales_forecast.features.ray_job import job_environment, run_ray_job
 
@@ -66,8 +70,8 @@ def main(argv: list[str] | None = None) -> None:
             chosen = [] if args.append_week == "latest" else [args.append_week.isoformat()]
             step = ["--append-week", *chosen]
         else:
-            step = ["--stores", str(shape.stores), "--depts", str(shape.depts), "--weeks", str(shape.weeks),
-                    "--seed", str(shape.seed), "--end-date", shape.resolved_end_date().isoformat()]
+            step = ["--stores", str(args.stores), "--depts", str(args.depts), "--weeks", str(args.weeks),
+                    "--seed", str(args.seed), "--end-date", shape_of(args).resolved_end_date().isoformat()]
         command = [sys.executable, str(Path(__file__).resolve()), *step, "--ray-jobs-address", ""]
         run_ray_job(args.ray_jobs_address, shlex.join(command), job_environment(settings))
         return
@@ -82,13 +86,25 @@ def main(argv: list[str] | None = None) -> None:
         print(f"appended the week ending {appended.week}: {appended.rows:,} series, {where}")
         return
 
-    from sales_forecast.features.pipeline import run_feature_pipeline
+    from sales_forecast.features import child
 
-    result = run_feature_pipeline(shape, settings)
+    process = child.start()  # before this process imports pandas, Feast and Ray, so the child's imports overlap them
+    try:
+        from sales_forecast.features.pipeline import run_feature_pipeline
+
+        result = run_feature_pipeline(shape_of(args), settings, process=process)
+    finally:
+        process.shutdown(cancel_futures=True)
     disconnect_ray()
     result.timer.print_summary()
     print(f"online store: {result.online_entities:,} series with next-week features "
           f"({result.rows:,} rows loaded)")
+
+
+def shape_of(args: argparse.Namespace) -> Shape:
+    from sales_forecast.features.generator import Shape
+
+    return Shape(args.stores, args.depts, args.weeks, args.seed, args.end_date)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sales_forecast import stack
@@ -24,9 +24,11 @@ class FeatureRunResult:
     timer: PhaseTimer
 
 
-def run_feature_pipeline(shape: Shape, settings: Settings, online: bool = True) -> FeatureRunResult:
+def run_feature_pipeline(shape: Shape, settings: Settings, online: bool = True,
+                         process: ProcessPoolExecutor | None = None) -> FeatureRunResult:
     """The whole step. ``online=False`` loads the offline store only (the weekly cycle's replay starts weeks in
-    the past, older than the feature ttl: nothing of it could be materialized).
+    the past, older than the feature ttl: nothing of it could be materialized). ``process``: the child process the
+    data is made in, if the caller started it already (``child.start``).
 
     The data is generated, derived and staged in a child process (``OfflineLoad``) while this one imports Feast
     and Ray workers start for the materialization (``WarmWorkers``); the staged tables are committed only after
@@ -34,15 +36,15 @@ def run_feature_pipeline(shape: Shape, settings: Settings, online: bool = True) 
     loaded.
     """
     with fs_ops.collecting_rarely():  # Feast's import and its millions of objects
-        return _run(shape, settings, online)
+        return _run(shape, settings, online, process)
 
 
-def _run(shape: Shape, settings: Settings, online: bool) -> FeatureRunResult:
+def _run(shape: Shape, settings: Settings, online: bool, process: ProcessPoolExecutor | None) -> FeatureRunResult:
     shape = dataclasses.replace(shape, end_date=shape.resolved_end_date())  # one end date in both processes
     timer = PhaseTimer(f"step 1: {shape.stores} stores x {shape.depts} depts x {shape.weeks} weeks")
     with timer.phase("connect PostgreSQL and Ray"):
         settings = stack.ensure_services(settings, ray=True)
-    with OfflineLoad(shape, settings.postgres) as offline:
+    with OfflineLoad(shape, settings.postgres, process=process) as offline:
         with timer.phase("start Ray workers, read the feature repo"):  # while the child makes the data
             workers = fs_ops.WarmWorkers(settings, shape.stores * shape.depts) if online else None
             objects = fs_ops.repo_objects(settings.feast_repo_path)  # Feast's import

@@ -14,8 +14,6 @@ writes, value for value.
 
 from __future__ import annotations
 
-import gc
-import multiprocessing
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -29,10 +27,10 @@ import pandas as pd
 from sales_forecast.config import PostgresSettings
 from sales_forecast.contract import FEATURE_INDEX, FEATURE_TABLE, RAW_INDEX, RAW_TABLE
 from sales_forecast.errors import PipelineError, first_line
+from sales_forecast.features import child
 from sales_forecast.features.derive import DeptMedians, build_features, pooled_values
 from sales_forecast.features.generator import Shape, generate, generate_stores
 from sales_forecast.features.load import TableLoad
-from sales_forecast.features.store import RARE_COLLECTIONS
 
 T = TypeVar("T")
 # Rows per store range (whole stores) of a load made range by range; a shape up to this size (10x: 6.0M rows) is made
@@ -173,14 +171,14 @@ def _finished(commit: bool) -> None:
 
 
 class OfflineLoad:
-    """The child process, started on construction; ``staged()`` waits for its data, ``commit()`` swaps the tables
-    in. Leaving the ``with`` block without ``commit`` rolls the load back."""
+    """The child process (``child.start``), given or started on construction, making the data at once; ``staged()``
+    waits for it, ``commit()`` swaps the tables in. Leaving the ``with`` block without ``commit`` rolls the load back
+    and ends the child."""
 
-    def __init__(self, shape: Shape, postgres: PostgresSettings, range_rows: int = RANGE_ROWS):
-        # spawn: a fresh interpreter, safe whatever threads this process runs (Ray's, Feast's, torch's); it collects
-        # garbage rarely (store.collecting_rarely) from its first import on
-        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=gc.set_threshold, initargs=RARE_COLLECTIONS)
+    def __init__(self, shape: Shape, postgres: PostgresSettings, range_rows: int = RANGE_ROWS,
+                 process: ProcessPoolExecutor | None = None):
+        """``process``: the child if the step started it already (``child.start``), which this load then owns."""
+        self._pool = process or child.start()
         self._staged = self._pool.submit(_stage, shape, postgres, range_rows)
         self._committed = False
 

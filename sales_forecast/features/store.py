@@ -19,8 +19,7 @@ import yaml
 from sales_forecast.config import Settings, apply_to_environment
 from sales_forecast.contract import ENTITY_KEYS, FEAST_PROJECT, FEATURE_SERVICE, FEATURE_VIEW
 from sales_forecast.errors import PipelineError
-
-RARE_COLLECTIONS = (100_000, 50, 1000)  # gc thresholds: Python's are (700, 10, 10)
+from sales_forecast.features.child import RARE_COLLECTIONS
 
 
 @contextlib.contextmanager
