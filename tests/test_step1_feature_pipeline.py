@@ -219,6 +219,13 @@ def test_step1_as_a_ray_job_on_a_ray_cluster(stack_settings) -> None:
     assert not {"POSTGRES_USER", "POSTGRES_PASSWORD", "RAY_ADDRESS"} & set(submitted)
 
 
+def fresh_interpreter(code: str, timeout: float) -> str:
+    """What ``code`` prints, run by a new Python in the repo."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def test_warm_workers_start_before_the_step_imports_feast(stack_settings) -> None:
     """Step 1's Ray workers import Feast while the step's process does, on the other core. Starting them must not
     import Feast in the step's process: when it did (the write count came from a module that imports Feast), a
@@ -228,9 +235,23 @@ def test_warm_workers_start_before_the_step_imports_feast(stack_settings) -> Non
             "from sales_forecast.features.store import WarmWorkers\n"
             "workers = WarmWorkers(load_settings(), 115_830)\n"
             "print(len(workers.pending), 'feast' in sys.modules)\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["2", "False"]  # 10x: two writes at once, each with a worker
+    assert fresh_interpreter(code, 180).split() == ["2", "False"]  # 10x: two writes at once, each with a worker
+
+
+def test_step1_starts_the_child_before_it_imports_pandas() -> None:
+    """The child's own imports (pandas, scipy, psycopg, ADBC) overlap the step's only if the step starts it before
+    importing them: step 1's script and ``child.start`` must not import pandas. The child collects rarely and has
+    the staging code imported."""
+    code = ("import gc, importlib.util, sys\n"
+            "spec = importlib.util.spec_from_file_location('step1', '01_feast_features.py')\n"
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+            "from sales_forecast.features import child\n"
+            "process = child.start()\n"
+            "print('pandas' in sys.modules)\n"
+            "staged = \"'sales_forecast.features.staging' in __import__('sys').modules\"\n"
+            "print(*process.submit(gc.get_threshold).result(), process.submit(eval, staged).result())\n"
+            "process.shutdown()\n")
+    assert fresh_interpreter(code, 120).split("\n")[:2] == ["False", "100000 50 1000 True"]
 
 
 def test_the_local_ray_head_is_started_without_rays_sigterm_drain(stack_settings) -> None:

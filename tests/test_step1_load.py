@@ -7,8 +7,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -16,7 +14,7 @@ import psycopg
 import pytest
 from conftest import database_settings
 
-from sales_forecast.config import REPO_ROOT, Settings
+from sales_forecast.config import Settings
 from sales_forecast.errors import PipelineError
 from sales_forecast.features.generator import Shape
 from sales_forecast.features.load import TableLoad, load_table, replace_week
@@ -160,24 +158,6 @@ def test_the_child_process_stages_and_commits_or_rolls_back(db: Settings) -> Non
     with OfflineLoad(shape, db.postgres) as offline:
         assert sorted(offline.staged().kept) == ["sales_features", "weekly_sales"]
         offline.commit()
-
-
-def test_step1_starts_the_child_before_it_imports_pandas() -> None:
-    """The child's own imports (pandas, scipy, psycopg, ADBC) overlap the step's only if the step starts it before
-    importing them: step 1's script and ``child.start`` must not import pandas."""
-    code = ("import importlib.util, sys\n"
-            "spec = importlib.util.spec_from_file_location('step1', '01_feast_features.py')\n"
-            "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
-            "from sales_forecast.features import child\n"
-            "process = child.start()\n"
-            "print('pandas' in sys.modules)\n"
-            "import gc\n"
-            "staged = \"'sales_forecast.features.staging' in __import__('sys').modules\"\n"
-            "print(*process.submit(gc.get_threshold).result(), process.submit(eval, staged).result())\n"
-            "process.shutdown()\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split("\n")[:2] == ["False", "100000 50 1000 True"]
 
 
 def _table(settings: Settings, table: str, order: str) -> pd.DataFrame:
