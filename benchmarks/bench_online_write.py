@@ -7,11 +7,13 @@ On the stack's PostgreSQL (`make stack-up`) it builds a table in the layout of F
 and the entity-key index Feast's `update` makes) holding ``--series`` series x the model's 32 features, keys
 serialized as Feast's version 3 of (dept, store), in writes of 60,000 series sorted by key, as step 1's
 materialization leaves it. Then it times one write of 60,000 series (1.92M rows, what one materialization write
-holds), the statement alone (the COPY into the staging table is the same for both), in three cases: series the
+holds), its statements alone (the COPY into the staging table is the same for all), in three cases: series the
 table does not hold (a first load), the stored values (a run repeated), new values (a new week). Each case is timed
-with the project's statement (`upsert_statement`) and with the condition it had before, whose NOT EXISTS PostgreSQL
-turns into a hash anti-join over the whole table. Each write is rolled back and the table vacuumed before the next;
-the table is dropped at the end unless ``--keep``.
+three ways: the project's write (`BulkPostgreSQLOnlineStore._merge`: the staged keys looked up once each, rows of
+new keys inserted plainly, the others upserted), every row upserted with the primary-key probe (the write before
+it), and every row upserted with the condition before that, whose NOT EXISTS PostgreSQL turns into a hash
+anti-join over the whole table. Each write is rolled back and the table vacuumed before the next; the table is
+dropped at the end unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from sales_forecast.features.derive import MODEL_FEATURES
 from sales_forecast.online_store import (
     DIFFERS_FROM_STORED,
     STAGING_TABLE,
+    BulkPostgreSQLOnlineStore,
     _serialized_keys,
     online_columns,
     staging_statement,
@@ -51,7 +54,8 @@ EQUAL_ROW_NOT_STORED = (
     "AND {target}.feature_name = {staged}.feature_name AND ({stored}) IS NOT DISTINCT FROM ({new}))")
 
 
-CONDITIONS = {"scalar subquery (now)": DIFFERS_FROM_STORED, "NOT EXISTS (before)": EQUAL_ROW_NOT_STORED}
+WRITES = {"new keys inserted (now)": None, "all upserted, probe": DIFFERS_FROM_STORED,
+          "all upserted, NOT EXISTS": EQUAL_ROW_NOT_STORED}  # None: the project's write
 
 
 def serialized_keys(count: int) -> np.ndarray:
@@ -98,14 +102,19 @@ def build(conn: psycopg.Connection, series: int, console: Console) -> None:
                   f"{time.perf_counter() - started:.1f} s")
 
 
-def timed_write(conn: psycopg.Connection, differs: str, low: int, shift: int) -> float:
-    """Seconds of one write's upsert statement, rolled back; the table vacuumed after."""
+def timed_write(conn: psycopg.Connection, differs: str | None, low: int, shift: int) -> float:
+    """Seconds of one write's statements (``differs`` None: the project's write; else one upsert of every row with
+    that condition), rolled back; the table vacuumed after."""
     columns = online_columns(False)
-    with conn.transaction(force_rollback=True):
-        conn.execute(staging_statement(columns))
-        conn.execute(rows_sql(STAGING_TABLE, low, low + WRITE_SERIES, shift))
+    names = [name for name, _ in columns]
+    with conn.transaction(force_rollback=True), conn.cursor() as cur:
+        cur.execute(staging_statement(columns))
+        cur.execute(rows_sql(STAGING_TABLE, low, low + WRITE_SERIES, shift))
         started = time.perf_counter()
-        conn.execute(upsert_statement(TABLE, [name for name, _ in columns], differs))
+        if differs is None:
+            BulkPostgreSQLOnlineStore._merge(conn, cur, TABLE, names)
+        else:
+            cur.execute(upsert_statement(TABLE, names, differs))
         seconds = time.perf_counter() - started
     conn.execute(sql.SQL("VACUUM {}").format(sql.Identifier(TABLE)))
     return seconds
@@ -131,7 +140,7 @@ def main() -> None:
         times: dict[tuple[str, str], list[float]] = {}
         for _ in range(args.repeat):
             for case, (offset, shift) in CASES.items():
-                for name, differs in CONDITIONS.items():
+                for name, differs in WRITES.items():
                     seconds = timed_write(conn, differs, args.series + offset, shift)
                     times.setdefault((case, name), []).append(seconds)
                     console.print(f"  {case}, {name}: {seconds:.2f} s")
@@ -139,12 +148,12 @@ def main() -> None:
             conn.execute(sql.SQL("DROP TABLE {}, {}").format(sql.Identifier(TABLE), sql.Identifier(KEYS)))
     table = Table(title=f"one write of {WRITE_SERIES:,} series x {len(MODEL_FEATURES)} features "
                         f"({WRITE_SERIES * len(MODEL_FEATURES):,} rows) into {args.series:,} stored series, "
-                        "the upsert statement alone, seconds")
+                        "the statements alone, seconds")
     table.add_column("case")
-    for name in CONDITIONS:
+    for name in WRITES:
         table.add_column(name, justify="right")
     for case in CASES:
-        table.add_row(case, *(", ".join(f"{s:.1f}" for s in times[(case, name)]) for name in CONDITIONS))
+        table.add_row(case, *(", ".join(f"{s:.1f}" for s in times[(case, name)]) for name in WRITES))
     console.print(table)
 
 

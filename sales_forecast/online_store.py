@@ -5,8 +5,8 @@ feature_store.yaml: ``online_store: type: sales_forecast.online_store.BulkPostgr
 value protos), ``update`` and ``teardown`` are Feast's PostgreSQLOnlineStore unchanged, so Feast's
 ``get_online_features`` and the model server read what this writes. Only the writes differ. Feast
 upserts row by row (``executemany``, 370K statements for step 1's 11,583 series x 32 features); this one COPYs the
-batch into a temporary table and upserts it with one ``INSERT ... ON CONFLICT DO UPDATE``, skipping rows whose
-stored values are already the same.
+batch into a temporary table, inserts the rows of keys the table does not hold with a plain ``INSERT`` and upserts
+the others with one ``INSERT ... ON CONFLICT DO UPDATE``, skipping rows whose stored values are already the same.
 
 ``online_write_arrow`` is the same write from an Arrow batch, what the project's Ray engine (ray_engine.py) hands
 it: numeric features and integer keys are encoded column by column into the bytes Feast's protos and key
@@ -16,6 +16,7 @@ conversion to protos and ``online_write_batch``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
@@ -37,7 +38,7 @@ from feast.repo_config import RepoConfig
 from feast.utils import _convert_arrow_to_proto
 from feast.value_type import ValueType
 from pgpq import ArrowToPostgresBinaryEncoder
-from psycopg import sql
+from psycopg import errors, sql
 from pydantic import field_validator
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 STORE_TYPE = "sales_forecast.online_store.BulkPostgreSQLOnlineStore"  # what feature_store.yaml names
 KEY_COLUMNS = ("entity_key", "feature_name")
 STAGING_TABLE = "feast_online_write_staging"  # a temporary table, dropped at the end of each write's transaction
+KEYS_TABLE = "feast_online_write_keys"  # the staged keys and whether the table held them: temporary too
 
 WriteRows = list[tuple[EntityKeyProto, dict[str, ValueProto], datetime, datetime | None]]
 
@@ -121,10 +123,44 @@ DIFFERS_FROM_STORED = (
     "AND {target}.feature_name = {staged}.feature_name) IS NOT TRUE")
 
 
-def upsert_statement(table_name: str, columns: list[str], differs: str = DIFFERS_FROM_STORED) -> sql.Composed:
+def staged_keys_statement(table_name: str) -> sql.Composed:
+    """The write's distinct staged keys, each marked whether the online table holds it, into a temporary table: one
+    probe of the primary key's first column per key, instead of one per staged row."""
+    return sql.SQL(
+        "CREATE TEMPORARY TABLE {keys} ON COMMIT DROP AS SELECT staged.entity_key, "
+        "(SELECT true FROM {target} WHERE {target}.entity_key = staged.entity_key LIMIT 1) IS NOT NULL AS stored "
+        "FROM (SELECT DISTINCT entity_key FROM {staging}) staged"
+    ).format(keys=sql.Identifier(KEYS_TABLE), target=sql.Identifier(table_name), staging=sql.Identifier(STAGING_TABLE))
+
+
+def _staged_rows(stored: bool | None) -> sql.Composable:
+    """The staged rows: all of them (None), or those of the keys the table held (True) or did not hold (False) when
+    ``staged_keys_statement`` looked. OFFSET 0 keeps PostgreSQL from pushing a caller's per-row probe below this
+    filter."""
+    staging = sql.Identifier(STAGING_TABLE)
+    if stored is None:
+        return staging
+    return sql.SQL(
+        "(SELECT * FROM {staging} WHERE EXISTS (SELECT FROM {keys} WHERE {keys}.entity_key = {staging}.entity_key "
+        "AND {keys}.stored = {stored}) OFFSET 0) AS {staging}"
+    ).format(staging=staging, keys=sql.Identifier(KEYS_TABLE), stored=sql.Literal(stored))
+
+
+def insert_statement(table_name: str, columns: list[str]) -> sql.Composed:
+    """A plain INSERT of the staged rows of keys the table did not hold: no stored row to compare, no conflict to
+    arbitrate (half the cost of the upsert for those rows). A key another write stored since fails it with a unique
+    violation (``BulkPostgreSQLOnlineStore._merge`` then upserts instead)."""
+    names = sql.SQL(", ").join(map(sql.Identifier, columns))
+    return sql.SQL("INSERT INTO {target} ({names}) SELECT {names} FROM {rows} ORDER BY entity_key, feature_name"
+                   ).format(target=sql.Identifier(table_name), names=names, rows=_staged_rows(False))
+
+
+def upsert_statement(table_name: str, columns: list[str], differs: str = DIFFERS_FROM_STORED,
+                     stored_keys: bool = False) -> sql.Composed:
     """Feast's upsert (ON CONFLICT DO UPDATE of every value column) of the staged rows that satisfy ``differs`` (a
     condition on ``{target}``, ``{staged}``, their value columns ``{stored}`` and ``{new}``), in key order, so
-    concurrent writers of overlapping keys lock rows in one order."""
+    concurrent writers of overlapping keys lock rows in one order. ``stored_keys``: only the rows of the keys
+    ``staged_keys_statement`` found stored."""
     target, staged = sql.Identifier(table_name), sql.Identifier(STAGING_TABLE)
     values = [c for c in columns if c not in KEY_COLUMNS]
 
@@ -134,12 +170,13 @@ def upsert_statement(table_name: str, columns: list[str], differs: str = DIFFERS
     condition = sql.SQL(differs).format(target=target, staged=staged, stored=qualified(target, values),
                                         new=qualified(staged, values))
     return sql.SQL(
-        "INSERT INTO {target} ({names}) SELECT {staged_columns} FROM {staged} WHERE {condition} "
+        "INSERT INTO {target} ({names}) SELECT {staged_columns} FROM {rows} WHERE {condition} "
         "ORDER BY {staged}.entity_key, {staged}.feature_name "
         "ON CONFLICT (entity_key, feature_name) DO UPDATE SET {assign}"
     ).format(
         target=target, staged=staged, names=sql.SQL(", ").join(map(sql.Identifier, columns)),
-        staged_columns=qualified(staged, columns), condition=condition,
+        rows=_staged_rows(True if stored_keys else None), staged_columns=qualified(staged, columns),
+        condition=condition,
         assign=sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in values))
 
 
@@ -351,8 +388,8 @@ class BulkPostgreSQLOnlineStore(PostgreSQLOnlineStore):
 
     def _upsert(self, config: RepoConfig, table: FeatureView,
                 fill: Callable[[Any, list[tuple[str, str]], bool], None]) -> None:
-        """One write: ``fill`` COPYs the rows into a temporary table, which one statement upserts; all of it in one
-        transaction, rolled back on any error."""
+        """One write: ``fill`` COPYs the rows into a temporary table, which ``_merge`` writes into the table; all of it
+        in one transaction, rolled back on any error."""
         table_name = _table_id(config.project, table, config.registry.enable_online_feature_view_versioning)
         with self._get_conn(config) as conn, conn.cursor() as cur:
             try:
@@ -368,8 +405,35 @@ class BulkPostgreSQLOnlineStore(PostgreSQLOnlineStore):
                     staging, sql.SQL(", ").join(map(sql.Identifier, names)))
                 with cur.copy(copy_sql) as copy:
                     fill(copy, columns, has_value_num)
-                cur.execute(upsert_statement(table_name, names))
+                self._merge(conn, cur, table_name, names)
                 conn.commit()
             except BaseException:
-                conn.rollback()  # the connection may be Feast's cached one: leave it usable
+                # the connection may be Feast's cached one: leave it usable; if it is lost, the error says why
+                with contextlib.suppress(errors.Error):
+                    conn.rollback()
                 raise
+
+    @staticmethod
+    def _merge(conn: Any, cur: Any, table_name: str, names: list[str]) -> None:
+        """The staged rows into the table: keys it did not hold by a plain INSERT, the others by the upsert of the
+        rows that differ. If another write stores one of the new keys meanwhile, the INSERT fails (a unique
+        violation), or the two passes (new keys, then stored ones) deadlock with a write locking in key order: both
+        are rolled back to their savepoint and every staged row upserted, in key order."""
+        cur.execute(staged_keys_statement(table_name))
+        keys = sql.Identifier(KEYS_TABLE)
+        cur.execute(sql.SQL("ANALYZE {}").format(keys))  # the semi-joins' estimates: stored keys may be few or all
+        cur.execute(sql.SQL("SELECT count(*) FILTER (WHERE stored), count(*) FILTER (WHERE NOT stored) FROM {}"
+                            ).format(keys))
+        stored, new = cur.fetchone()
+        if not new:
+            cur.execute(upsert_statement(table_name, names))
+            return
+        try:
+            with conn.transaction():
+                cur.execute(insert_statement(table_name, names))
+                if stored:
+                    cur.execute(upsert_statement(table_name, names, stored_keys=True))
+        except (errors.UniqueViolation, errors.DeadlockDetected) as error:
+            logger.info("%s: another write stored keys of this one meanwhile (%s); upserting every row instead",
+                        table_name, type(error).__name__)
+            cur.execute(upsert_statement(table_name, names))

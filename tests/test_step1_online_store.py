@@ -6,6 +6,9 @@ The Ray engine writing through it is step 1's own test (test_step1_feature_pipel
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import psycopg
@@ -19,7 +22,9 @@ from sales_forecast.online_store import (
     STAGING_TABLE,
     STORE_TYPE,
     BulkPostgreSQLOnlineStore,
+    insert_statement,
     online_columns,
+    staged_keys_statement,
     upsert_statement,
 )
 
@@ -174,8 +179,57 @@ def test_a_write_probes_the_stored_rows_of_its_keys_instead_of_reading_the_onlin
         conn.execute(f'ANALYZE "{table}"')
         conn.execute(f"CREATE TEMPORARY TABLE {STAGING_TABLE} ON COMMIT DROP AS "
                      f'SELECT {", ".join(names)} FROM "{table}" WHERE feature_name <> \'label\'')
-        plan = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + upsert_statement(table, names)).fetchone()[0]
-    assert table not in _relations_scanned(plan[0]["Plan"])
+        conn.execute(f"INSERT INTO {STAGING_TABLE} SELECT '\\x01'::bytea || entity_key, {', '.join(names[1:])} "
+                     f"FROM {STAGING_TABLE} LIMIT 5000")  # rows of keys the table does not hold
+        scanned = {}
+        for statement in (staged_keys_statement(table), upsert_statement(table, names), None,
+                          insert_statement(table, names), upsert_statement(table, names, stored_keys=True)):
+            if statement is None:  # the keys' temporary table, which the last two read
+                conn.execute(staged_keys_statement(table))
+                continue
+            plan = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + statement).fetchone()[0]
+            scanned[statement.as_string(conn)] = _relations_scanned(plan[0]["Plan"])
+    assert len(scanned) == 4 and not any(table in relations for relations in scanned.values()), scanned
+
+
+def _waiting_backends(settings: Settings) -> int:
+    with psycopg.connect(settings.postgres.libpq_url()) as conn:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                            "AND datname = current_database()").fetchone()[0]
+
+
+def test_a_write_whose_new_keys_another_write_stores_meanwhile_upserts_them(stores, caplog) -> None:
+    """A write inserts the rows of keys the table did not hold without ON CONFLICT. Here another transaction stores
+    one of those keys after the write looked and before it inserted: the write waits for that transaction, then
+    fails its insert with a unique violation, rolls it back to its savepoint and upserts every row. It lands, its
+    values win, and the table holds what Feast's store holds after the same write."""
+    settings, feast_store, bulk_store = stores
+    frame = _frame([(61, 1), (61, 2)], [6.5, 7.5], [1, 2], ["a", "b"], [T0, T0], [None, None])
+    feast_store.write_to_online_store("series", frame)
+    with psycopg.connect(settings.postgres.libpq_url()) as conn:
+        key = conn.execute("SELECT entity_key FROM feast_pg_series WHERE feature_name = 'level' AND value_text = "
+                           "'6.5'").fetchone()[0]
+    other = psycopg.connect(settings.postgres.libpq_url())
+    try:
+        other.execute("INSERT INTO bulk_pg_series (entity_key, feature_name, value, event_ts) "
+                      "VALUES (%s, 'level', '\\x00', now())", (key,))
+        with ThreadPoolExecutor(1) as pool:
+            write = pool.submit(bulk_store.write_to_online_store, "series", frame)
+            deadline = time.monotonic() + 30
+            while not _waiting_backends(settings) and not write.done() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not write.done(), "the write did not wait for the other transaction's key"
+            with caplog.at_level(logging.INFO, logger="sales_forecast.online_store"):
+                other.commit()
+                write.result(timeout=60)
+    finally:
+        other.close()
+    assert "upserting every row instead" in caplog.text
+    keys = {key}
+    with psycopg.connect(settings.postgres.libpq_url()) as conn:
+        keys |= {row[0] for row in conn.execute("SELECT entity_key FROM feast_pg_series WHERE value_text = 'b'")}
+    assert [row for row in _rows(settings, "bulk_pg") if row[0] in keys] == \
+        [row for row in _rows(settings, "feast_pg") if row[0] in keys]
 
 
 def test_the_model_servers_lookup_reads_through_its_connection_keeper(small_features) -> None:
