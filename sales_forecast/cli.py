@@ -63,6 +63,21 @@ def _database_errors() -> tuple[type[BaseException], ...]:
     return psycopg.Error, sqlalchemy.exc.OperationalError, AdbcError
 
 
+def _database_cause(exc: BaseException) -> BaseException | None:
+    """``exc`` if it is a database error; or, when a Ray task failed, the task's own exception if that is one (Ray
+    raises a wrapper of it, named for the task, that keeps it as ``cause``, wrappers within wrappers)."""
+    errors = _database_errors()
+    seen: set[int] = set()
+    error: object = exc
+    while isinstance(error, BaseException) and id(error) not in seen:
+        seen.add(id(error))
+        wrapped = getattr(error, "cause", None)
+        if isinstance(error, errors) and not isinstance(wrapped, errors):
+            return error
+        error = wrapped
+    return None
+
+
 def run_cli(main: Callable[[], None]) -> None:
     """Run ``main``; known failures print one line on stderr and exit non-zero instead of a traceback."""
     try:
@@ -76,6 +91,9 @@ def run_cli(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except _database_errors() as exc:
-        print(f"error: database: {first_line(exc)}", file=sys.stderr)
+    except Exception as exc:
+        cause = _database_cause(exc)
+        if cause is None:
+            raise
+        print(f"error: database: {first_line(cause)}", file=sys.stderr)
         sys.exit(1)

@@ -74,8 +74,13 @@ class ArrowWriteNode(RayWriteNode):
                                                   progress=lambda _: None)
             return batch
 
-        written = input_value.data.map_batches(write, batch_format="pyarrow",
-                                               concurrency=write_concurrency(self.config)).materialize()
+        mapped = input_value.data.map_batches(write, batch_format="pyarrow", concurrency=write_concurrency(self.config))
+        # Ray Data raises a UDF's error as "UDF failed to process a data block", the error itself only in the
+        # traceback's text; raised as it is, the step can report it (a database error: one line, `cli.run_cli`).
+        # The context object is shared by the datasets this one derives from (Feast's read of this materialization),
+        # not the process's current one; the flag only changes which exception a failed task raises.
+        mapped.context.raise_original_map_exception = True
+        written = mapped.materialize()
         source = getattr(self.feature_view, "batch_source", None)
         return DAGValue(data=written, format=DAGFormat.RAY, metadata={
             "written": True, "feature_view": self.feature_view.name,

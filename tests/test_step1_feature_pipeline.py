@@ -196,6 +196,25 @@ def test_unreachable_postgres_fails_fast_with_one_line(stack_settings) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_database_error_in_the_ray_write_fails_the_step_with_one_line(stack_settings) -> None:
+    """The online table's database refuses the materialization's write inside a Ray task (here a trigger raising
+    disk_full, which a full disk raised at 10x): the step exits 1 with the database's message as its last line, not
+    with Ray's traceback of the task."""
+    settings = database_settings(stack_settings, "write_fault")
+    run_feature_pipeline(Shape(stores=2, depts=2, weeks=8, seed=5), settings)
+    with psycopg.connect(settings.postgres.libpq_url(), autocommit=True) as conn:
+        conn.execute("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION USING "
+                     "ERRCODE = 'disk_full', MESSAGE = 'could not extend file: No space left on device'; END $$")
+        conn.execute(f'CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON "{fs_ops.online_table()}" '
+                     "FOR EACH ROW EXECUTE FUNCTION refuse()")
+    result = _run_step1("--stores", "3", "--depts", "2", "--weeks", "8", "--seed", "6", env=settings.environment(),
+                        timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == \
+        "error: database: could not extend file: No space left on device"
+    assert fs_ops.online_stats(settings).entities == 4  # the failed write changed nothing
+
+
 def test_step1_as_a_ray_job_on_a_ray_cluster(stack_settings) -> None:
     """The Kubernetes path: the command submits itself to a Ray cluster's job API (here the test stack's Ray head,
     as the cluster's feast-ray), the job's driver runs on the cluster and materializes, and the submission carries
