@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
@@ -27,6 +26,7 @@ from sales_forecast.online_store import (
     staged_keys_statement,
     upsert_statement,
 )
+from sales_forecast.stack.processes import wait_until
 
 T0 = pd.Timestamp("2026-11-27", tz="UTC")
 # as text: Feast stores a NaT created timestamp as year 48113, which psycopg cannot read back as a datetime
@@ -215,9 +215,7 @@ def test_a_write_whose_new_keys_another_write_stores_meanwhile_upserts_them(stor
                       "VALUES (%s, 'level', '\\x00', now())", (key,))
         with ThreadPoolExecutor(1) as pool:
             write = pool.submit(bulk_store.write_to_online_store, "series", frame)
-            deadline = time.monotonic() + 30
-            while not _waiting_backends(settings) and not write.done() and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until(lambda: _waiting_backends(settings) > 0, 30, alive=lambda: not write.done())
             assert not write.done(), "the write did not wait for the other transaction's key"
             with caplog.at_level(logging.INFO, logger="sales_forecast.online_store"):
                 other.commit()
