@@ -2,8 +2,10 @@
 
 feature_store.yaml: ``online_store: type: sales_forecast.online_store.BulkPostgreSQLOnlineStore`` with the keys of
 ``type: postgres``. Reads, the table layout (one row per entity key and feature, Feast's key serialization and
-value protos), ``update`` and ``teardown`` are Feast's PostgreSQLOnlineStore unchanged, so Feast's
-``get_online_features`` and the model server read what this writes. Only the writes differ. Feast
+value protos) and ``teardown`` are Feast's PostgreSQLOnlineStore unchanged, so Feast's ``get_online_features`` and
+the model server read what this writes. ``update`` is Feast's too, less one index: Feast's ``<table>_ek`` on
+``entity_key`` duplicates the primary key's first column, which serves every lookup by key, and every write
+maintained both (``primary_key_as_entity_key_index``). The writes differ. Feast
 upserts row by row (``executemany``, 370K statements for step 1's 11,583 series x 32 features); this one COPYs the
 batch into a temporary table, inserts the rows of keys the table does not hold with a plain ``INSERT`` and upserts
 the others with one ``INSERT ... ON CONFLICT DO UPDATE``, skipping rows whose stored values are already the same.
@@ -18,13 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-from feast import FeatureView
+from feast import Entity, FeatureView
 from feast.infra.key_encoding_utils import serialize_entity_key, serialize_entity_key_prefix
 from feast.infra.online_stores.helpers import _to_naive_utc, extract_text_and_num
 from feast.infra.online_stores.postgres_online_store.postgres import (
@@ -144,6 +146,29 @@ def _staged_rows(stored: bool | None) -> sql.Composable:
         "(SELECT * FROM {staging} WHERE EXISTS (SELECT FROM {keys} WHERE {keys}.entity_key = {staging}.entity_key "
         "AND {keys}.stored = {stored}) OFFSET 0) AS {staging}"
     ).format(staging=staging, keys=sql.Identifier(KEYS_TABLE), stored=sql.Literal(stored))
+
+
+def primary_key_as_entity_key_index(cur: Any, table_name: str) -> None:
+    """Drop Feast's ``<table>_ek`` index on ``entity_key`` and give its name to the primary key's index on
+    ``(entity_key, feature_name)``, whose first column serves the same lookups (Feast's reads, ``DELETE`` by key,
+    the writes' probes). Feast's ``update`` creates that index ``IF NOT EXISTS``, which PostgreSQL decides by the
+    name: on every later apply it finds the primary key and builds nothing, where a dropped index would be rebuilt
+    over the whole table. ``teardown`` drops the table, and the index with it. A no-op once done, or on a table
+    without a primary key."""
+    name = f"{table_name}_ek"
+    cur.execute("SELECT c.conindid::regclass::text, to_regclass(%(name)s) IS NULL, i.indexrelid::regclass::text "
+                "FROM pg_constraint c LEFT JOIN pg_index i ON i.indexrelid = to_regclass(%(name)s) "
+                "AND i.indrelid = c.conrelid AND NOT i.indisprimary "
+                "WHERE c.conrelid = to_regclass(%(table)s) AND c.contype = 'p'",
+                {"name": sql.Identifier(name).as_string(cur), "table": sql.Identifier(table_name).as_string(cur)})
+    found = cur.fetchone()
+    if found is None:
+        return
+    primary, free, entity_key = found
+    if entity_key is not None:
+        cur.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(entity_key)))  # regclass's text: quoted by PostgreSQL
+    if free or entity_key is not None:  # else the name is the primary key's already (or, oddly, another relation's)
+        cur.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(sql.SQL(primary), sql.Identifier(name)))
 
 
 def insert_statement(table_name: str, columns: list[str]) -> sql.Composed:
@@ -350,6 +375,21 @@ def write_as_protos(store: Any, config: RepoConfig, view: FeatureView, batch: pa
 
 
 class BulkPostgreSQLOnlineStore(PostgreSQLOnlineStore):
+    def update(self, config: RepoConfig, tables_to_delete: Sequence[FeatureView],
+               tables_to_keep: Sequence[FeatureView], entities_to_delete: Sequence[Entity],
+               entities_to_keep: Sequence[Entity], partial: bool) -> None:
+        super().update(config, tables_to_delete, tables_to_keep, entities_to_delete, entities_to_keep, partial)
+        versioning = config.registry.enable_online_feature_view_versioning
+        with self._get_conn(config) as conn, conn.cursor() as cur:
+            try:
+                for table in tables_to_keep:
+                    primary_key_as_entity_key_index(cur, _table_id(config.project, table, versioning))
+                conn.commit()
+            except BaseException:
+                with contextlib.suppress(errors.Error):
+                    conn.rollback()
+                raise
+
     def online_write_batch(self, config: RepoConfig, table: FeatureView, data: WriteRows,
                            progress: Callable[[int], Any] | None) -> None:
         if config.online_store.vector_enabled:  # pgvector columns: Feast's own write

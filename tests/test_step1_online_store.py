@@ -1,6 +1,7 @@
 """The bulk online store (sales_forecast/online_store.py) against Feast's own PostgreSQLOnlineStore on a real
 PostgreSQL: the same writes leave the same table rows, Feast's reads (and the model server's) read them, unchanged
-rows are not rewritten, a write reads only its own keys' stored rows, and a failed write leaves the store usable.
+rows are not rewritten, a write reads only its own keys' stored rows, a failed write leaves the store usable, and the
+table keeps one index, its primary key, which Feast's reads use.
 The Ray engine writing through it is step 1's own test (test_step1_feature_pipeline)."""
 
 from __future__ import annotations
@@ -125,6 +126,82 @@ def test_writes_leave_the_rows_feasts_store_leaves(stores) -> None:
         [later, T0 + pd.Timedelta(days=1), T0], [later, T0, None]))
     assert _rows(settings, "bulk_pg") == _rows(settings, "feast_pg")
     assert len(_rows(settings, "bulk_pg")) == 5 * 3
+
+
+def _indexes(settings: Settings, table: str) -> list[tuple[str, bool, str]]:
+    """(name, primary, oid) of each index of ``table``."""
+    with psycopg.connect(settings.postgres.libpq_url()) as conn:
+        return conn.execute("SELECT indexrelid::regclass::text, indisprimary, indexrelid::text FROM pg_index "
+                            "WHERE indrelid = to_regclass(%s) ORDER BY 1",
+                            (sql.Identifier(table).as_string(conn),)).fetchall()
+
+
+def test_the_online_table_keeps_one_index_its_primary_key_under_the_name_feasts_apply_checks(stores) -> None:
+    """Feast's table has its primary key and ``<table>_ek`` on entity_key, the key's first column; the bulk store's
+    has the primary key alone, under that name, so an apply builds nothing and a write maintains one index."""
+    settings, feast_store, bulk = stores
+    assert [(name, primary) for name, primary, _ in _indexes(settings, "feast_pg_series")] == [
+        ("feast_pg_series_ek", False), ("feast_pg_series_fts_idx", False), ("feast_pg_series_pkey", True)]
+    before = _indexes(settings, "bulk_pg_series")  # the full-text index of string features stays Feast's
+    assert [(name, primary) for name, primary, _ in before] == [("bulk_pg_series_ek", True),
+                                                                 ("bulk_pg_series_fts_idx", False)]
+    assert [(name, primary) for name, primary, _ in _indexes(settings, "bulk_pg_levels")] == [
+        ("bulk_pg_levels_ek", True)]
+    bulk.apply(_definitions())
+    assert _indexes(settings, "bulk_pg_series") == before  # the same index: nothing dropped or rebuilt
+
+    # a table Feast's store made and wrote, then applied with the bulk store: its rows kept, Feast's index dropped
+    frame = _frame([(41, 1), (41, 2)], [1.0, 2.0], [1, 2], ["a", "b"], [T0, T0], [None, None])
+    _feature_store(settings, "feast_then_bulk", "postgres").write_to_online_store("series", frame)
+    rows = _rows(settings, "feast_then_bulk")
+    moved = _feature_store(settings, "feast_then_bulk", STORE_TYPE)
+    assert [(name, primary) for name, primary, _ in _indexes(settings, "feast_then_bulk_series")] == [
+        ("feast_then_bulk_series_ek", True), ("feast_then_bulk_series_fts_idx", False)]
+    assert _rows(settings, "feast_then_bulk") == rows
+    moved.write_to_online_store("series", frame.assign(level=[3.0, 4.0]))
+    assert len(_rows(settings, "feast_then_bulk")) == len(rows)
+    _feature_store(settings, "feast_then_bulk", "postgres")  # Feast's apply finds the name taken: builds nothing
+    assert [primary for _, primary, _ in _indexes(settings, "feast_then_bulk_series")] == [True, False]
+
+    # names past PostgreSQL's 63 bytes, which it truncates, applied twice, written and torn down. Past 63, the
+    # table's own name: Feast's index names truncate to it, so Feast's apply creates neither of its indexes.
+    for project, indexes in (("p" * 54, [True, False]), ("q" * 60, [True])):
+        long = _feature_store(settings, project, STORE_TYPE)
+        table = f"{project}_series"[:63]
+        assert [primary for _, primary, _ in _indexes(settings, table)] == indexes, project
+        long.apply(_definitions())
+        long.write_to_online_store("series", frame)
+        assert [primary for _, primary, _ in _indexes(settings, table)] == indexes, project
+        # the online store's own teardown: FeatureStore.teardown would also empty the registry all projects share
+        long._get_provider().online_store.teardown(long.config, [long.get_feature_view("series")], [])
+        with psycopg.connect(settings.postgres.libpq_url()) as conn:
+            assert conn.execute("SELECT to_regclass(%s)", (f'"{table}"',)).fetchone()[0] is None
+
+
+def test_feasts_reads_use_the_primary_key(stores) -> None:
+    """Feast's own online read (its statement, by key and feature) finds rows through the primary key, not by
+    reading the table."""
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.infra.online_stores.postgres_online_store.postgres import PostgreSQLOnlineStore
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    settings, _, bulk = stores
+    series = [(2000 + n // 50, n % 50) for n in range(5_000)]
+    bulk.write_to_online_store("series", _frame(series, [1.0] * len(series), [1] * len(series), ["x"] * len(series),
+                                                [T0] * len(series), [None] * len(series)))
+    keys = [serialize_entity_key(EntityKey(join_keys=["store", "dept"], entity_values=[
+        Value(int64_val=store), Value(int64_val=dept)]), entity_key_serialization_version=3)
+        for store, dept in series[:10]]
+    view = bulk.get_feature_view("series")
+    with psycopg.connect(settings.postgres.libpq_url()) as conn:
+        conn.execute('ANALYZE "bulk_pg_series"')
+        for features in (["level", "units"], None):
+            query, params = PostgreSQLOnlineStore._construct_query_and_params(bulk.config, view, keys, features)
+            plan = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + query, params if features else params[:1]
+                                ).fetchone()[0]
+            assert _relations_scanned(plan[0]["Plan"]) == set(), plan
+            assert "'Index Name': 'bulk_pg_series_ek'" in str(plan), plan
 
 
 def test_feasts_reads_read_the_bulk_writes(stores) -> None:
