@@ -2,18 +2,19 @@
 """One online write's upsert against a large online table: `python -m benchmarks.bench_online_write`
 (make bench-online-write; `--series 115830` for the 10x shape, 1158300 for 100x, the default).
 
-On the stack's PostgreSQL (`make stack-up`) it builds a table in the layout the bulk online store leaves
-(`online_columns`, with Feast's `timestamptz` for the timestamps the writes stage as `timestamp`, the primary key,
-its one index) holding ``--series`` series x the model's 32 features, keys serialized as Feast's version 3 of
-(dept, store), in writes of 60,000 series sorted by key, as step 1's materialization leaves it. Then it times one
-write of 60,000 series (1.92M rows, what one materialization write holds), its statements alone (the COPY into the
-staging table is the same for all), in three cases: series the table does not hold (a first load), the stored
-values (a run repeated), new values (a new week). Each case is timed three ways: the project's write
-(`BulkPostgreSQLOnlineStore._merge`: the staged keys looked up once each, rows of new keys inserted plainly, the
-others upserted), the same write with Feast's second index on ``entity_key`` as Feast's ``update`` makes it (the
-store before it dropped that index; built inside the write's transaction, before the clock starts), and, with that
-index too, every row upserted with the primary-key probe (the write before that). Each write is rolled back and
-the table vacuumed before the next; the table is dropped at the end unless ``--keep``.
+On the stack's PostgreSQL (`make stack-up`) it builds two tables in the layout of Feast's PostgreSQL online store
+(`online_columns`, with Feast's `timestamptz` for the timestamps the writes stage as `timestamp`, the primary key),
+each holding ``--series`` series x the model's 32 features, keys serialized as Feast's version 3 of (dept, store),
+grown in writes of 60,000 series sorted by key, as step 1's materialization leaves it: one with the primary key
+as its one index (what the bulk store's ``update`` leaves), one with Feast's second index on ``entity_key`` too.
+Then it times one write of 60,000 series (1.92M rows, what one materialization write holds), its statements alone
+(the COPY into the staging table is the same for all), in three cases: series the table does not hold (a first
+load), the stored values (a run repeated), new values (a new week). Each case is timed three ways: the project's
+write (`BulkPostgreSQLOnlineStore._merge`: the staged keys looked up once each, rows of new keys inserted plainly,
+the others upserted) into the one-index table, the same write into the table with Feast's index (the store before
+it dropped that index), and every row upserted with the primary-key probe into that table (the write before
+that). The three take turns going first from one repetition to the next. Each write is rolled back and its table
+vacuumed before the next; the tables are dropped at the end unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from sales_forecast.online_store import (
 )
 
 TABLE = "bench_online_write"
+FEAST_TABLE = "bench_online_write_feast_index"  # the same rows, with Feast's index on entity_key too
 KEYS = "bench_online_write_keys"
 WRITE_SERIES = 60_000  # feature_repo's online_write_batch_size
 DEPTS = 81
@@ -48,9 +50,9 @@ STORED = {"timestamp": "timestamptz"}  # Feast's table stores the timestamps tha
 CASES = {"new series": (0, 0), "same values": (-WRITE_SERIES, 0), "new values": (-WRITE_SERIES, 7)}
 
 
-# name -> (the condition of an upsert of every row, None: the project's write; Feast's entity-key index built)
-WRITES = {"now (primary key only)": (None, False), "with Feast's entity-key index": (None, True),
-          "all upserted, probe, Feast's index": (DIFFERS_FROM_STORED, True)}
+# name -> (the condition of an upsert of every row, None: the project's write; the table written)
+WRITES = {"now (primary key only)": (None, TABLE), "with Feast's entity-key index": (None, FEAST_TABLE),
+          "all upserted, probe, Feast's index": (DIFFERS_FROM_STORED, FEAST_TABLE)}
 
 
 def serialized_keys(count: int) -> np.ndarray:
@@ -79,39 +81,41 @@ def rows_sql(target: str, low: int, high: int, shift: int) -> sql.Composed:
 def build(conn: psycopg.Connection, series: int, console: Console) -> None:
     started = time.perf_counter()
     columns = online_columns(False)
-    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(sql.Identifier(TABLE), sql.Identifier(KEYS)))
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}, {}").format(*map(sql.Identifier, (TABLE, FEAST_TABLE, KEYS))))
     conn.execute(sql.SQL("CREATE TABLE {} (series integer, key bytea)").format(sql.Identifier(KEYS)))
     with conn.cursor().copy(sql.SQL("COPY {} FROM STDIN").format(sql.Identifier(KEYS))) as copy:
         for number, key in enumerate(serialized_keys(series + WRITE_SERIES)):
             copy.write_row((number, key.tobytes()))
-    conn.execute(sql.SQL("CREATE TABLE {} ({}, PRIMARY KEY (entity_key, feature_name))").format(
-        sql.Identifier(TABLE), sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(STORED.get(t, t)))
-                                                  for n, t in columns)))
+    for table in (TABLE, FEAST_TABLE):
+        conn.execute(sql.SQL("CREATE TABLE {} ({}, PRIMARY KEY (entity_key, feature_name))").format(
+            sql.Identifier(table), sql.SQL(", ").join(
+                sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(STORED.get(t, t))) for n, t in columns)))
+    conn.execute(sql.SQL("CREATE INDEX ON {} (entity_key)").format(sql.Identifier(FEAST_TABLE)))
     for low in range(0, series, WRITE_SERIES):
-        conn.execute(rows_sql(TABLE, low, min(series, low + WRITE_SERIES), 0))
+        for table in (TABLE, FEAST_TABLE):
+            conn.execute(rows_sql(table, low, min(series, low + WRITE_SERIES), 0))
         console.print(f"  {min(series, low + WRITE_SERIES):,} series stored, {time.perf_counter() - started:.0f} s")
-    conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(TABLE)))
-    console.print(f"table of {series:,} series x {len(MODEL_FEATURES)} features built in "
+    for table in (TABLE, FEAST_TABLE):
+        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(table)))
+    console.print(f"two tables of {series:,} series x {len(MODEL_FEATURES)} features built in "
                   f"{time.perf_counter() - started:.1f} s")
 
 
-def timed_write(conn: psycopg.Connection, differs: str | None, feast_index: bool, low: int, shift: int) -> float:
-    """Seconds of one write's statements (``differs`` None: the project's write; else one upsert of every row with
-    that condition), with Feast's entity-key index or without, rolled back; the table vacuumed after."""
+def timed_write(conn: psycopg.Connection, differs: str | None, table: str, low: int, shift: int) -> float:
+    """Seconds of one write's statements into ``table`` (``differs`` None: the project's write; else one upsert of
+    every row with that condition), rolled back; the table vacuumed after."""
     columns = online_columns(False)
     names = [name for name, _ in columns]
     with conn.transaction(force_rollback=True), conn.cursor() as cur:
-        if feast_index:
-            cur.execute(sql.SQL("CREATE INDEX ON {} (entity_key)").format(sql.Identifier(TABLE)))
         cur.execute(staging_statement(columns))
         cur.execute(rows_sql(STAGING_TABLE, low, low + WRITE_SERIES, shift))
         started = time.perf_counter()
         if differs is None:
-            BulkPostgreSQLOnlineStore._merge(conn, cur, TABLE, names)
+            BulkPostgreSQLOnlineStore._merge(conn, cur, table, names)
         else:
-            cur.execute(upsert_statement(TABLE, names, differs))
+            cur.execute(upsert_statement(table, names, differs))
         seconds = time.perf_counter() - started
-    conn.execute(sql.SQL("VACUUM {}").format(sql.Identifier(TABLE)))
+    conn.execute(sql.SQL("VACUUM {}").format(sql.Identifier(table)))
     return seconds
 
 
@@ -127,20 +131,23 @@ def main() -> None:
     console = Console()
     settings = load_settings()
     with psycopg.connect(settings.postgres.libpq_url(), autocommit=True) as conn:
-        kept = conn.execute("SELECT count(*) FROM pg_class WHERE relname = %s", (KEYS,)).fetchone()[0] and \
+        kept = conn.execute("SELECT count(*) = 2 FROM pg_class WHERE relname IN (%s, %s)", (KEYS, FEAST_TABLE)
+                            ).fetchone()[0] and \
             conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(KEYS))).fetchone()[0] \
             == args.series + WRITE_SERIES
         if not (args.keep and kept):
             build(conn, args.series, console)
         times: dict[tuple[str, str], list[float]] = {}
-        for _ in range(args.repeat):
+        for repetition in range(args.repeat):
+            turn = list(WRITES)[repetition % len(WRITES):] + list(WRITES)[:repetition % len(WRITES)]
             for case, (offset, shift) in CASES.items():
-                for name, (differs, feast_index) in WRITES.items():
-                    seconds = timed_write(conn, differs, feast_index, args.series + offset, shift)
+                for name in turn:
+                    differs, table = WRITES[name]
+                    seconds = timed_write(conn, differs, table, args.series + offset, shift)
                     times.setdefault((case, name), []).append(seconds)
                     console.print(f"  {case}, {name}: {seconds:.2f} s")
         if not args.keep:
-            conn.execute(sql.SQL("DROP TABLE {}, {}").format(sql.Identifier(TABLE), sql.Identifier(KEYS)))
+            conn.execute(sql.SQL("DROP TABLE {}, {}, {}").format(*map(sql.Identifier, (TABLE, FEAST_TABLE, KEYS))))
     table = Table(title=f"one write of {WRITE_SERIES:,} series x {len(MODEL_FEATURES)} features "
                         f"({WRITE_SERIES * len(MODEL_FEATURES):,} rows) into {args.series:,} stored series, "
                         "the statements alone, seconds")

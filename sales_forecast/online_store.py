@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -148,27 +148,42 @@ def _staged_rows(stored: bool | None) -> sql.Composable:
     ).format(staging=staging, keys=sql.Identifier(KEYS_TABLE), stored=sql.Literal(stored))
 
 
+# The table's primary key (its index, whether it starts with entity_key, whether that index is named ``%(name)s``)
+# and Feast's index named ``%(name)s``: on entity_key alone, backing no constraint, on this table.
+_INDEXES_QUERY = (
+    "SELECT c.conindid::regclass::text, c.conkey[1] = a.attnum, c.conindid = to_regclass(%(name)s), "
+    "i.indexrelid::regclass::text FROM pg_constraint c "
+    "JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attname = 'entity_key' "
+    "LEFT JOIN pg_index i ON i.indexrelid = to_regclass(%(name)s) AND i.indrelid = c.conrelid "
+    "AND i.indnatts = 1 AND i.indkey[0] = a.attnum "
+    "AND NOT EXISTS (SELECT FROM pg_constraint k WHERE k.conindid = i.indexrelid) "
+    "WHERE c.conrelid = to_regclass(%(table)s) AND c.contype = 'p'")
+
+
 def primary_key_as_entity_key_index(cur: Any, table_name: str) -> None:
     """Drop Feast's ``<table>_ek`` index on ``entity_key`` and give its name to the primary key's index on
     ``(entity_key, feature_name)``, whose first column serves the same lookups (Feast's reads, ``DELETE`` by key,
     the writes' probes). Feast's ``update`` creates that index ``IF NOT EXISTS``, which PostgreSQL decides by the
     name: on every later apply it finds the primary key and builds nothing, where a dropped index would be rebuilt
-    over the whole table. ``teardown`` drops the table, and the index with it. A no-op once done, or on a table
-    without a primary key."""
+    over the whole table. ``teardown`` drops the table, and the index with it. A no-op once done, on a table whose
+    primary key does not start with ``entity_key``, and where the name belongs to anything but Feast's index (the
+    primary key keeps its own then). The change locks the table and looks again first: two applies at once."""
     name = f"{table_name}_ek"
-    cur.execute("SELECT c.conindid::regclass::text, to_regclass(%(name)s) IS NULL, i.indexrelid::regclass::text "
-                "FROM pg_constraint c LEFT JOIN pg_index i ON i.indexrelid = to_regclass(%(name)s) "
-                "AND i.indrelid = c.conrelid AND NOT i.indisprimary "
-                "WHERE c.conrelid = to_regclass(%(table)s) AND c.contype = 'p'",
-                {"name": sql.Identifier(name).as_string(cur), "table": sql.Identifier(table_name).as_string(cur)})
-    found = cur.fetchone()
-    if found is None:
-        return
-    primary, free, entity_key = found
+    params = {"name": sql.Identifier(name).as_string(cur), "table": sql.Identifier(table_name).as_string(cur)}
+    for locked in (False, True):
+        cur.execute(_INDEXES_QUERY, params)
+        found = cur.fetchone()
+        if found is None or not found[1] or found[2]:
+            return
+        primary, _, _, entity_key = found
+        free = cur.execute("SELECT to_regclass(%(name)s) IS NULL", params).fetchone()[0]
+        if entity_key is None and not free:
+            return
+        if not locked:
+            cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(table_name)))
     if entity_key is not None:
         cur.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(entity_key)))  # regclass's text: quoted by PostgreSQL
-    if free or entity_key is not None:  # else the name is the primary key's already (or, oddly, another relation's)
-        cur.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(sql.SQL(primary), sql.Identifier(name)))
+    cur.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(sql.SQL(primary), sql.Identifier(name)))
 
 
 def insert_statement(table_name: str, columns: list[str]) -> sql.Composed:
@@ -378,17 +393,17 @@ class BulkPostgreSQLOnlineStore(PostgreSQLOnlineStore):
     def update(self, config: RepoConfig, tables_to_delete: Sequence[FeatureView],
                tables_to_keep: Sequence[FeatureView], entities_to_delete: Sequence[Entity],
                entities_to_keep: Sequence[Entity], partial: bool) -> None:
-        super().update(config, tables_to_delete, tables_to_keep, entities_to_delete, entities_to_keep, partial)
-        versioning = config.registry.enable_online_feature_view_versioning
-        with self._get_conn(config) as conn, conn.cursor() as cur:
-            try:
-                for table in tables_to_keep:
-                    primary_key_as_entity_key_index(cur, _table_id(config.project, table, versioning))
-                conn.commit()
-            except BaseException:
+        try:
+            super().update(config, tables_to_delete, tables_to_keep, entities_to_delete, entities_to_keep, partial)
+        except BaseException:
+            if self._conn is not None:  # Feast's cached connection: left usable for the next call
                 with contextlib.suppress(errors.Error):
-                    conn.rollback()
-                raise
+                    self._conn.rollback()
+            raise
+        versioning = config.registry.enable_online_feature_view_versioning
+        with self._transaction(config) as (_, cur):
+            for table in tables_to_keep:
+                primary_key_as_entity_key_index(cur, _table_id(config.project, table, versioning))
 
     def online_write_batch(self, config: RepoConfig, table: FeatureView, data: WriteRows,
                            progress: Callable[[int], Any] | None) -> None:
@@ -431,24 +446,30 @@ class BulkPostgreSQLOnlineStore(PostgreSQLOnlineStore):
         """One write: ``fill`` COPYs the rows into a temporary table, which ``_merge`` writes into the table; all of it
         in one transaction, rolled back on any error."""
         table_name = _table_id(config.project, table, config.registry.enable_online_feature_view_versioning)
+        with self._transaction(config) as (conn, cur):
+            has_value_num = self._check_table_has_value_num(cur, table_name, config)
+            if getattr(config.online_store, "enable_openai_compatible_store", False) and not has_value_num:
+                logger.warning("enable_openai_compatible_store is True but value_num column not found in table "
+                               "'%s'. Run `feast apply` to add it. Writing without value_num.", table_name)
+            columns = online_columns(has_value_num)
+            names = [name for name, _ in columns]
+            staging = sql.Identifier(STAGING_TABLE)
+            cur.execute(staging_statement(columns))
+            copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+                staging, sql.SQL(", ").join(map(sql.Identifier, names)))
+            with cur.copy(copy_sql) as copy:
+                fill(copy, columns, has_value_num)
+            self._merge(conn, cur, table_name, names)
+
+    @contextlib.contextmanager
+    def _transaction(self, config: RepoConfig) -> Iterator[tuple[Any, Any]]:
+        """(connection, cursor) of one transaction on Feast's connection, committed at the end and rolled back on any
+        error: the connection may be Feast's cached one, so it is left usable; if it is lost, the error says why."""
         with self._get_conn(config) as conn, conn.cursor() as cur:
             try:
-                has_value_num = self._check_table_has_value_num(cur, table_name, config)
-                if getattr(config.online_store, "enable_openai_compatible_store", False) and not has_value_num:
-                    logger.warning("enable_openai_compatible_store is True but value_num column not found in table "
-                                   "'%s'. Run `feast apply` to add it. Writing without value_num.", table_name)
-                columns = online_columns(has_value_num)
-                names = [name for name, _ in columns]
-                staging = sql.Identifier(STAGING_TABLE)
-                cur.execute(staging_statement(columns))
-                copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
-                    staging, sql.SQL(", ").join(map(sql.Identifier, names)))
-                with cur.copy(copy_sql) as copy:
-                    fill(copy, columns, has_value_num)
-                self._merge(conn, cur, table_name, names)
+                yield conn, cur
                 conn.commit()
             except BaseException:
-                # the connection may be Feast's cached one: leave it usable; if it is lost, the error says why
                 with contextlib.suppress(errors.Error):
                     conn.rollback()
                 raise

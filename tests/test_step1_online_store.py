@@ -27,6 +27,7 @@ from sales_forecast.online_store import (
     staged_keys_statement,
     upsert_statement,
 )
+from sales_forecast.serving.online_features import _postgres_query
 from sales_forecast.stack.processes import wait_until
 
 T0 = pd.Timestamp("2026-11-27", tz="UTC")
@@ -178,6 +179,42 @@ def test_the_online_table_keeps_one_index_its_primary_key_under_the_name_feasts_
             assert conn.execute("SELECT to_regclass(%s)", (f'"{table}"',)).fetchone()[0] is None
 
 
+def test_an_index_of_that_name_that_is_not_feasts_is_left_alone(stores) -> None:
+    """Only Feast's index (entity_key alone, no constraint) is dropped: another index under its name stays, and the
+    primary key keeps its own name."""
+    settings, _, _ = stores
+    project = "own_index"
+    _feature_store(settings, project, "postgres")
+    with psycopg.connect(settings.postgres.libpq_url(), autocommit=True) as conn:
+        conn.execute(f'DROP INDEX "{project}_series_ek"')
+        conn.execute(f'CREATE INDEX "{project}_series_ek" ON "{project}_series" (feature_name, entity_key)')
+    _feature_store(settings, project, STORE_TYPE)
+    assert [(name, primary) for name, primary, _ in _indexes(settings, f"{project}_series")] == [
+        (f"{project}_series_ek", False), (f"{project}_series_fts_idx", False), (f"{project}_series_pkey", True)]
+
+
+def test_a_failed_apply_leaves_the_store_usable(stores) -> None:
+    """Feast's part of ``update`` failing (here: a sequence holds the name of a view's table, so Feast's CREATE
+    TABLE IF NOT EXISTS skips it and its CREATE INDEX fails) rolls back the store's cached connection."""
+    from feast import FeatureView
+
+    settings, _, bulk = stores
+    store, dept, source, series, _ = _definitions()
+    blocked = FeatureView(name="blocked", entities=[store, dept], ttl=series.ttl, source=source, schema=series.schema)
+    with psycopg.connect(settings.postgres.libpq_url(), autocommit=True) as conn:
+        conn.execute('CREATE SEQUENCE "bulk_pg_blocked"')
+    try:
+        with pytest.raises(psycopg.errors.Error):
+            bulk._get_provider().online_store.update(bulk.config, [], [blocked], [], [], True)
+    finally:
+        with psycopg.connect(settings.postgres.libpq_url(), autocommit=True) as conn:
+            conn.execute('DROP SEQUENCE "bulk_pg_blocked"')
+    frame = _frame([(52, 1)], [2.0], [1], ["a"], [T0], [None])
+    bulk.write_to_online_store("series", frame)
+    assert bulk.get_online_features(features=["series:level"], entity_rows=[{"store": 52, "dept": 1}]).to_dict()[
+        "level"] == [2.0]
+
+
 def test_feasts_reads_use_the_primary_key(stores) -> None:
     """Feast's own online read (its statement, by key and feature) finds rows through the primary key, not by
     reading the table."""
@@ -202,6 +239,13 @@ def test_feasts_reads_use_the_primary_key(stores) -> None:
                                 ).fetchone()[0]
             assert _relations_scanned(plan[0]["Plan"]) == set(), plan
             assert "'Index Name': 'bulk_pg_series_ek'" in str(plan), plan
+        # the model server's prepared read, planned once for any keys (its connections force generic plans)
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        conn.execute(sql.SQL("PREPARE server_read(bytea[]) AS ") + sql.SQL(_postgres_query(bulk, view).decode()))
+        plan = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) EXECUTE server_read({})").format(sql.Literal(keys))
+                            ).fetchone()[0]
+        assert _relations_scanned(plan[0]["Plan"]) == set(), plan
+        assert "'Index Name': 'bulk_pg_series_ek'" in str(plan), plan
 
 
 def test_feasts_reads_read_the_bulk_writes(stores) -> None:
