@@ -140,7 +140,7 @@ def _indexes(settings: Settings, table: str) -> list[tuple[str, bool, str]]:
 def test_the_online_table_keeps_one_index_its_primary_key_under_the_name_feasts_apply_checks(stores) -> None:
     """Feast's table has its primary key and ``<table>_ek`` on entity_key, the key's first column; the bulk store's
     has the primary key alone, under that name, so an apply builds nothing and a write maintains one index."""
-    settings, feast_store, bulk = stores
+    settings, _, bulk = stores
     assert [(name, primary) for name, primary, _ in _indexes(settings, "feast_pg_series")] == [
         ("feast_pg_series_ek", False), ("feast_pg_series_fts_idx", False), ("feast_pg_series_pkey", True)]
     before = _indexes(settings, "bulk_pg_series")  # the full-text index of string features stays Feast's
