@@ -24,6 +24,7 @@ from sales_forecast.online_store import (
     BulkPostgreSQLOnlineStore,
     insert_statement,
     online_columns,
+    primary_key_as_entity_key_index,
     staged_keys_statement,
     upsert_statement,
 )
@@ -191,6 +192,33 @@ def test_an_index_of_that_name_that_is_not_feasts_is_left_alone(stores) -> None:
     _feature_store(settings, project, STORE_TYPE)
     assert [(name, primary) for name, primary, _ in _indexes(settings, f"{project}_series")] == [
         (f"{project}_series_ek", False), (f"{project}_series_fts_idx", False), (f"{project}_series_pkey", True)]
+
+
+def test_two_applies_at_once_change_the_index_once(stores) -> None:
+    """Two applies on a table Feast's store made: the second looked at the catalog before the first committed, so it
+    also sees Feast's index. It waits for the table's lock, looks again, finds the primary key under the name, and
+    does nothing (dropping "the index of that name" then would hit the primary key)."""
+    settings, _, _ = stores
+    project = "two_applies"
+    _feature_store(settings, project, "postgres")
+    table = f"{project}_series"
+    first = psycopg.connect(settings.postgres.libpq_url())
+    try:
+        primary_key_as_entity_key_index(first.cursor(), table)  # its transaction open: the table locked
+
+        def second() -> None:
+            with psycopg.connect(settings.postgres.libpq_url()) as conn:
+                primary_key_as_entity_key_index(conn.cursor(), table)
+
+        with ThreadPoolExecutor(1) as pool:
+            applied = pool.submit(second)
+            wait_until(lambda: _waiting_backends(settings) > 0, 30, alive=lambda: not applied.done())
+            first.commit()
+            applied.result(timeout=60)
+    finally:
+        first.close()
+    assert [(name, primary) for name, primary, _ in _indexes(settings, table)] == [
+        (f"{table}_ek", True), (f"{table}_fts_idx", False)]
 
 
 def test_a_failed_apply_leaves_the_store_usable(stores) -> None:
