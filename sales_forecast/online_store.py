@@ -148,11 +148,12 @@ def _staged_rows(stored: bool | None) -> sql.Composable:
     ).format(staging=staging, keys=sql.Identifier(KEYS_TABLE), stored=sql.Literal(stored))
 
 
-# The table's primary key (its index, whether it starts with entity_key, whether that index is named ``%(name)s``)
-# and Feast's index named ``%(name)s``: on entity_key alone, backing no constraint, on this table.
+# The table's primary key (its index, whether it starts with entity_key, whether that index is named ``%(name)s``),
+# Feast's index named ``%(name)s`` (on entity_key alone, backing no constraint, on this table) and whether no
+# relation holds the name.
 _INDEXES_QUERY = (
     "SELECT c.conindid::regclass::text, c.conkey[1] = a.attnum, c.conindid = to_regclass(%(name)s), "
-    "i.indexrelid::regclass::text FROM pg_constraint c "
+    "i.indexrelid::regclass::text, to_regclass(%(name)s) IS NULL FROM pg_constraint c "
     "JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attname = 'entity_key' "
     "LEFT JOIN pg_index i ON i.indexrelid = to_regclass(%(name)s) AND i.indrelid = c.conrelid "
     "AND i.indnatts = 1 AND i.indkey[0] = a.attnum "
@@ -175,8 +176,7 @@ def primary_key_as_entity_key_index(cur: Any, table_name: str) -> None:
         found = cur.fetchone()
         if found is None or not found[1] or found[2]:
             return
-        primary, _, _, entity_key = found
-        free = cur.execute("SELECT to_regclass(%(name)s) IS NULL", params).fetchone()[0]
+        primary, _, _, entity_key, free = found
         if entity_key is None and not free:
             return
         if not locked:
