@@ -138,17 +138,21 @@ def _indexes(settings: Settings, table: str) -> list[tuple[str, bool, str]]:
                             (sql.Identifier(table).as_string(conn),)).fetchall()
 
 
+def _layout(settings: Settings, table: str) -> list[tuple[str, bool]]:
+    """(name, primary) of each index of ``table``."""
+    return [(name, primary) for name, primary, _ in _indexes(settings, table)]
+
+
 def test_the_online_table_keeps_one_index_its_primary_key_under_the_name_feasts_apply_checks(stores) -> None:
     """Feast's table has its primary key and ``<table>_ek`` on entity_key, the key's first column; the bulk store's
     has the primary key alone, under that name, so an apply builds nothing and a write maintains one index."""
     settings, _, bulk = stores
-    assert [(name, primary) for name, primary, _ in _indexes(settings, "feast_pg_series")] == [
+    assert _layout(settings, "feast_pg_series") == [
         ("feast_pg_series_ek", False), ("feast_pg_series_fts_idx", False), ("feast_pg_series_pkey", True)]
     before = _indexes(settings, "bulk_pg_series")  # the full-text index of string features stays Feast's
     assert [(name, primary) for name, primary, _ in before] == [("bulk_pg_series_ek", True),
                                                                  ("bulk_pg_series_fts_idx", False)]
-    assert [(name, primary) for name, primary, _ in _indexes(settings, "bulk_pg_levels")] == [
-        ("bulk_pg_levels_ek", True)]
+    assert _layout(settings, "bulk_pg_levels") == [("bulk_pg_levels_ek", True)]
     bulk.apply(_definitions())
     assert _indexes(settings, "bulk_pg_series") == before  # the same index: nothing dropped or rebuilt
 
@@ -157,23 +161,23 @@ def test_the_online_table_keeps_one_index_its_primary_key_under_the_name_feasts_
     _feature_store(settings, "feast_then_bulk", "postgres").write_to_online_store("series", frame)
     rows = _rows(settings, "feast_then_bulk")
     moved = _feature_store(settings, "feast_then_bulk", STORE_TYPE)
-    assert [(name, primary) for name, primary, _ in _indexes(settings, "feast_then_bulk_series")] == [
+    assert _layout(settings, "feast_then_bulk_series") == [
         ("feast_then_bulk_series_ek", True), ("feast_then_bulk_series_fts_idx", False)]
     assert _rows(settings, "feast_then_bulk") == rows
     moved.write_to_online_store("series", frame.assign(level=[3.0, 4.0]))
     assert len(_rows(settings, "feast_then_bulk")) == len(rows)
     _feature_store(settings, "feast_then_bulk", "postgres")  # Feast's apply finds the name taken: builds nothing
-    assert [primary for _, primary, _ in _indexes(settings, "feast_then_bulk_series")] == [True, False]
+    assert [primary for _, primary in _layout(settings, "feast_then_bulk_series")] == [True, False]
 
     # names past PostgreSQL's 63 bytes, which it truncates, applied twice, written and torn down. Past 63, the
     # table's own name: Feast's index names truncate to it, so Feast's apply creates neither of its indexes.
     for project, indexes in (("p" * 54, [True, False]), ("q" * 60, [True])):
         long = _feature_store(settings, project, STORE_TYPE)
         table = f"{project}_series"[:63]
-        assert [primary for _, primary, _ in _indexes(settings, table)] == indexes, project
+        assert [primary for _, primary in _layout(settings, table)] == indexes, project
         long.apply(_definitions())
         long.write_to_online_store("series", frame)
-        assert [primary for _, primary, _ in _indexes(settings, table)] == indexes, project
+        assert [primary for _, primary in _layout(settings, table)] == indexes, project
         # the online store's own teardown: FeatureStore.teardown would also empty the registry all projects share
         long._get_provider().online_store.teardown(long.config, [long.get_feature_view("series")], [])
         with psycopg.connect(settings.postgres.libpq_url()) as conn:
@@ -190,7 +194,7 @@ def test_an_index_of_that_name_that_is_not_feasts_is_left_alone(stores) -> None:
         conn.execute(f'DROP INDEX "{project}_series_ek"')
         conn.execute(f'CREATE INDEX "{project}_series_ek" ON "{project}_series" (feature_name, entity_key)')
     _feature_store(settings, project, STORE_TYPE)
-    assert [(name, primary) for name, primary, _ in _indexes(settings, f"{project}_series")] == [
+    assert _layout(settings, f"{project}_series") == [
         (f"{project}_series_ek", False), (f"{project}_series_fts_idx", False), (f"{project}_series_pkey", True)]
 
 
@@ -217,7 +221,7 @@ def test_two_applies_at_once_change_the_index_once(stores) -> None:
             applied.result(timeout=60)
     finally:
         first.close()
-    assert [(name, primary) for name, primary, _ in _indexes(settings, table)] == [
+    assert _layout(settings, table) == [
         (f"{table}_ek", True), (f"{table}_fts_idx", False)]
 
 
