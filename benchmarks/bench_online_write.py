@@ -43,6 +43,7 @@ from sales_forecast.online_store import (
 
 TABLE = "bench_online_write"
 FEAST_TABLE = "bench_online_write_feast_index"  # the same rows, with Feast's index on entity_key too
+TABLES = (TABLE, FEAST_TABLE)
 KEYS = "bench_online_write_keys"
 WRITE_SERIES = 60_000  # feature_repo's online_write_batch_size
 DEPTS = 81
@@ -81,21 +82,21 @@ def rows_sql(target: str, low: int, high: int, shift: int) -> sql.Composed:
 def build(conn: psycopg.Connection, series: int, console: Console) -> None:
     started = time.perf_counter()
     columns = online_columns(False)
-    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}, {}").format(*map(sql.Identifier, (TABLE, FEAST_TABLE, KEYS))))
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}, {}").format(*map(sql.Identifier, (*TABLES, KEYS))))
     conn.execute(sql.SQL("CREATE TABLE {} (series integer, key bytea)").format(sql.Identifier(KEYS)))
     with conn.cursor().copy(sql.SQL("COPY {} FROM STDIN").format(sql.Identifier(KEYS))) as copy:
         for number, key in enumerate(serialized_keys(series + WRITE_SERIES)):
             copy.write_row((number, key.tobytes()))
-    for table in (TABLE, FEAST_TABLE):
+    for table in TABLES:
         conn.execute(sql.SQL("CREATE TABLE {} ({}, PRIMARY KEY (entity_key, feature_name))").format(
             sql.Identifier(table), sql.SQL(", ").join(
                 sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(STORED.get(t, t))) for n, t in columns)))
     conn.execute(sql.SQL("CREATE INDEX ON {} (entity_key)").format(sql.Identifier(FEAST_TABLE)))
     for low in range(0, series, WRITE_SERIES):
-        for table in (TABLE, FEAST_TABLE):
+        for table in TABLES:
             conn.execute(rows_sql(table, low, min(series, low + WRITE_SERIES), 0))
         console.print(f"  {min(series, low + WRITE_SERIES):,} series stored, {time.perf_counter() - started:.0f} s")
-    for table in (TABLE, FEAST_TABLE):
+    for table in TABLES:
         conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(table)))
     console.print(f"two tables of {series:,} series x {len(MODEL_FEATURES)} features built in "
                   f"{time.perf_counter() - started:.1f} s")
@@ -147,7 +148,7 @@ def main() -> None:
                     times.setdefault((case, name), []).append(seconds)
                     console.print(f"  {case}, {name}: {seconds:.2f} s")
         if not args.keep:
-            conn.execute(sql.SQL("DROP TABLE {}, {}, {}").format(*map(sql.Identifier, (TABLE, FEAST_TABLE, KEYS))))
+            conn.execute(sql.SQL("DROP TABLE {}, {}, {}").format(*map(sql.Identifier, (*TABLES, KEYS))))
     table = Table(title=f"one write of {WRITE_SERIES:,} series x {len(MODEL_FEATURES)} features "
                         f"({WRITE_SERIES * len(MODEL_FEATURES):,} rows) into {args.series:,} stored series, "
                         "the statements alone, seconds")
