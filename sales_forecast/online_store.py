@@ -9,6 +9,8 @@ maintained both (``primary_key_as_entity_key_index``). The writes differ. Feast
 upserts row by row (``executemany``, 370K statements for step 1's 11,583 series x 32 features); this one COPYs the
 batch into a temporary table, inserts the rows of keys the table does not hold with a plain ``INSERT`` and upserts
 the others with one ``INSERT ... ON CONFLICT DO UPDATE``, skipping rows whose stored values are already the same.
+Its connections are Feast's, kept better (``_get_conn``): a failed call rolls back and returns a pool's connection,
+and a lost cached connection is replaced.
 
 ``online_write_arrow`` is the same write from an Arrow batch, what the project's Ray engine (ray_engine.py) hands
 it: numeric features and integer keys are encoded column by column into the bytes Feast's protos and key
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -34,6 +36,8 @@ from feast.infra.online_stores.postgres_online_store.postgres import (
     PostgreSQLOnlineStoreConfig,
     _table_id,
 )
+from feast.infra.utils.postgres import connection_utils
+from feast.infra.utils.postgres.postgres_config import ConnectionType
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.repo_config import RepoConfig
@@ -389,17 +393,33 @@ def write_as_protos(store: Any, config: RepoConfig, view: FeatureView, batch: pa
         store.online_write_batch(config, view, data, None)
 
 
+@contextlib.contextmanager
+def _rolled_back_on_error(conn: Any) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        if not conn.closed:
+            with contextlib.suppress(errors.Error):
+                conn.rollback()
+        raise
+
+
+@contextlib.asynccontextmanager
+async def _rolled_back_on_error_async(conn: Any) -> AsyncIterator[None]:
+    try:
+        yield
+    except BaseException:
+        if not conn.closed:
+            with contextlib.suppress(errors.Error):
+                await conn.rollback()
+        raise
+
+
 class BulkPostgreSQLOnlineStore(PostgreSQLOnlineStore):
     def update(self, config: RepoConfig, tables_to_delete: Sequence[FeatureView],
                tables_to_keep: Sequence[FeatureView], entities_to_delete: Sequence[Entity],
                entities_to_keep: Sequence[Entity], partial: bool) -> None:
-        try:
-            super().update(config, tables_to_delete, tables_to_keep, entities_to_delete, entities_to_keep, partial)
-        except BaseException:
-            if self._conn is not None:  # Feast's cached connection: left usable for the next call
-                with contextlib.suppress(errors.Error):
-                    self._conn.rollback()
-            raise
+        super().update(config, tables_to_delete, tables_to_keep, entities_to_delete, entities_to_keep, partial)
         versioning = config.registry.enable_online_feature_view_versioning
         with self._transaction(config) as (_, cur):
             for table in tables_to_keep:
@@ -462,17 +482,59 @@ class BulkPostgreSQLOnlineStore(PostgreSQLOnlineStore):
             self._merge(conn, cur, table_name, names)
 
     @contextlib.contextmanager
-    def _transaction(self, config: RepoConfig) -> Iterator[tuple[Any, Any]]:
-        """(connection, cursor) of one transaction on Feast's connection, committed at the end and rolled back on any
-        error: the connection may be Feast's cached one, so it is left usable; if it is lost, the error says why."""
-        with self._get_conn(config) as conn, conn.cursor() as cur:
+    def _get_conn(self, config: RepoConfig, autocommit: bool = False) -> Iterator[Any]:
+        """Feast's connection, the pool's or the one it caches, with what Feast's ``_get_conn`` leaves out, for every
+        caller (Feast's reads, ``update`` and ``teardown`` too): a caller's error rolls its transaction back, so a
+        cached connection is not left in a failed one; a pool's connection goes back to the pool also then (Feast's
+        is lost, and ``max_conn`` failures leave every later call waiting for the pool); a cached connection found
+        closed or broken is replaced (Feast's fails every call after a PostgreSQL restart)."""
+        store = config.online_store
+        if store.conn_type == ConnectionType.pool:
+            if not self._conn_pool:
+                self._conn_pool = connection_utils._get_connection_pool(store)
+                self._conn_pool.open()
+            conn = self._conn_pool.getconn()
+            try:  # the pool discards a broken connection it gets back
+                with _rolled_back_on_error(conn):
+                    conn.set_autocommit(autocommit)
+                    yield conn
+            finally:
+                self._conn_pool.putconn(conn)
+            return
+        if self._conn is None or self._conn.closed:  # psycopg closes a connection once it finds it broken
+            self._conn = connection_utils._get_conn(store)
+        with _rolled_back_on_error(self._conn):
+            self._conn.set_autocommit(autocommit)
+            yield self._conn
+
+    @contextlib.asynccontextmanager
+    async def _get_conn_async(self, config: RepoConfig, autocommit: bool = False) -> AsyncIterator[Any]:
+        """``_get_conn`` for Feast's async reads."""
+        store = config.online_store
+        if store.conn_type == ConnectionType.pool:
+            if not self._conn_pool_async:
+                self._conn_pool_async = connection_utils._get_connection_pool_async(store)
+                await self._conn_pool_async.open()
+            conn = await self._conn_pool_async.getconn()
             try:
-                yield conn, cur
-                conn.commit()
-            except BaseException:
-                with contextlib.suppress(errors.Error):
-                    conn.rollback()
-                raise
+                async with _rolled_back_on_error_async(conn):
+                    await conn.set_autocommit(autocommit)
+                    yield conn
+            finally:
+                await self._conn_pool_async.putconn(conn)
+            return
+        if self._conn_async is None or self._conn_async.closed:
+            self._conn_async = await connection_utils._get_conn_async(store)
+        async with _rolled_back_on_error_async(self._conn_async):
+            await self._conn_async.set_autocommit(autocommit)
+            yield self._conn_async
+
+    @contextlib.contextmanager
+    def _transaction(self, config: RepoConfig) -> Iterator[tuple[Any, Any]]:
+        """(connection, cursor) of one transaction, committed at the end (``_get_conn`` rolls it back on any error)."""
+        with self._get_conn(config) as conn, conn.cursor() as cur:
+            yield conn, cur
+            conn.commit()
 
     @staticmethod
     def _merge(conn: Any, cur: Any, table_name: str, names: list[str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pandas as pd
 import psycopg
@@ -56,16 +57,17 @@ def _definitions():
     return [store, dept, source, view, levels]
 
 
-def _feature_store(settings: Settings, project: str, online_type: str):
+def _feature_store(settings: Settings, project: str, online_type: str, db_schema: str = "public", **online: Any):
+    """A FeatureStore of ``_definitions``, applied; ``online``: more keys of its online store."""
     from feast import FeatureStore, RepoConfig
 
     pg = settings.postgres
-    connection = {"host": pg.host, "port": pg.port, "database": pg.database, "db_schema": "public", "user": pg.user,
+    connection = {"host": pg.host, "port": pg.port, "database": pg.database, "user": pg.user,
                   "password": pg.password, "sslmode": "disable"}
     config = RepoConfig(project=project, provider="local", entity_key_serialization_version=3,
                         registry={"registry_type": "sql", "path": pg.sqlalchemy_url(), "cache_ttl_seconds": 0},
-                        offline_store={"type": "postgres", **connection},
-                        online_store={"type": online_type, **connection})
+                        offline_store={"type": "postgres", "db_schema": "public", **connection},
+                        online_store={"type": online_type, "db_schema": db_schema, **connection, **online})
     store = FeatureStore(config=config)
     store.apply(_definitions())
     return store
@@ -457,3 +459,107 @@ def test_arrow_writes_leave_the_rows_feasts_store_leaves(stores) -> None:
     assert _rows(settings, "bulk_pg", "levels") == _rows(settings, "feast_pg", "levels")
     write_both(first)
     assert _rows(settings, "bulk_pg", "levels") == _rows(settings, "feast_pg", "levels")
+
+
+def _level(store, key: tuple[int, int]) -> list:
+    return store.get_online_features(features=["series:level"], entity_rows=[{"store": key[0], "dept": key[1]}]
+                                     ).to_dict()["level"]
+
+
+def _terminate(settings: Settings, application: str) -> int:
+    """Ends the backends of connections made with PGAPPNAME ``application``; how many."""
+    with psycopg.connect(settings.postgres.libpq_url(), autocommit=True, application_name="pytest") as conn:
+        return len(conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                                (application,)).fetchall())
+
+
+def test_a_lost_connection_is_replaced(stores, monkeypatch) -> None:
+    """The store's cached connection lost (its backend ended, as by a PostgreSQL restart): the call that finds it
+    broken fails, and the next one connects afresh. Feast's store keeps failing until the process restarts."""
+    settings, _, _ = stores
+    monkeypatch.setenv("PGAPPNAME", "bulk-reconnect")  # libpq names the store's connection so
+    store = _feature_store(settings, "reconnect", STORE_TYPE)
+    frame = _frame([(61, 1)], [1.0], [1], ["a"], [T0], [None])
+    store.write_to_online_store("series", frame)
+    assert _terminate(settings, "bulk-reconnect") >= 1
+    with pytest.raises(psycopg.OperationalError):
+        store.write_to_online_store("series", frame.assign(level=[2.0]))
+    store.write_to_online_store("series", frame.assign(level=[3.0]))
+    assert _level(store, (61, 1)) == [3.0]
+    assert _terminate(settings, "bulk-reconnect") >= 1  # a read finds it broken too, and the next read heals
+    with pytest.raises(psycopg.OperationalError):
+        _level(store, (61, 1))
+    assert _level(store, (61, 1)) == [3.0]
+
+
+def test_async_reads_replace_a_lost_connection(stores, monkeypatch) -> None:
+    import asyncio
+
+    settings, _, _ = stores
+    monkeypatch.setenv("PGAPPNAME", "bulk-reconnect-async")
+    store = _feature_store(settings, "reconnect_async", STORE_TYPE)
+    store.write_to_online_store("series", _frame([(62, 1)], [4.0], [1], ["a"], [T0], [None]))
+
+    async def level() -> list:
+        response = await store.get_online_features_async(features=["series:level"],
+                                                         entity_rows=[{"store": 62, "dept": 1}])
+        return response.to_dict()["level"]
+
+    async def reads() -> None:
+        assert await level() == [4.0]
+        assert _terminate(settings, "bulk-reconnect-async") >= 1
+        with pytest.raises(psycopg.OperationalError):
+            await level()
+        assert await level() == [4.0]
+
+    asyncio.run(reads())
+
+
+def test_a_pool_gets_its_connections_back_from_failed_calls(stores) -> None:
+    """``conn_type: pool``: a failed write returns its connection (Feast's is lost, and ``max_conn`` failed calls
+    left every later call waiting for the pool, then failing with PoolTimeout)."""
+    from feast.infra.utils.postgres.postgres_config import ConnectionType
+
+    settings, _, _ = stores
+    store = _feature_store(settings, "pooled", STORE_TYPE, conn_type=ConnectionType.pool, min_conn=1, max_conn=2)
+    frame = _frame([(63, 1)], [1.0], [1], ["a"], [T0], [None])
+    with psycopg.connect(settings.postgres.libpq_url(), autocommit=True) as conn:
+        conn.execute('ALTER TABLE "pooled_series" RENAME TO "pooled_series_away"')
+    try:
+        for _ in range(3):
+            with pytest.raises(psycopg.errors.UndefinedTable):
+                store.write_to_online_store("series", frame)
+    finally:
+        with psycopg.connect(settings.postgres.libpq_url(), autocommit=True) as conn:
+            conn.execute('ALTER TABLE "pooled_series_away" RENAME TO "pooled_series"')
+    store.write_to_online_store("series", frame.assign(level=[5.0]))
+    assert _level(store, (63, 1)) == [5.0]
+    pool = store._get_provider().online_store._conn_pool
+    stats = pool.get_stats()
+    pool.close()
+    assert stats["pool_size"] - stats["pool_available"] == 0  # every connection back in the pool
+
+
+def test_a_schema_of_its_own(stores) -> None:
+    """``db_schema`` other than public: Feast's connections search that schema first, so the table, its index and
+    every statement of the store are there; a table of the same name in public (Feast's store's) is left alone."""
+    settings, _, _ = stores
+    feast_public = _feature_store(settings, "schema_x", "postgres")
+    bulk = _feature_store(settings, "schema_x", STORE_TYPE, db_schema="online_x")
+    bulk.apply(_definitions())
+    with psycopg.connect(settings.postgres.libpq_url()) as conn:
+        indexes = conn.execute("SELECT schemaname, indexname FROM pg_indexes WHERE tablename = 'schema_x_series' "
+                               "ORDER BY 1, 2").fetchall()
+        primary = conn.execute("SELECT i.indexrelid::regclass::text FROM pg_index i WHERE i.indisprimary AND "
+                               "i.indrelid = 'online_x.schema_x_series'::regclass").fetchone()[0]
+    assert indexes == [("online_x", "schema_x_series_ek"), ("online_x", "schema_x_series_fts_idx"),
+                       ("public", "schema_x_series_ek"), ("public", "schema_x_series_fts_idx"),
+                       ("public", "schema_x_series_pkey")]
+    assert primary == "online_x.schema_x_series_ek"
+    frame = _frame([(64, 1), (64, 2)], [6.0, 7.0], [1, 2], ["a", "b"], [T0, T0], [None, None])
+    bulk.write_to_online_store("series", frame)
+    feast_public.write_to_online_store("series", frame.assign(level=[8.0, 9.0]))
+    assert _level(bulk, (64, 2)) == [7.0]
+    assert _level(feast_public, (64, 2)) == [9.0]
+    with psycopg.connect(settings.postgres.libpq_url()) as conn:
+        assert conn.execute('SELECT count(*) FROM online_x."schema_x_series"').fetchone()[0] == 2 * 3
