@@ -301,6 +301,19 @@ def test_a_derivation_by_store_ranges_equals_the_whole_one(raw: pd.DataFrame) ->
         build_features(generate_stores(dataclasses.replace(SHAPE, end_date=END + WEEK), 1, 1), medians)
 
 
+def test_the_level_and_its_spread_are_pandas_row_statistics_to_the_bit(raw: pd.DataFrame) -> None:
+    """sales_mean_4 and sales_std_4 are computed without a frame, as pandas computes a frame's row mean and std
+    (skipna=False), bit for bit, also on rows with gaps and out of order: the figures trained on stay the same."""
+    gappy = raw.drop(index=raw.index[::5]).sample(frac=1.0, random_state=2)
+    for frame in (raw, gappy):
+        features = build_features(frame)
+        window = pd.DataFrame({f"sales_lag_{k}": features[f"sales_lag_{k}"].to_numpy() for k in range(1, 5)})
+        assert window.isna().any(axis=None) and window.notna().all(axis=1).any()
+        for name, expected in (("sales_mean_4", window.mean(axis=1, skipna=False)),
+                               ("sales_std_4", window.std(axis=1, skipna=False))):
+            assert np.array_equal(features[name].to_numpy().view(np.int64), expected.to_numpy().view(np.int64)), name
+
+
 def test_feature_rows_are_keyed_by_store_dept_and_time(raw: pd.DataFrame) -> None:
     """The Feast entities are store and dept (two join keys); no combined key column is left."""
     features = build_features(raw)

@@ -109,28 +109,39 @@ class _Series:
     """Positional lags within each series of a frame sorted by series, then week (each series contiguous)."""
 
     def __init__(self, sorted_raw: pd.DataFrame):
-        self.position = sorted_raw.groupby(["store", "dept"], sort=False).cumcount().to_numpy()
+        store, dept = sorted_raw["store"].to_numpy(), sorted_raw["dept"].to_numpy()
+        count = len(store)
+        starts = np.flatnonzero(np.r_[count > 0, (store[1:] != store[:-1]) | (dept[1:] != dept[:-1])])
+        self.position = np.arange(count) - np.repeat(starts, np.diff(np.r_[starts, count]))  # rows since the start
 
     def lag(self, values: np.ndarray, k: int) -> np.ndarray:
         """Row i gets the value k weeks before it in its series (NaN where the series is shorter)."""
-        out = np.full(len(values), np.nan)
-        if k < len(values):
-            out[k:] = values[:len(values) - k]
+        count = len(values)
+        out = np.empty(count)
+        out[:k] = np.nan
+        if k < count:
+            out[k:] = values[:count - k]
             out[self.position < k] = np.nan
         return out
 
     def mean(self, values: np.ndarray, weeks: int, first_lag: int = 0) -> np.ndarray:
         """Mean of lags first_lag .. first_lag + weeks - 1, NULL unless all exist. Summed lag by lag, so a row's
-        value does not depend on how much history came before (append.py derives one week from a lookback)."""
-        total = self.lag(values, first_lag)
-        for k in range(first_lag + 1, first_lag + weeks):
-            total = total + self.lag(values, k)
-        return total / weeks
+        value does not depend on how much history came before (append.py derives one week from a lookback). The
+        lags are added in place, shifted slices of ``values``: a row i < k adds a value of another series, which is
+        never used, since its position (at most i) is below the last lag and it ends NULL."""
+        total, count, last = self.lag(values, first_lag), len(values), first_lag + weeks - 1
+        for k in range(first_lag + 1, min(last, count - 1) + 1):
+            total[k:] += values[:count - k]
+        total[self.position < last] = np.nan
+        total /= weeks
+        return total
 
 
-def _dept_median(values: np.ndarray, dept: pd.Series, stamps: pd.Series) -> np.ndarray:
-    """Each row's value replaced by the median over its department's rows of the same week (NULLs skipped)."""
-    return pd.Series(values).groupby([dept.to_numpy(), stamps.to_numpy()]).transform("median").to_numpy()
+def _dept_medians(values: dict[str, np.ndarray], dept: pd.Series, stamps: pd.Series) -> dict[str, np.ndarray]:
+    """Each row's values replaced by the medians over its department's rows of the same week (NULLs skipped); the
+    groups are found once for all the columns."""
+    medians = pd.DataFrame(values, copy=False).groupby([dept.to_numpy(), stamps.to_numpy()]).transform("median")
+    return {name: medians[name].to_numpy() for name in values}
 
 
 @dataclass(frozen=True)
@@ -144,7 +155,7 @@ class DeptMedians:
     @classmethod
     def of_ranges(cls, ranges: list[dict[str, np.ndarray]], depts: np.ndarray, weeks: pd.DatetimeIndex) -> DeptMedians:
         """``ranges``: each range's ``pooled_values`` of a full store x dept x week grid in (store, dept, week)
-        order, as the generator makes it; the median over the stores axis equals ``_dept_median``'s, bit for bit."""
+        order, as the generator makes it; the median over the stores axis equals ``_dept_medians``', bit for bit."""
         grid = (-1, len(depts), len(weeks))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NULL (dept, week): NULL, as pandas gives
@@ -174,11 +185,26 @@ def _by_series(raw: pd.DataFrame) -> pd.DataFrame:
     return raw.reset_index(drop=True)
 
 
-def _window(series: _Series, sales: np.ndarray) -> tuple[dict[str, np.ndarray], pd.DataFrame, np.ndarray]:
-    """The sales lags, as named features, as a frame, and their mean (the series' level)."""
+def _window(series: _Series, sales: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The sales lags, as named features, and their mean (the series' level): NULL unless all four exist."""
     lags = {f"sales_lag_{k}": series.lag(sales, k - 1) for k in range(1, SALES_LAGS + 1)}
-    window = pd.DataFrame(lags)
-    return lags, window, window.mean(axis=1, skipna=False).to_numpy()
+    return lags, _row_sum(list(lags.values())) / SALES_LAGS
+
+
+def _row_sum(columns: list[np.ndarray]) -> np.ndarray:
+    """Row by row, the columns added left to right (a NaN makes NaN): what pandas' ``mean`` and ``std`` of a frame's
+    rows add, value for value."""
+    total = columns[0].copy()
+    for column in columns[1:]:
+        total += column
+    return total
+
+
+def _row_std(columns: list[np.ndarray]) -> np.ndarray:
+    """Row by row, the sample standard deviation (ddof 1, a NaN makes NaN), computed as pandas' ``std(axis=1,
+    skipna=False)`` computes it (mean, squared deviations summed left to right), so the same bits, without a frame."""
+    mean = _row_sum(columns) / len(columns)
+    return np.sqrt(_row_sum([(mean - column) ** 2 for column in columns]) / (len(columns) - 1))
 
 
 def _year_ago(series: _Series, sales: np.ndarray) -> dict[str, np.ndarray]:
@@ -209,7 +235,7 @@ def pooled_values(raw: pd.DataFrame) -> dict[str, np.ndarray]:
     raw = _by_series(raw)
     series = _Series(raw)
     sales = raw["weekly_sales"].to_numpy(dtype="float64")
-    _, _, mean_4 = _window(series, sales)
+    _, mean_4 = _window(series, sales)
     return _pooled(series, sales, mean_4, series.mean(sales, POOLED_MEAN), _year_ago(series, sales))
 
 
@@ -222,13 +248,13 @@ def build_features(raw: pd.DataFrame, medians: DeptMedians | None = None) -> pd.
     raw = _by_series(raw)
     series = _Series(raw)
     sales = raw["weekly_sales"].to_numpy(dtype="float64")
-    lags, window, mean_4 = _window(series, sales)
+    lags, mean_4 = _window(series, sales)
     means = {f"sales_mean_{n}": series.mean(sales, n) for n in LONG_MEANS}
     year_ago = _year_ago(series, sales)
     stamps = pd.to_datetime(raw["date"])
     if medians is None:
         pooled = _pooled(series, sales, mean_4, means[f"sales_mean_{POOLED_MEAN}"], year_ago)
-        dept = {name: _dept_median(values, raw["dept"], stamps) for name, values in pooled.items()}
+        dept = _dept_medians(pooled, raw["dept"], stamps)
     else:
         dept = medians.of(raw["dept"], stamps)
     week, weeks = pd.factorize(stamps)
@@ -239,8 +265,8 @@ def build_features(raw: pd.DataFrame, medians: DeptMedians | None = None) -> pd.
         "event_timestamp": stamps.dt.tz_localize("UTC").array,
         **lags,
         "sales_mean_4": mean_4,
-        "sales_std_4": window.std(axis=1, skipna=False).to_numpy(),
-        **{name: np.where(week >= 0, values.to_numpy()[week], np.nan) for name, values in calendar.items()},
+        "sales_std_4": _row_std(list(lags.values())),
+        **{name: np.append(values.to_numpy(), np.nan)[week] for name, values in calendar.items()},  # NaT: -1: NaN
         "lag_1_is_holiday": raw["is_holiday"].to_numpy(dtype="float64"),
         **{name: raw[name].to_numpy(copy=True) for name in EXOGENOUS_FEATURES},
         **means,
