@@ -89,7 +89,7 @@ def postgres_server(folder: Path) -> Footprint:
 
 def ray(folder: Path) -> Footprint:
     started = time.perf_counter()
-    ray_head.start(folder, processes.free_port(), processes.free_port())
+    ray_head.start(folder, *processes.free_ports(2))
     ready = time.perf_counter()
     try:
         pid = ray_head.head_pid(folder)

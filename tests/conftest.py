@@ -19,7 +19,7 @@ import pytest
 from sales_forecast.config import Settings, load_settings
 from sales_forecast.features.generator import Shape
 from sales_forecast.stack import mlflow_server, postgres, ray_head
-from sales_forecast.stack.processes import free_port
+from sales_forecast.stack.processes import free_ports
 
 # Small but complete: store 1/dept 12 and store 11/dept 2 both exist (the key-collision pair).
 SMALL_SHAPE = Shape(stores=12, depts=13, weeks=60, seed=7)
@@ -35,9 +35,9 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
                  "RAY_JOBS_ADDRESS", "RAY_ADDRESS", "MODEL_DIR", "FEAST_REPO_PATH", "FEAST_RAY_EXECUTION_MODE",
                  "SERVING_MAX_INSTANCES", "SERVING_MAX_BODY_BYTES", "SERVING_RELOAD_SECONDS", "INFERENCE_BACKEND"):
         os.environ.pop(name, None)
-    os.environ.update({"SALES_STACK_DIR": str(stack_dir), "POSTGRES_PORT": str(free_port()),
-                       "SALES_MLFLOW_PORT": str(free_port()), "SALES_RAY_PORT": str(free_port()),
-                       "SALES_RAY_DASHBOARD_PORT": str(free_port()), "RAY_DISABLE_USAGE_STATS": "1"})
+    ports = dict(zip(("POSTGRES_PORT", "SALES_MLFLOW_PORT", "SALES_RAY_PORT", "SALES_RAY_DASHBOARD_PORT"),
+                     map(str, free_ports(4)), strict=True))
+    os.environ.update({"SALES_STACK_DIR": str(stack_dir), **ports, "RAY_DISABLE_USAGE_STATS": "1"})
     settings = load_settings()
     postgres.start(settings.postgres, stack_dir / "postgres")
     ports = settings.stack_ports

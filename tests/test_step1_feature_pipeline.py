@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import psycopg
 import pytest
-from conftest import SMALL_SHAPE, database_settings, free_port
+from conftest import SMALL_SHAPE, database_settings
 
 from sales_forecast.config import REPO_ROOT
 from sales_forecast.contract import FEATURE_SERVICE, FEATURE_TABLE, RAW_TABLE
@@ -24,7 +24,7 @@ from sales_forecast.features import store as fs_ops
 from sales_forecast.features.derive import MODEL_FEATURES
 from sales_forecast.features.generator import Shape, generate
 from sales_forecast.features.pipeline import run_feature_pipeline
-from sales_forecast.stack.processes import http_ok, wait_until
+from sales_forecast.stack.processes import free_port, http_ok, wait_until
 
 STEP1 = str(REPO_ROOT / "01_feast_features.py")
 
@@ -283,6 +283,19 @@ def test_the_local_ray_head_is_started_without_rays_sigterm_drain(stack_settings
     raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
     environ = dict(entry.split("=", 1) for entry in raw.split("\0") if "=" in entry)
     assert float(environ["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"]) <= 0
+
+
+def test_the_local_ray_heads_ports_are_distinct(stack_settings) -> None:
+    """Free ports asked for one after another can repeat, and a head given one port for two of its agents does not
+    start: its ports are chosen together (``free_ports`` holds each socket until all are chosen)."""
+    from sales_forecast.stack import processes, ray_head
+
+    pid = ray_head.head_pid(stack_settings.stack_dir)
+    arguments = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    ports = [int(a.split("=", 1)[1]) for a in arguments if a.startswith("--") and a.split("=")[0].endswith("-port")]
+    assert len(ports) == 7 and len(set(ports)) == 7
+    chosen = processes.free_ports(200, exclude=ports)
+    assert len(set(chosen)) == 200 and not set(chosen) & set(ports)
 
 
 def feast_cli_env(settings) -> dict[str, str]:

@@ -11,7 +11,7 @@ import time
 
 import mlflow
 import pytest
-from conftest import database_settings, free_port
+from conftest import database_settings
 
 from sales_forecast.config import REPO_ROOT
 from sales_forecast.contract import FEATURE_INDEX, FEATURE_TABLE, RAW_INDEX, RAW_TABLE
@@ -20,6 +20,7 @@ from sales_forecast.features import store as fs_ops
 from sales_forecast.features.derive import build_features
 from sales_forecast.features.generator import Shape, generate
 from sales_forecast.features.load import load_table
+from sales_forecast.stack.processes import free_port
 from sales_forecast.training.pipeline import train_sales_model
 
 MODEL = "sales-forecast-faults"

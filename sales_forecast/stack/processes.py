@@ -8,7 +8,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import httpx
@@ -16,9 +16,21 @@ import httpx
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int, exclude: Collection[int] = ()) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that nothing listens on right now, none in ``exclude``. Each port's
+    socket stays bound until all are chosen: ports asked for one after another can repeat (a Ray head given the same
+    port for two of its agents refused to start)."""
+    with contextlib.ExitStack() as held:
+        ports: list[int] = []
+        while len(ports) < count:
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            if (port := sock.getsockname()[1]) not in exclude:
+                ports.append(port)
+        return ports
 
 
 def pid_of(pid_file: Path) -> int | None:

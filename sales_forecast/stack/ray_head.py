@@ -57,13 +57,13 @@ def start(stack_dir: Path, port: int, dashboard_port: int, num_cpus: int | None 
     root.mkdir(parents=True, exist_ok=True)
     session = temp_dir(stack_dir)
     shutil.rmtree(session, ignore_errors=True)
-    free = processes.free_port
-    # Every port explicit and free: a second Ray on the machine must not take this head's agents.
+    # Every port explicit, free and distinct: a second Ray on the machine must not take this head's agents.
+    agent, agent_grpc, runtime_env, metrics, client = processes.free_ports(5, exclude=(port, dashboard_port))
     command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
                "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={free()}",
-               f"--dashboard-agent-grpc-port={free()}", f"--runtime-env-agent-port={free()}",
-               f"--metrics-export-port={free()}", f"--ray-client-server-port={free()}", f"--temp-dir={session}",
+               f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={agent}",
+               f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+               f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", f"--temp-dir={session}",
                "--disable-usage-stats",
                f"--num-cpus={num_cpus or os.cpu_count() or 1}"]
     # Ray 2.58 drains a node for up to 30 s on SIGTERM, for Ray Serve replicas; this head has none to move, and
