@@ -12,6 +12,7 @@ fail the materialization (online rows of earlier batches stay written, as with F
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -33,6 +34,7 @@ from sales_forecast.ray_offline_store.driver import write_concurrency
 logger = logging.getLogger(__name__)
 
 ENGINE_TYPE = "sales_forecast.ray_engine.BulkRayComputeEngine"  # what feature_store.yaml names
+DATA_CONTEXT_DEPRECATIONS = r"`(use_push_based_shuffle|use_polars|use_arrow_tensor_v2)` is deprecated"
 
 
 class BulkRayComputeEngineConfig(RayComputeEngineConfig):
@@ -90,6 +92,14 @@ class ArrowWriteNode(RayWriteNode):
 
 
 class BulkRayComputeEngine(RayComputeEngine):
+    def __init__(self, *args: Any, **kwargs: Any):
+        with warnings.catch_warnings():
+            # Ray 2.58's first DataContext of a process (which Feast's engine makes) sets each of its fields through
+            # its __setattr__, which warns about three deprecated ones whatever their value; Feast's import shows
+            # every DeprecationWarning once (warnings.simplefilter("once")), so each step 1 printed them
+            warnings.filterwarnings("ignore", message=DATA_CONTEXT_DEPRECATIONS, category=DeprecationWarning)
+            super().__init__(*args, **kwargs)
+
     def _materialize_one(self, registry: BaseRegistry, task: MaterializationTask, from_offline_store: bool = False,
                          **kwargs: Any) -> RayMaterializationJob:
         if from_offline_store:  # Feast's legacy path, deprecated: Feast's own writes

@@ -24,6 +24,7 @@ from sales_forecast.features import store as fs_ops
 from sales_forecast.features.derive import MODEL_FEATURES
 from sales_forecast.features.generator import Shape, generate
 from sales_forecast.features.pipeline import run_feature_pipeline
+from sales_forecast.ray_engine import DATA_CONTEXT_DEPRECATIONS
 from sales_forecast.stack.processes import free_port, http_ok, wait_until
 
 STEP1 = str(REPO_ROOT / "01_feast_features.py")
@@ -231,6 +232,7 @@ def test_step1_as_a_ray_job_on_a_ray_cluster(stack_settings) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "submitted Ray job" in result.stderr
     assert "online store: 12 series" in result.stdout
+    assert not re.search(DATA_CONTEXT_DEPRECATIONS, result.stdout + result.stderr)  # Ray's noise, not the user's
     assert fs_ops.online_stats(settings).entities == 12
     job_id = re.search(r"submitted Ray job (\S+)", result.stderr).group(1)
     submitted = JobSubmissionClient(jobs_api).get_job_info(job_id).runtime_env["env_vars"]
