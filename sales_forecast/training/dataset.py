@@ -68,11 +68,22 @@ def historical_features(store, entities: str) -> pd.DataFrame:
 def complete_rows(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows whose required features are known (a series' first weeks have NULL lags) and whose label is known; the
     optional features (year-ago sales, long means) may be NULL."""
-    keep = np.flatnonzero(frame[[*REQUIRED_FEATURES, LABEL]].notna().all(axis=1).to_numpy())
+    known = np.ones(len(frame), dtype=bool)
+    for name in (*REQUIRED_FEATURES, LABEL):  # column by column: selecting them first copied them all
+        known &= frame[name].notna().to_numpy()
+    keep = np.flatnonzero(known)
     # selected and ordered by store, dept, time (stable) in one copy of the rows: at 10x, each copy is gigabytes
-    keys = [frame[TIMESTAMP].to_numpy(dtype="datetime64[ns]")[keep], frame["dept"].to_numpy()[keep],
-            frame["store"].to_numpy()[keep]]
-    return _rows_at(frame, keep[np.lexsort(keys)])
+    store, dept = frame["store"].to_numpy()[keep], frame["dept"].to_numpy()[keep]
+    stamps = frame[TIMESTAMP].to_numpy(dtype="datetime64[ns]")[keep]
+    return _rows_at(frame, keep if _ordered(store, dept, stamps) else keep[np.lexsort([stamps, dept, store])])
+
+
+def _ordered(store: np.ndarray, dept: np.ndarray, stamps: np.ndarray) -> bool:
+    """Whether the rows are in (store, dept, time) order already (the join returns them in the entity set's order,
+    which is this one for the project's entity query): then sorting them would change nothing."""
+    same_store, same_dept = store[1:] == store[:-1], dept[1:] == dept[:-1]
+    return bool(np.all((store[1:] > store[:-1])
+                       | (same_store & ((dept[1:] > dept[:-1]) | (same_dept & (stamps[1:] >= stamps[:-1]))))))
 
 
 def has_entities(postgres: PostgresSettings, entities: str) -> bool:
@@ -154,7 +165,10 @@ def _rows_where(frame: pd.DataFrame, mask: pd.Series) -> pd.DataFrame:
 
 def _rows_at(frame: pd.DataFrame, positions: np.ndarray) -> pd.DataFrame:
     """The rows at ``positions``, numbered from 0, in one copy: no ``reset_index`` (its second copy of every column
-    took 10 s of step 2 at 10x)."""
-    rows = frame.take(positions)
-    rows.index = pd.RangeIndex(len(rows))
-    return rows
+    took 10 s of step 2 at 10x), and column by column: ``DataFrame.take`` of the joined frame (38 columns) took 1.1-3.0
+    s at 10x, its columns' own ``take`` 0.4 s."""
+    if not frame.columns.is_unique:
+        rows = frame.take(positions)
+        rows.index = pd.RangeIndex(len(rows))
+        return rows
+    return pd.DataFrame({name: frame[name].array.take(positions) for name in frame.columns}, copy=False)
