@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -45,6 +46,7 @@ from feast.utils import _convert_arrow_to_proto
 from feast.value_type import ValueType
 from pgpq import ArrowToPostgresBinaryEncoder
 from psycopg import errors, sql
+from psycopg.pq import TransactionStatus
 from pydantic import field_validator
 
 logger = logging.getLogger(__name__)
@@ -416,6 +418,13 @@ async def _rolled_back_on_error_async(conn: Any) -> AsyncIterator[None]:
 
 
 class BulkPostgreSQLOnlineStore(PostgreSQLOnlineStore):
+    def __init__(self) -> None:
+        super().__init__()
+        # One call at a time on the cached connection: threads share the store (Feast's feature server reads and
+        # writes from a thread pool), and a transaction must not take another thread's statements in, nor another
+        # thread's error roll it back.
+        self._conn_lock = threading.RLock()
+
     def update(self, config: RepoConfig, tables_to_delete: Sequence[FeatureView],
                tables_to_keep: Sequence[FeatureView], entities_to_delete: Sequence[Entity],
                entities_to_keep: Sequence[Entity], partial: bool) -> None:
@@ -487,7 +496,8 @@ class BulkPostgreSQLOnlineStore(PostgreSQLOnlineStore):
         caller (Feast's reads, ``update`` and ``teardown`` too): a caller's error rolls its transaction back, so a
         cached connection is not left in a failed one; a pool's connection goes back to the pool also then (Feast's
         is lost, and ``max_conn`` failures leave every later call waiting for the pool); a cached connection found
-        closed or broken is replaced (Feast's fails every call after a PostgreSQL restart)."""
+        closed or broken is replaced (Feast's fails every call after a PostgreSQL restart), and is used by one call
+        at a time (threads sharing Feast's could commit, or roll back, each other's statements)."""
         store = config.online_store
         if store.conn_type == ConnectionType.pool:
             if not self._conn_pool:
@@ -495,17 +505,22 @@ class BulkPostgreSQLOnlineStore(PostgreSQLOnlineStore):
                 self._conn_pool.open()
             conn = self._conn_pool.getconn()
             try:  # the pool discards a broken connection it gets back
+                conn.set_autocommit(autocommit)
                 with _rolled_back_on_error(conn):
-                    conn.set_autocommit(autocommit)
                     yield conn
             finally:
                 self._conn_pool.putconn(conn)
             return
-        if self._conn is None or self._conn.closed:  # psycopg closes a connection once it finds it broken
-            self._conn = connection_utils._get_conn(store)
-        with _rolled_back_on_error(self._conn):
-            self._conn.set_autocommit(autocommit)
-            yield self._conn
+        with self._conn_lock:
+            if self._conn is None or self._conn.closed:  # psycopg closes a connection once it finds it broken
+                self._conn = connection_utils._get_conn(store)
+            conn = self._conn
+            if conn.info.transaction_status != TransactionStatus.IDLE:  # left open by a caller that did not end it
+                logger.warning("the online store's connection was left in a transaction; rolling it back")
+                conn.rollback()
+            conn.set_autocommit(autocommit)
+            with _rolled_back_on_error(conn):
+                yield conn
 
     @contextlib.asynccontextmanager
     async def _get_conn_async(self, config: RepoConfig, autocommit: bool = False) -> AsyncIterator[Any]:
@@ -513,21 +528,22 @@ class BulkPostgreSQLOnlineStore(PostgreSQLOnlineStore):
         store = config.online_store
         if store.conn_type == ConnectionType.pool:
             if not self._conn_pool_async:
-                self._conn_pool_async = connection_utils._get_connection_pool_async(store)
+                self._conn_pool_async = await connection_utils._get_connection_pool_async(store)
                 await self._conn_pool_async.open()
             conn = await self._conn_pool_async.getconn()
             try:
+                await conn.set_autocommit(autocommit)
                 async with _rolled_back_on_error_async(conn):
-                    await conn.set_autocommit(autocommit)
                     yield conn
             finally:
                 await self._conn_pool_async.putconn(conn)
             return
         if self._conn_async is None or self._conn_async.closed:
             self._conn_async = await connection_utils._get_conn_async(store)
-        async with _rolled_back_on_error_async(self._conn_async):
-            await self._conn_async.set_autocommit(autocommit)
-            yield self._conn_async
+        conn = self._conn_async
+        await conn.set_autocommit(autocommit)  # Feast's async calls are autocommit reads: no transaction to share
+        async with _rolled_back_on_error_async(conn):
+            yield conn
 
     @contextlib.contextmanager
     def _transaction(self, config: RepoConfig) -> Iterator[tuple[Any, Any]]:

@@ -128,10 +128,12 @@ class _Series:
         """Mean of lags first_lag .. first_lag + weeks - 1, NULL unless all exist. Summed lag by lag, so a row's
         value does not depend on how much history came before (append.py derives one week from a lookback). The
         lags are added in place, shifted slices of ``values``: a row i < k adds a value of another series, which is
-        never used, since its position (at most i) is below the last lag and it ends NULL."""
+        never used, since its position (at most i) is below the last lag and it ends NULL (a NaN whose sign bit may
+        differ from the frame-by-frame sum's, which nothing reads)."""
         total, count, last = self.lag(values, first_lag), len(values), first_lag + weeks - 1
-        for k in range(first_lag + 1, min(last, count - 1) + 1):
-            total[k:] += values[:count - k]
+        with np.errstate(over="ignore", invalid="ignore"):  # the rows that end NULL may overflow: no warning
+            for k in range(first_lag + 1, min(last, count - 1) + 1):
+                total[k:] += values[:count - k]
         total[self.position < last] = np.nan
         total /= weeks
         return total
@@ -194,8 +196,8 @@ def _window(series: _Series, sales: np.ndarray) -> tuple[dict[str, np.ndarray], 
 def _row_sum(columns: list[np.ndarray]) -> np.ndarray:
     """Row by row, the columns added left to right (a NaN makes NaN): what pandas' ``mean`` and ``std`` of a frame's
     rows add, value for value."""
-    total = columns[0].copy()
-    for column in columns[1:]:
+    total = np.zeros(len(columns[0]))  # pandas starts from +0.0: four -0.0 sum to +0.0
+    for column in columns:
         total += column
     return total
 
