@@ -8,7 +8,10 @@ beside a running demo stack. Each data set gets its own database.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +22,29 @@ import pytest
 from sales_forecast.config import Settings, load_settings
 from sales_forecast.features.generator import Shape
 from sales_forecast.stack import mlflow_server, postgres, ray_head
-from sales_forecast.stack.processes import free_ports
 
 # Small but complete: store 1/dept 12 and store 11/dept 2 both exist (the key-collision pair).
 SMALL_SHAPE = Shape(stores=12, depts=13, weeks=60, seed=7)
+
+
+def ports_below_the_ephemeral_range(count: int) -> list[int]:
+    """``count`` distinct free ports below the kernel's ephemeral range, which it never hands out for a bind to port
+    0: the session's MLflow port stays free until MLflow starts (when a test first needs it), however many ports
+    the tests' servers and the Ray head's agents pick meanwhile."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = random.Random().sample(range(max(1024, low - 12000), low), 200)
+    with contextlib.ExitStack() as held:
+        ports: list[int] = []
+        for port in candidates:
+            sock = held.enter_context(socket.socket())
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+    raise RuntimeError(f"no {count} free ports below {low}")
 
 
 @pytest.fixture(scope="session")
@@ -36,12 +58,13 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
                  "SERVING_MAX_INSTANCES", "SERVING_MAX_BODY_BYTES", "SERVING_RELOAD_SECONDS", "INFERENCE_BACKEND"):
         os.environ.pop(name, None)
     ports = dict(zip(("POSTGRES_PORT", "SALES_MLFLOW_PORT", "SALES_RAY_PORT", "SALES_RAY_DASHBOARD_PORT"),
-                     map(str, free_ports(4)), strict=True))
+                     map(str, ports_below_the_ephemeral_range(4)), strict=True))
     os.environ.update({"SALES_STACK_DIR": str(stack_dir), **ports, "RAY_DISABLE_USAGE_STATS": "1"})
     settings = load_settings()
     postgres.start(settings.postgres, stack_dir / "postgres")
     ports = settings.stack_ports
-    head = ray_head.start(stack_dir, ports.ray, ports.ray_dashboard)
+    head = ray_head.start(stack_dir, ports.ray, ports.ray_dashboard,
+                          reserved=(settings.postgres.port, ports.mlflow))
     os.environ.update({"RAY_ADDRESS": head, "RAY_DASHBOARD_URL": ray_head.dashboard_url(ports.ray_dashboard)})
     yield load_settings()
     mlflow_server.stop(stack_dir)

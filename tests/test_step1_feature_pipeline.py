@@ -296,6 +296,7 @@ def test_the_local_ray_heads_ports_are_distinct(stack_settings) -> None:
     arguments = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
     ports = [int(a.split("=", 1)[1]) for a in arguments if a.startswith("--") and a.split("=")[0].endswith("-port")]
     assert len(ports) == 7 and len(set(ports)) == 7
+    assert not set(ports) & {stack_settings.postgres.port, stack_settings.stack_ports.mlflow}  # reserved
     chosen = processes.free_ports(200, exclude=ports)
     assert len(set(chosen)) == 200 and not set(chosen) & set(ports)
 

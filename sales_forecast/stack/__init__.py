@@ -78,7 +78,8 @@ def ensure_ray(settings: Settings) -> Settings:
 
     if settings.ray_address or settings.ray_mode == "local":
         return settings
-    head = ray_head.start(settings.stack_dir, settings.stack_ports.ray, settings.stack_ports.ray_dashboard)
+    head = ray_head.start(settings.stack_dir, settings.stack_ports.ray, settings.stack_ports.ray_dashboard,
+                          reserved=(settings.postgres.port, settings.stack_ports.mlflow))
     return dataclasses.replace(settings, ray_address=head)
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 from sales_forecast.errors import PipelineError
@@ -48,8 +49,9 @@ def is_running(stack_dir: Path) -> bool:
 
 
 def start(stack_dir: Path, port: int, dashboard_port: int, num_cpus: int | None = None,
-          timeout: float = 120.0) -> str:
-    """Start (or reuse) the head; returns its GCS address."""
+          timeout: float = 120.0, reserved: Collection[int] = ()) -> str:
+    """Start (or reuse) the head; returns its GCS address. ``reserved``: ports its agents must not take (the stack's
+    other services, which may start later)."""
     root, log, pid_file = _paths(stack_dir)
     if processes.pid_of(pid_file) is not None and processes.http_ok(f"{dashboard_url(dashboard_port)}/api/version"):
         return address(port)
@@ -58,7 +60,7 @@ def start(stack_dir: Path, port: int, dashboard_port: int, num_cpus: int | None 
     session = temp_dir(stack_dir)
     shutil.rmtree(session, ignore_errors=True)
     # Every port explicit, free and distinct: a second Ray on the machine must not take this head's agents.
-    agent, agent_grpc, runtime_env, metrics, client = processes.free_ports(5, exclude=(port, dashboard_port))
+    agent, agent_grpc, runtime_env, metrics, client = processes.free_ports(5, exclude={port, dashboard_port, *reserved})
     command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
                "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={agent}",
