@@ -10,7 +10,7 @@ upserts row by row (``executemany``, 370K statements for step 1's 11,583 series 
 batch into a temporary table, inserts the rows of keys the table does not hold with a plain ``INSERT`` and upserts
 the others with one ``INSERT ... ON CONFLICT DO UPDATE``, skipping rows whose stored values are already the same.
 Its connections are Feast's, kept better (``_get_conn``): a failed call rolls back and returns a pool's connection,
-and a lost cached connection is replaced.
+and a lost cached connection is replaced; the cached one serves one call at a time.
 
 ``online_write_arrow`` is the same write from an Arrow batch, what the project's Ray engine (ray_engine.py) hands
 it: numeric features and integer keys are encoded column by column into the bytes Feast's protos and key

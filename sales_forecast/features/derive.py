@@ -173,16 +173,15 @@ class DeptMedians:
         return {name: table[d, w] for name, table in self.values.items()}
 
 
-def _sorted_by_series(raw: pd.DataFrame) -> bool:
-    """Whether ``raw`` is already in (store, dept, date) order, as the generator makes it."""
-    store, dept, date = (raw[c].to_numpy() for c in ("store", "dept", "date"))
+def in_series_order(store: np.ndarray, dept: np.ndarray, stamps: np.ndarray) -> bool:
+    """Whether the rows are in (store, dept, time) order already, as the generator makes them."""
     same_store, same_dept = store[1:] == store[:-1], dept[1:] == dept[:-1]
     return bool(np.all((store[1:] > store[:-1])
-                       | (same_store & ((dept[1:] > dept[:-1]) | (same_dept & (date[1:] >= date[:-1]))))))
+                       | (same_store & ((dept[1:] > dept[:-1]) | (same_dept & (stamps[1:] >= stamps[:-1]))))))
 
 
 def _by_series(raw: pd.DataFrame) -> pd.DataFrame:
-    if not _sorted_by_series(raw):
+    if not in_series_order(*(raw[c].to_numpy() for c in ("store", "dept", "date"))):
         raw = raw.sort_values(["store", "dept", "date"], kind="stable")
     return raw.reset_index(drop=True)
 
@@ -202,10 +201,10 @@ def _row_sum(columns: list[np.ndarray]) -> np.ndarray:
     return total
 
 
-def _row_std(columns: list[np.ndarray]) -> np.ndarray:
-    """Row by row, the sample standard deviation (ddof 1, a NaN makes NaN), computed as pandas' ``std(axis=1,
-    skipna=False)`` computes it (mean, squared deviations summed left to right), so the same bits, without a frame."""
-    mean = _row_sum(columns) / len(columns)
+def _row_std(columns: list[np.ndarray], mean: np.ndarray) -> np.ndarray:
+    """Row by row, the sample standard deviation (ddof 1, a NaN makes NaN) around ``mean`` (the columns' ``_row_sum``
+    over their count), computed as pandas' ``std(axis=1, skipna=False)`` computes it (squared deviations summed left
+    to right), so the same bits, without a frame."""
     return np.sqrt(_row_sum([(mean - column) ** 2 for column in columns]) / (len(columns) - 1))
 
 
@@ -267,7 +266,7 @@ def build_features(raw: pd.DataFrame, medians: DeptMedians | None = None) -> pd.
         "event_timestamp": stamps.dt.tz_localize("UTC").array,
         **lags,
         "sales_mean_4": mean_4,
-        "sales_std_4": _row_std(list(lags.values())),
+        "sales_std_4": _row_std(list(lags.values()), mean_4),
         **{name: np.append(values.to_numpy(), np.nan)[week] for name, values in calendar.items()},  # NaT: -1: NaN
         "lag_1_is_holiday": raw["is_holiday"].to_numpy(dtype="float64"),
         **{name: raw[name].to_numpy(copy=True) for name in EXOGENOUS_FEATURES},

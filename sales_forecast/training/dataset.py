@@ -18,7 +18,7 @@ import psycopg
 from sales_forecast.config import PostgresSettings
 from sales_forecast.contract import FEATURE_SERVICE, RAW_TABLE
 from sales_forecast.errors import PipelineError
-from sales_forecast.features.derive import REQUIRED_FEATURES
+from sales_forecast.features.derive import REQUIRED_FEATURES, in_series_order
 
 LABEL, LABEL_IS_HOLIDAY, SEASONAL_NAIVE = "label", "label_is_holiday", "seasonal_naive"
 TIMESTAMP = "event_timestamp"
@@ -75,15 +75,9 @@ def complete_rows(frame: pd.DataFrame) -> pd.DataFrame:
     # selected and ordered by store, dept, time (stable) in one copy of the rows: at 10x, each copy is gigabytes
     store, dept = frame["store"].to_numpy()[keep], frame["dept"].to_numpy()[keep]
     stamps = frame[TIMESTAMP].to_numpy(dtype="datetime64[ns]")[keep]
-    return _rows_at(frame, keep if _ordered(store, dept, stamps) else keep[np.lexsort([stamps, dept, store])])
-
-
-def _ordered(store: np.ndarray, dept: np.ndarray, stamps: np.ndarray) -> bool:
-    """Whether the rows are in (store, dept, time) order already (the join returns them in the entity set's order,
-    which is this one for the project's entity query): then sorting them would change nothing."""
-    same_store, same_dept = store[1:] == store[:-1], dept[1:] == dept[:-1]
-    return bool(np.all((store[1:] > store[:-1])
-                       | (same_store & ((dept[1:] > dept[:-1]) | (same_dept & (stamps[1:] >= stamps[:-1]))))))
+    # the join returns the entity set's order, which is this one for the project's entity query: no sort then
+    ordered = in_series_order(store, dept, stamps)
+    return _rows_at(frame, keep if ordered else keep[np.lexsort([stamps, dept, store])])
 
 
 def has_entities(postgres: PostgresSettings, entities: str) -> bool:
