@@ -200,10 +200,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         database=_check_embeddable("POSTGRES_DB", _env(env, "POSTGRES_DB", "feast"), in_url=True),
         embedded=host is None,
     )
-    ray_address = _env(env, "RAY_ADDRESS")
-    if ray_address and ray_address.startswith("ray://"):
-        raise ConfigError(f"RAY_ADDRESS={ray_address} is Ray Client, which Feast's Ray engine cannot use: give the "
-                          "cluster's GCS address (host:6379) to a driver on the cluster, or RAY_JOBS_ADDRESS")
+    ray_address, ray_mode = load_ray_variables(env)
     return Settings(
         postgres=postgres,
         stack_dir=stack_dir,
@@ -213,7 +210,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             ray_dashboard=_int(env, "SALES_RAY_DASHBOARD_PORT", StackPorts.ray_dashboard, maximum=65535)),
         feast_repo_path=Path(_env(env, "FEAST_REPO_PATH", str(REPO_ROOT / "feature_repo"))).resolve(),
         ray_address=ray_address,
-        ray_mode=_choice(env, "FEAST_RAY_EXECUTION_MODE", RAY_MODES, None),
+        ray_mode=ray_mode,
         ray_jobs_address=_env(env, "RAY_JOBS_ADDRESS"),
         mlflow_tracking_uri=_env(env, "MLFLOW_TRACKING_URI"),
         mlflow_experiment=_env(env, "MLFLOW_EXPERIMENT_NAME", "sales-forecast"),
@@ -225,6 +222,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         reload_seconds=_int(env, "SERVING_RELOAD_SECONDS", DEFAULT_RELOAD_SECONDS, minimum=0),
         inference_backend=_choice(env, "INFERENCE_BACKEND", INFERENCE_BACKENDS, "local"),
     )
+
+
+def load_ray_variables(environ: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
+    """(RAY_ADDRESS, FEAST_RAY_EXECUTION_MODE), checked; alone, for the Ray offline store in any Feast repo, where
+    the rest of this project's variables mean nothing."""
+    env = os.environ if environ is None else environ
+    ray_address = _env(env, "RAY_ADDRESS")
+    if ray_address and ray_address.startswith("ray://"):
+        raise ConfigError(f"RAY_ADDRESS={ray_address} is Ray Client, which Feast's Ray engine cannot use: give the "
+                          "cluster's GCS address (host:6379) to a driver on the cluster, or RAY_JOBS_ADDRESS")
+    return ray_address, _choice(env, "FEAST_RAY_EXECUTION_MODE", RAY_MODES, None)
 
 
 def load_shape_defaults(environ: Mapping[str, str] | None = None) -> ShapeDefaults:

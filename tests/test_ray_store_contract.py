@@ -35,10 +35,11 @@ def contract_db(stack_settings: Settings) -> Settings:
 
 
 def both(settings: Settings, entities: pd.DataFrame, features: list[str], **options) -> tuple[pd.DataFrame, ...]:
-    """(Ray store's answer, Feast's PostgreSQL store's answer), each ordered by row_id."""
+    """(Ray store's answer, Feast's PostgreSQL store's answer), each ordered by row_id; ``options`` apply to both
+    (Feast's store drops the Ray store's own)."""
     job = feature_store(settings, **options).get_historical_features(entity_df=entities, features=features)
     assert isinstance(job, RayPostgreSQLRetrievalJob)
-    theirs = postgres_store(settings).get_historical_features(entity_df=entities, features=features).to_df()
+    theirs = postgres_store(settings, **options).get_historical_features(entity_df=entities, features=features).to_df()
     return tuple(frame.sort_values("row_id").reset_index(drop=True) for frame in (job.to_df(), theirs))
 
 
@@ -369,6 +370,61 @@ def test_offline_writes_append_to_the_source_table(contract_db: Settings) -> Non
     assert ours["visits"].tolist() == [11, 22]
 
 
+def test_offline_writes_and_the_join_quote_names_with_double_quotes(contract_db: Settings) -> None:
+    """Source columns whose names hold a double quote (key k"q, timestamp t"s, feature f"x): the offline write
+    quotes them as PostgreSQL identifiers (the INSERT wrote "k"q" and failed), and the join reads them back. Feast's
+    PostgreSQL store cannot be the reference here: its join fails on such names."""
+    import psycopg
+    from feast import Entity, FeatureView, Field, ValueType
+    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import PostgreSQLSource
+    from feast.types import Float64
+
+    with psycopg.connect(contract_db.postgres.libpq_url(), autocommit=True) as conn:
+        conn.execute('DROP TABLE IF EXISTS quoted_rows')
+        conn.execute('CREATE TABLE quoted_rows ("k""q" bigint, "t""s" timestamptz, "f""x" float8)')
+    entity = Entity(name="quoted_key", join_keys=['k"q'], value_type=ValueType.INT64)
+    view = FeatureView(name="quoted_view", entities=[entity], ttl=pd.Timedelta(days=1),
+                       schema=[Field(name='f"x', dtype=Float64)],
+                       source=PostgreSQLSource(name="quoted_source", table="quoted_rows", timestamp_field='t"s'))
+    store = feature_store(contract_db, project="quoted_names")
+    store.apply([entity, view])
+    store.write_to_offline_store("quoted_view", pd.DataFrame({'k"q': [1, 2], 't"s': [T0, T0 + DAY],
+                                                              'f"x': [1.5, 2.5]}))
+    with psycopg.connect(contract_db.postgres.libpq_url()) as conn:
+        assert conn.execute('SELECT "k""q", "f""x" FROM quoted_rows ORDER BY 1').fetchall() == [(1, 1.5), (2, 2.5)]
+    entities = pd.DataFrame({'k"q': [2, 1, 3], "event_timestamp": [T0 + DAY, T0 + DAY, T0 + DAY]})
+    got = store.get_historical_features(entity_df=entities, features=['quoted_view:f"x']).to_df()
+    assert got['f"x'].tolist()[:2] == [2.5, 1.5] and pd.isna(got['f"x'].iloc[2])
+
+
+def test_a_feature_named_like_the_joins_internal_column_equals_feast(contract_db: Settings) -> None:
+    """A feature named __pos, the name of the column that carries each result row's entity position: the join
+    answered 'Field "__pos" exists 2 times in schema' where Feast's store answers; now both agree, to_df and
+    persist."""
+    import psycopg
+    from feast import Entity, FeatureView, Field, ValueType
+    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import PostgreSQLSource
+    from feast.types import Float64
+
+    with psycopg.connect(contract_db.postgres.libpq_url(), autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS pos_rows")
+        conn.execute("CREATE TABLE pos_rows (store bigint, event_timestamp timestamptz, __pos float8, sales float8)")
+        conn.execute("INSERT INTO pos_rows VALUES (1, %s, 10, 1.5), (2, %s, 20, 2.5)", (T0, T0))
+    entity = Entity(name="pos_store", join_keys=["store"], value_type=ValueType.INT64)
+    view = FeatureView(name="pos_view", entities=[entity], ttl=pd.Timedelta(days=1),
+                       schema=[Field(name="__pos", dtype=Float64), Field(name="sales", dtype=Float64)],
+                       source=PostgreSQLSource(name="pos_source", table="pos_rows", timestamp_field="event_timestamp"))
+    feature_store(contract_db, project="internal_names").apply([entity, view])
+    entities = pd.DataFrame({"row_id": [0, 1, 2], "store": [2, 1, 3], "event_timestamp": [T0 + DAY] * 3})
+    ours, theirs = both(contract_db, entities, ["pos_view:__pos", "pos_view:sales"], project="internal_names")
+    pd.testing.assert_frame_equal(ours, theirs)
+    assert ours["__pos"].tolist()[:2] == [20.0, 10.0]
+    feature_store(contract_db, project="internal_names").get_historical_features(
+        entity_df=entities, features=["pos_view:__pos"]).persist(
+        SavedDatasetPostgreSQLStorage(table_ref="persisted_pos"), allow_overwrite=True)
+    assert read_table(contract_db, "persisted_pos").sort_values("row_id")["__pos"].tolist()[:2] == [20.0, 10.0]
+
+
 def test_offline_writes_refuse_a_schema_mismatch(contract_db: Settings) -> None:
     """A table that does not fit the source is refused, naming the columns, and nothing is written."""
     import psycopg
@@ -673,6 +729,27 @@ def test_a_failed_partition_read_reaches_the_caller_with_postgresqls_message(con
     with pytest.raises(PartitionReadError, match='relation "store_rows" does not exist'):
         store.get_historical_features(entity_df=entities, features=["store_stats:temperature"]).persist(
             SavedDatasetPostgreSQLStorage(table_ref="persisted_nothing"), allow_overwrite=True)
+
+
+def test_a_view_whose_source_is_not_postgresql_is_refused_by_name(contract_db: Settings) -> None:
+    """A view on a FileSource gets Feast's FeastOfflineStoreUnsupportedDataSource naming the source and the view
+    (Feast's PostgreSQL store fails a bare assert, which python -O skips)."""
+    from feast import Entity, FeatureView, Field, FileSource, ValueType
+    from feast.errors import FeastOfflineStoreUnsupportedDataSource
+    from feast.types import Float64, Int64
+
+    from sales_forecast.ray_offline_store.store import RayPostgreSQLOfflineStore
+
+    store = feature_store(contract_db)
+    entity = Entity(name="store", join_keys=["store"], value_type=ValueType.INT64)
+    view = FeatureView(name="parquet_view", entities=[entity],
+                       schema=[Field(name="store", dtype=Int64), Field(name="sales", dtype=Float64)],
+                       source=FileSource(name="parquet_rows", path="rows.parquet", timestamp_field="event_timestamp"))
+    entities = pd.DataFrame({"store": [1], "event_timestamp": [T0]})
+    with pytest.raises(FeastOfflineStoreUnsupportedDataSource, match=r"parquet_rows \(feature view parquet_view, a "
+                                                                     r"FileSource\)"):
+        RayPostgreSQLOfflineStore.get_historical_features(store.config, [view], ["parquet_view:sales"], entities,
+                                                          store.registry, store.project)
 
 
 def test_entity_columns_of_types_adbc_hands_over_as_extensions(contract_db: Settings) -> None:

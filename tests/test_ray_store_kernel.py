@@ -184,10 +184,13 @@ def test_feature_query_pushes_down_columns_time_and_key_range() -> None:
 
 
 def test_ray_target() -> None:
-    """The Ray variables come through sales_forecast.config (load_settings), never os.environ directly."""
+    """The Ray variables come through sales_forecast.config (load_ray_variables), never os.environ directly, and
+    alone: another variable of this project that would not load (in someone else's Feast repo) is not read."""
     def target(ray_address: str | None = None, **environ: str) -> str:
-        return ray_target(ray_address, load_settings(environ))
+        return ray_target(ray_address, {"SERVING_MAX_INSTANCES": "many", "POSTGRES_PASSWORD": 'a"b', **environ})
 
+    with pytest.raises(ConfigError, match="SERVING_MAX_INSTANCES"):
+        load_settings({"SERVING_MAX_INSTANCES": "many"})
     assert target() == "local"
     assert target("10.0.0.1:6379") == "10.0.0.1:6379"
     assert target(RAY_ADDRESS="feast-ray-head:6379") == "feast-ray-head:6379"  # what a Ray job's driver sees

@@ -16,7 +16,7 @@ import hashlib
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from psycopg import sql
 
-from sales_forecast.config import Settings, load_settings
+from sales_forecast.config import load_ray_variables
 from sales_forecast.errors import PipelineError
 from sales_forecast.ray_offline_store import worker
 from sales_forecast.ray_offline_store.worker import (
@@ -39,6 +39,7 @@ from sales_forecast.ray_offline_store.worker import (
     feature_column,
     join_partition,
     key_column,
+    split_positions,
 )
 
 
@@ -307,13 +308,14 @@ class RayConnectionError(PipelineError):
     pass
 
 
-def ray_target(ray_address: str | None, settings: Settings | None = None) -> str:
+def ray_target(ray_address: str | None, environ: Mapping[str, str] | None = None) -> str:
     """``local``, or the address of the cluster to join: FEAST_RAY_EXECUTION_MODE decides (local / remote), then
-    ``ray_address`` or RAY_ADDRESS means remote (never Ray Client), else local. The variables are read through
-    sales_forecast.config (``settings``, default ``load_settings()``), which refuses kuberay and ray:// itself."""
-    settings = settings or load_settings()
-    address = ray_address or settings.ray_address
-    if settings.ray_mode == "local" or (settings.ray_mode != "remote" and not address):
+    ``ray_address`` or RAY_ADDRESS means remote (never Ray Client), else local. The two variables are read through
+    sales_forecast.config (``environ``, default os.environ), which refuses kuberay and ray:// itself; no other
+    variable of this project is read or checked, so the store works in any Feast repo."""
+    env_address, mode = load_ray_variables(environ)
+    address = ray_address or env_address
+    if mode == "local" or (mode != "remote" and not address):
         return "local"
     if not address:
         raise RayConnectionError("FEAST_RAY_EXECUTION_MODE=remote needs ray_address or RAY_ADDRESS")
@@ -617,15 +619,13 @@ class InEntityOrder:
         self.pieces: dict[str, list[tuple[np.ndarray, pa.ChunkedArray]]] = {}
 
     def add(self, part: pa.Table) -> None:
-        positions = part.column(POSITION).to_numpy()
+        positions, part = split_positions(part)
         order = position_order(positions)
         if order is not None:
             positions = positions[order]
         blocks = np.searchsorted(positions, np.arange(0, (int(positions[-1]) if len(positions) else 0) + 2
                                                       * BLOCK_ROWS, BLOCK_ROWS))
         for name in part.column_names:
-            if name == POSITION:
-                continue
             column = part.column(name)
             type_ = self.types.setdefault(name, column.type)
             if column.type != type_:

@@ -34,7 +34,12 @@ import pandas as pd
 import psycopg
 import pyarrow as pa
 from feast.data_source import DataSource
-from feast.errors import EntityTimestampInferenceException, FeastEntityDFMissingColumnsError, InvalidEntityType
+from feast.errors import (
+    EntityTimestampInferenceException,
+    FeastEntityDFMissingColumnsError,
+    FeastOfflineStoreUnsupportedDataSource,
+    InvalidEntityType,
+)
 from feast.feature_view import FeatureView
 from feast.infra.offline_stores.contrib.postgres_offline_store.postgres import (
     PostgreSQLOfflineStore,
@@ -87,10 +92,10 @@ from sales_forecast.ray_offline_store.driver import (
 )
 from sales_forecast.ray_offline_store.worker import (
     NULL_TIME,
-    POSITION,
     arrow_nanoseconds,
     feast_types,
     read_arrow,
+    split_positions,
 )
 
 logger = logging.getLogger(__name__)
@@ -141,7 +146,10 @@ class RayPostgreSQLOfflineStore(PostgreSQLOfflineStore):
     ) -> RetrievalJob:
         assert isinstance(config.offline_store, RayPostgreSQLOfflineStoreConfig)
         for view in feature_views:
-            assert isinstance(view.batch_source, PostgreSQLSource)
+            if not isinstance(view.batch_source, PostgreSQLSource):  # Feast's PostgreSQL store asserts
+                raise FeastOfflineStoreUnsupportedDataSource(RayPostgreSQLOfflineStore.__name__,
+                                                             f"{view.batch_source.name} (feature view {view.name}, "
+                                                             f"a {type(view.batch_source).__name__})")
         plans = plan_views(feature_refs, feature_views, registry, project, full_feature_names)
         if filter_by_created_timestamp:
             plans = [replace(plan, created_at_most_entity=True) for plan in plans]
@@ -204,7 +212,7 @@ class RayPostgreSQLOfflineStore(PostgreSQLOfflineStore):
                                     f"{', '.join(extra) or 'none'}")
         data = table.rename_columns(names).select(columns)
         staging = f"feast_offline_write_{uuid.uuid4().hex}"
-        listed = ", ".join(f'"{column}"' for column in columns)
+        listed = sql.SQL(", ").join(map(sql.Identifier, columns)).as_string(None)
         with adbc.connect(conninfo(store, zone)) as conn:
             try:
                 with conn.cursor() as cur:
@@ -570,8 +578,7 @@ class SavedDatasetWriter:
         self.covered = np.zeros(0, dtype=bool)
 
     def add(self, part: pa.Table) -> None:
-        positions = part.column(POSITION).to_numpy()
-        features = part.drop_columns([POSITION])
+        positions, features = split_positions(part)
         order = position_order(positions)
         if order is not None:
             positions, features = positions[order], features.take(pa.array(order))

@@ -326,7 +326,17 @@ def join_partition(task: PartitionTask, entities: pa.Table, reuse_connection: bo
     if task.created_output:
         values, names = values.append_column(CREATED, features.column(CREATED)), [*names, task.created_output]
     joined = feast_types(values.take(pa.array(picked, mask=picked < 0)))
-    return joined.rename_columns(names).append_column(POSITION, entities.column(POSITION))
+    position = POSITION
+    while position in names:  # a feature with the internal name: Arrow tables with one name twice do not pickle
+        position += "_"
+    return joined.rename_columns(names).append_column(position, entities.column(POSITION))
+
+
+def split_positions(part: pa.Table) -> tuple[np.ndarray, pa.Table]:
+    """A join_partition result's entity positions and its features. The positions are its last column, taken by
+    index: a feature may have the internal column's name (the positions' column is then renamed)."""
+    last = part.num_columns - 1
+    return part.column(last).to_numpy(), part.remove_column(last)
 
 
 class PartitionReadError(RuntimeError):

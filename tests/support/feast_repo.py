@@ -18,8 +18,15 @@ from sales_forecast.features.load import load_table
 
 RAY_REPO = REPO_ROOT / "tests" / "fixtures" / "ray_repo"
 RAY_TYPE = "sales_forecast.ray_offline_store.RayPostgreSQLOfflineStore"
-RAY_ONLY_KEYS = ("partitions", "rows_per_partition", "min_rows_per_partition", "ray_min_entity_rows", "ray_address",
-                 "ray_conf")
+
+
+def ray_only_keys() -> set[str]:
+    """The Ray store's own options, which Feast's PostgreSQL store refuses."""
+    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres import PostgreSQLOfflineStoreConfig
+
+    from sales_forecast.ray_offline_store.store import RayPostgreSQLOfflineStoreConfig
+
+    return set(RayPostgreSQLOfflineStoreConfig.model_fields) - set(PostgreSQLOfflineStoreConfig.model_fields)
 
 
 @contextmanager
@@ -45,7 +52,7 @@ def repo_config(settings: Settings, project: str | None = None, coerce_tz_aware:
         raw = yaml.safe_load(os.path.expandvars((RAY_REPO / "feature_store.yaml").read_text()))
     raw["offline_store"].update(offline)
     if raw["offline_store"]["type"] == "postgres":
-        for key in RAY_ONLY_KEYS:
+        for key in ray_only_keys():
             raw["offline_store"].pop(key, None)
     for name, keys in (sections or {}).items():
         raw[name] = {**(raw.get(name) or {}), **keys}
