@@ -401,15 +401,12 @@ def test_a_feature_named_like_the_joins_internal_column_equals_feast(contract_db
     """A feature named __pos, the name of the column that carries each result row's entity position: the join
     answered 'Field "__pos" exists 2 times in schema' where Feast's store answers; now both agree, to_df and
     persist."""
-    import psycopg
     from feast import Entity, FeatureView, Field, ValueType
     from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import PostgreSQLSource
     from feast.types import Float64
 
-    with psycopg.connect(contract_db.postgres.libpq_url(), autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS pos_rows")
-        conn.execute("CREATE TABLE pos_rows (store bigint, event_timestamp timestamptz, __pos float8, sales float8)")
-        conn.execute("INSERT INTO pos_rows VALUES (1, %s, 10, 1.5), (2, %s, 20, 2.5)", (T0, T0))
+    load_tables(contract_db, {"pos_rows": pd.DataFrame({"store": [1, 2], "event_timestamp": [T0, T0],
+                                                        "__pos": [10.0, 20.0], "sales": [1.5, 2.5]})})
     entity = Entity(name="pos_store", join_keys=["store"], value_type=ValueType.INT64)
     view = FeatureView(name="pos_view", entities=[entity], ttl=pd.Timedelta(days=1),
                        schema=[Field(name="__pos", dtype=Float64), Field(name="sales", dtype=Float64)],
